@@ -1,0 +1,133 @@
+"""LightningModule: next-token prediction on every position of every sequence.
+
+The loss is the mean cross-entropy of predicting token t+1 from tokens <= t; perplexity is exp of
+that mean (the number of equally likely tokens the model is, on average, choosing between).
+"""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
+
+from lm_pretrain.errors import UserError
+from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
+
+
+class Perplexity(MeanMetric):
+    """exp(token-weighted mean cross-entropy), accumulated over batches and synced across devices.
+
+    Fed the loss the step has already computed, rather than logits as torchmetrics.text.Perplexity
+    wants: that one would run a second log-softmax over the whole vocabulary, the costliest op here.
+    """
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(super().compute())
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        block_size: int = 1024,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_embd: int = 768,
+        dropout: float = 0.0,
+        bias: bool = True,
+        tie_embeddings: bool = True,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        learning_rate: float = 6e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ):
+        """
+        Args:
+            vocab_size: size of the embedding and output layers; at least the tokenizer's.
+            block_size: longest sequence (context) the model takes.
+            n_layer: transformer blocks.
+            n_head: attention heads per block (must divide n_embd).
+            n_embd: width of the residual stream.
+            dropout: dropout probability (0 is usual for pre-training).
+            bias: biases in linear and LayerNorm layers.
+            tie_embeddings: share the token embedding with the output layer.
+            tokenizer: tiktoken encoding the data was prepared with; used to decode samples.
+            learning_rate: peak learning rate, reached after warmup.
+            min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
+            warmup_steps: optimizer steps of linear warmup from 0.
+            decay_steps: optimizer steps from the start to the end of the cosine decay; empty means
+                the Trainer's total (max_steps).
+            weight_decay: AdamW decay on matrices; never on norms, biases or embeddings.
+            betas: AdamW betas.
+            compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
+        """
+        super().__init__()
+        self.save_hyperparameters()  # in every checkpoint: a checkpoint alone rebuilds the model
+        try:
+            self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                                    n_embd=n_embd, dropout=dropout, bias=bias, tie_embeddings=tie_embeddings)
+        except ValueError as err:
+            raise UserError(f"model: {err}") from None
+        self.model = GPT(self.config)
+        self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
+
+    def configure_model(self) -> None:
+        # nn.Module.compile compiles in place, so state_dict keys stay free of "_orig_mod." prefixes.
+        if self.hparams.compile:
+            self.model.compile()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.train_ppl(loss.detach(), weight=batch[1].numel())
+        # Tensors go to the logger as they are; Lightning turns them into numbers only when it
+        # writes (every log_every_n_steps), so logging adds no host sync to the step.
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", self.train_ppl)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.val_ppl.update(loss, weight=batch[1].numel())
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[1].numel())
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Weight decay pulls matrices towards zero; on norms, biases and embeddings it only hurts.
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},  # names label the
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]  # logged learning rates
+        fused = self.device.type in ("cuda", "cpu")  # one kernel for all parameters instead of many
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at total_steps, flat after that."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= total_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install requirements.txt into it. Safe to re-run: it does nothing when the
+# requirements have not changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+PY=.venv/bin/python
+stamp=.venv/.requirements.sha256
+want=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+
+echo "setting up .venv (first run only)..."
+$PY -m pip install --quiet --disable-pip-version-check --upgrade pip
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+fi
+# Pin the torch that is there, so no other package swaps it for a different (multi-GB CUDA) build.
+torch_version=$($PY -c "import torch; print(torch.__version__.split('+')[0])")
+$PY -m pip install --quiet --disable-pip-version-check -r requirements.txt "torch==$torch_version"
+# litdata asks for torchvision without a version. A torchvision built for another torch (e.g. a
+# CUDA wheel beside a CPU torch) breaks `import lightning`; litdata itself only needs it for images.
+if ! $PY -c "import torchvision" 2>/dev/null; then
+  $PY -m pip uninstall --quiet --yes torchvision
+fi
+$PY -c "import lightning, litdata, tiktoken, torchmetrics" 
+echo "$want" > "$stamp"

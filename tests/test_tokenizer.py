@@ -1,0 +1,78 @@
+import pytest
+import requests
+import tiktoken
+
+from lm_pretrain import assets, tokenizer
+from lm_pretrain.errors import UserError
+from lm_pretrain.tokenizer import get_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    get_tokenizer.cache_clear()
+    yield
+    get_tokenizer.cache_clear()
+
+
+def test_gpt2_ids():
+    enc = get_tokenizer("gpt2")
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257
+    assert enc.eot_token == 50256
+    assert enc.decode([15496, 995]) == "Hello world"
+
+
+def offline(*args, **kwargs):
+    raise requests.exceptions.ConnectionError("no network")
+
+
+def test_offline_falls_back_to_local_ranks(monkeypatch):
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    enc = get_tokenizer("gpt2")
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.eot_token == 50256 and enc.n_vocab == 50257
+    # the same ids as the normal path on a longer text, special token included
+    text = "To be, or not to be: that is the question.\n  Whether 'tis nobler <|endoftext|>"
+    monkeypatch.undo()
+    get_tokenizer.cache_clear()
+    assert enc.encode_ordinary(text) == get_tokenizer("gpt2").encode_ordinary(text)
+
+
+def test_bpe_file_from_environment(monkeypatch):
+    monkeypatch.setenv("LM_PRETRAIN_BPE_FILE", str(assets.gpt2_bpe_file()))
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    assert get_tokenizer("gpt2").encode_ordinary("Hello world") == [15496, 995]
+
+
+def test_wrong_bpe_file_is_a_clear_error(monkeypatch, tmp_path):
+    bad = tmp_path / "ranks.tiktoken"
+    bad.write_text("SGVsbG8= 0\n")
+    monkeypatch.setenv("LM_PRETRAIN_BPE_FILE", str(bad))
+    with pytest.raises(UserError, match="not the GPT-2 ranks file"):
+        get_tokenizer("gpt2")
+    monkeypatch.setenv("LM_PRETRAIN_BPE_FILE", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="does not exist"):
+        get_tokenizer("gpt2")
+
+
+def test_no_bpe_anywhere_says_how_to_provide_it(monkeypatch):
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+
+    def unavailable():
+        raise UserError("could not download openai-whisper")
+
+    monkeypatch.setattr(assets, "gpt2_bpe_file", unavailable)
+    with pytest.raises(UserError) as err:
+        get_tokenizer("gpt2")
+    assert "LM_PRETRAIN_BPE_FILE" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(UserError, match="unknown tokenizer 'nope'"):
+        get_tokenizer("nope")
+
+
+def test_non_gpt2_offline_error(monkeypatch):
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match="cl100k_base.*TIKTOKEN_CACHE_DIR"):
+        tokenizer.get_tokenizer("cl100k_base")
