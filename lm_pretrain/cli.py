@@ -41,6 +41,9 @@ def run(args: list[str] | None = None) -> PretrainCLI:
             "callbacks": [LearningRateMonitor(logging_interval="step")],
         },
         args=args,
+        # The run's full config is saved beside its logs; without a logger it lands in the working
+        # folder, where a second run must be allowed to replace it.
+        save_config_kwargs={"overwrite": True},
         # Raise parse errors (unknown keys, wrong types, bad YAML) instead of printing the whole usage
         # text: `main` reports them in one line.
         parser_kwargs={"exit_on_error": False},

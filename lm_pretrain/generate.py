@@ -34,7 +34,8 @@ def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    out = model.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                               vocab_limit=enc.n_vocab)
     return enc.decode(out[0].tolist())
 
 

@@ -132,11 +132,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T). temperature 0 means greedy."""
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 vocab_limit: int | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T). temperature 0 means greedy.
+
+        vocab_limit: sample only ids below it (a vocabulary padded for speed has ids that no
+        tokenizer can decode).
+        """
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
-            logits = self(context)[:, -1, :]
+            logits = self(context)[:, -1, :vocab_limit]
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -290,7 +290,8 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
             items = work_items(sources, docs)
             optimize(fn=Tokenize(tokenizer, encoding_errors), inputs=items, output_dir=str(staging / split),
                      chunk_bytes=chunk_bytes, item_loader=TokensLoader(), num_workers=min(workers, len(items)),
-                     verbose=False, start_method="spawn")
+                     verbose=False, start_method="spawn",
+                     keep_data_ordered=True)  # static work per worker: the same run gives the same shards
             documents, tokens = read_index(staging / split)
             if documents != len(docs):  # a worker that died without raising would leave a short index
                 raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(docs)}")

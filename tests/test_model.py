@@ -78,3 +78,12 @@ def test_generate():
     assert torch.equal(model.generate(prompt, 10, top_k=5, generator=g1), model.generate(prompt, 10, top_k=5, generator=g2))
     # top_k=1 is greedy whatever the temperature
     assert torch.equal(model.generate(prompt, 10, temperature=2.0, top_k=1), out[:, :15])
+
+
+def test_generate_respects_vocab_limit():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[95:] += 5.0  # make the padded ids the likeliest
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 30, temperature=1.0, vocab_limit=95)
+    assert out.max() < 95

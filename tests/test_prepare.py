@@ -70,6 +70,11 @@ def test_split_is_deterministic_for_a_seed(corpus, tmp_path):
     assert a["splits"] == b["splits"]
     assert val_set(tmp_path / "a") == val_set(tmp_path / "b")
     assert val_set(tmp_path / "a") != val_set(tmp_path / "c")
+    # with the same number of workers too, the shards are byte for byte the same
+    prepare(inputs, tmp_path / "b2", val_fraction=0.25, seed=3, workers=2)
+    for split in ("train", "val"):
+        for chunk in (tmp_path / "b" / split).glob("*.bin"):
+            assert chunk.read_bytes() == (tmp_path / "b2" / split / chunk.name).read_bytes()
 
 
 def test_inputs_by_file_folder_and_glob(corpus):

@@ -20,8 +20,10 @@ def test_fit_learns_and_logs(trained_run):
     for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW/decay"):
         assert logged.get(tag), f"{tag} not logged; have {sorted(logged)}"
     val = [v for _, v in logged["val/loss"]]
-    assert len(val) == 3 and val[0] < 10.9  # validated at steps 20, 40, 60
-    assert val[-1] < val[0] - 1.0 and val[-1] < 4.0, val  # it learns: well below ln(50257) = 10.8
+    first_train_loss = logged["train/loss"][0][1]
+    assert len(val) == 3  # validated at steps 20, 40, 60
+    assert first_train_loss > 9.0  # starts near ln(50257) = 10.8 ...
+    assert val[-1] < 4.0 and val[-1] < val[0] - 0.3, val  # ... and learns: val loss keeps falling
     for (_, loss), (_, ppl) in zip(logged["val/loss"], logged["val/ppl"]):
         assert ppl == pytest.approx(torch.exp(torch.tensor(loss)).item(), rel=1e-3)
     lrs = [v for _, v in logged["lr-AdamW/decay"]]
@@ -90,3 +92,10 @@ def test_help_documents_the_flags():
                  "--checkpoint.every_n_train_steps", "--ckpt_path"):
         assert flag in done.stdout
     assert "width of the residual stream" in done.stdout  # docstrings become help text
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses(config):
+    done = run_cli([str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / config), "--print_config"], cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class_path: lightning.pytorch.loggers.TensorBoardLogger" in done.stdout
