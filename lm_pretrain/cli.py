@@ -32,6 +32,10 @@ class PretrainCLI(LightningCLI):
 
 def run(args: list[str] | None = None) -> PretrainCLI:
     logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache-size notices are noise here
+    ours = logging.getLogger("lm_pretrain")  # e.g. "preparing the default corpus ..."
+    if not ours.handlers:
+        ours.addHandler(logging.StreamHandler())
+        ours.setLevel(logging.INFO)
     return PretrainCLI(
         LanguageModel,
         TokenDataModule,

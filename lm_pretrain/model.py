@@ -1,8 +1,15 @@
-"""A GPT-2-style decoder-only transformer, in one readable file.
+"""A decoder-only transformer, in one readable file: GPT-2 and Llama-style blocks are two settings.
 
-Tokens -> token + learned position embeddings -> n_layer pre-norm blocks
-(causal self-attention, then an MLP, each added back to the residual stream) -> final LayerNorm
+Tokens -> token embeddings (+ learned positions, for GPT-2) -> n_layer pre-norm blocks
+(causal self-attention, then an MLP, each added back to the residual stream) -> final norm
 -> LM head giving next-token logits over the vocabulary.
+
+                 GPT-2                         Llama-style
+    position     learned table (wpe)           rotary (RoPE) on queries and keys
+    norm         LayerNorm                     RMSNorm
+    MLP          GELU, 4x wide                 SwiGLU (gated), ~8/3x wide
+    attention    one K/V head per query head   n_kv_head shared K/V heads (grouped-query)
+    bias, tying  biases, tied embeddings       no biases, untied (either is a flag)
 """
 
 import math
@@ -16,41 +23,115 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257  # GPT-2's BPE; round up (e.g. 50304) for faster matmuls on GPUs
-    block_size: int = 1024  # longest context the model can take (learned positions)
+    block_size: int = 1024  # longest context the model can take
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int | None = None  # K/V heads; None = n_head (multi-head), 1 = multi-query
     dropout: float = 0.0  # 0 for pre-training: one pass over the data rarely overfits
-    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    tie_embeddings: bool = True  # LM head shares the token embedding matrix, as in GPT-2
+    bias: bool = True  # biases in Linear and norm layers
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    position: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
+    rope_theta: float = 10000.0  # RoPE base: larger = slower-turning rotations, longer contexts
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama)
+    mlp_hidden: int | None = None  # MLP width; None = 4 * n_embd (gelu) or ~8/3 * n_embd rounded to 256 (swiglu)
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size, got n_embd / n_head = {self.head_dim}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
+        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":  # scales only: no mean subtraction, no bias
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's rotation angles, (block_size, head_dim)."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim))
+    angles = torch.outer(torch.arange(config.block_size, device=device).float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # halves layout, as in Hugging Face's Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair of x (B, H, T, D) by its position's angle: the dot product of
+    a rotated query and key then depends only on how far apart they are."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one per layer, so each new token costs one
+    position of attention instead of re-running the whole context."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.n_head = config.n_head
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # one matmul for q, k, v
+        self.rope = config.position == "rope"
+        # one matmul for q, k, v; k and v are narrower with grouped-query attention
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True  # see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): heads attend independently
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # PyTorch picks a fused kernel (flash / memory-efficient) where it can; is_causal masks the future.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                     self.n_kv_head * self.head_dim], dim=2)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): heads attend independently
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv_head != self.n_head:  # each K/V head serves a group of consecutive query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # PyTorch picks a fused kernel (flash / memory-efficient) where it can. is_causal hides the
+        # future; a single new token (decoding with a cache) may see everything before it.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -58,28 +139,34 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU: silu(x W_gate) * (x W_up), one matmul for both halves
+        self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: normalise, transform, add to the residual stream."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -88,13 +175,18 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
+        if config.position == "rope":  # not parameters: recomputed, never saved
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -111,45 +203,109 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def reset_rope(self) -> None:
+        """Recompute the RoPE tables (after building the model on the meta device, say)."""
+        if self.config.position == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.wte.weight.device)
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, each shared tensor counted once. non_embedding leaves out the token and
         position tables (an untied LM head still counts), as in the scaling-law papers."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the
+        tokens already in it."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.length += T
         return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T). temperature 0 means greedy.
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, vocab_limit: int | None = None,
+                 stop_token: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append up to `max_new_tokens` sampled tokens to `idx` (B, T).
 
-        vocab_limit: sample only ids below it (a vocabulary padded for speed has ids that no
-        tokenizer can decode).
+        temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p; vocab_limit samples only ids below it (a vocabulary padded for speed
+        has ids no tokenizer can decode); generation stops once every row has produced stop_token.
+        With use_cache, keys and values are kept between steps; when the context fills up, the
+        model restarts from the last block_size // 2 tokens, as the uncached path crops its input.
         """
+        cache, done = None, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
-            logits = self(context)[:, -1, :vocab_limit]
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
+            if not use_cache:
+                logits = self(idx[:, -self.config.block_size:])[:, -1]
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+                if cache is None or cache.length >= self.config.block_size:
+                    keep = self.config.block_size if cache is None else self.config.block_size // 2
+                    cache = KVCache(self.config, idx.shape[0], idx.device, self.wte.weight.dtype)
+                    logits = self(idx[:, -keep:], cache)[:, -1]
+                else:
+                    logits = self(idx[:, -1:], cache)[:, -1]
+            next_token = sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                next_token = torch.where(done[:, None], stop_token, next_token)  # finished rows stay finished
+                done |= next_token[:, 0] == stop_token
             idx = torch.cat((idx, next_token), dim=1)
+            if stop_token is not None and bool(done.all()):
+                break
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V), as a (B, 1) tensor."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until p is reached
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def model_size(config: GPTConfig) -> dict[str, int]:
+    """Parameter counts and training FLOPs per token, from the config alone (no weights needed).
+
+    flops_per_token counts the matmuls of forward + backward (2 + 4 FLOPs per weight per token,
+    the LM head included) plus attention's scores and weighted sums over a full block_size context:
+    6 * N + 12 * n_layer * n_head * head_dim * block_size (PaLM's estimate, as used for MFU).
+    """
+    c = config
+    d, kv, hidden, b = c.n_embd, c.n_kv_head * c.head_dim, c.mlp_hidden, int(c.bias)
+    norm = d + (b * d if c.norm == "layernorm" else 0)
+    attention = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
+    mlp = d * hidden * (2 if c.mlp == "swiglu" else 1) + b * hidden * (2 if c.mlp == "swiglu" else 1) + hidden * d + b * d
+    blocks = c.n_layer * (2 * norm + attention + mlp)
+    token_table = c.vocab_size * d
+    position_table = c.block_size * d if c.position == "learned" else 0
+    head = 0 if c.tie_embeddings else c.vocab_size * d
+    non_embedding = blocks + norm + head
+    matmul_params = non_embedding + (token_table if c.tie_embeddings else 0)  # the head's matmul either way
+    return {
+        "params": token_table + position_table + non_embedding,
+        "non_embedding_params": non_embedding,
+        "flops_per_token": 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size,
+    }

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from lm_pretrain.errors import UserError
-from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.model import GPT, GPTConfig, model_size
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 
 
@@ -35,9 +35,16 @@ class LanguageModel(L.LightningModule):
         n_layer: int = 12,
         n_head: int = 12,
         n_embd: int = 768,
+        n_kv_head: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         tie_embeddings: bool = True,
+        position: str = "learned",
+        rope_theta: float = 10000.0,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
         tokenizer: str = DEFAULT_TOKENIZER,
         learning_rate: float = 6e-4,
         min_lr_ratio: float = 0.1,
@@ -46,6 +53,7 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        init_from: str | None = None,
     ):
         """
         Args:
@@ -54,9 +62,18 @@ class LanguageModel(L.LightningModule):
             n_layer: transformer blocks.
             n_head: attention heads per block (must divide n_embd).
             n_embd: width of the residual stream.
+            n_kv_head: key/value heads for grouped-query attention (must divide n_head); empty means
+                n_head (multi-head attention), 1 is multi-query attention.
             dropout: dropout probability (0 is usual for pre-training).
-            bias: biases in linear and LayerNorm layers.
+            bias: biases in linear and norm layers.
             tie_embeddings: share the token embedding with the output layer.
+            position: "learned" position embeddings (GPT-2) or "rope" rotary embeddings (Llama).
+            rope_theta: RoPE base frequency (10000 in Llama 2, 500000 in Llama 3).
+            norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
+            norm_eps: epsilon of the norm layers.
+            mlp: "gelu" (GPT-2, 4x wide) or "swiglu" (Llama, gated).
+            mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu, 8/3 * n_embd rounded up to
+                a multiple of 256 for swiglu.
             tokenizer: tiktoken encoding the data was prepared with; used to decode samples.
             learning_rate: peak learning rate, reached after warmup.
             min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
@@ -66,12 +83,16 @@ class LanguageModel(L.LightningModule):
             weight_decay: AdamW decay on matrices; never on norms, biases or embeddings.
             betas: AdamW betas.
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
+            init_from: a checkpoint whose weights start this run (continued pre-training): the
+                optimizer and schedule start fresh. Its architecture must match this config.
         """
         super().__init__()
         self.save_hyperparameters()  # in every checkpoint: a checkpoint alone rebuilds the model
         try:
-            self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                                    n_embd=n_embd, dropout=dropout, bias=bias, tie_embeddings=tie_embeddings)
+            self.config = GPTConfig(
+                vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                n_kv_head=n_kv_head, dropout=dropout, bias=bias, tie_embeddings=tie_embeddings, position=position,
+                rope_theta=rope_theta, norm=norm, norm_eps=norm_eps, mlp=mlp, mlp_hidden=mlp_hidden)
         except ValueError as err:
             raise UserError(f"model: {err}") from None
         self.model = GPT(self.config)
@@ -81,6 +102,19 @@ class LanguageModel(L.LightningModule):
         # nn.Module.compile compiles in place, so state_dict keys stay free of "_orig_mod." prefixes.
         if self.hparams.compile:
             self.model.compile()
+
+    def setup(self, stage: str) -> None:
+        # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
+        # with its own, as it should.
+        if stage == "fit" and self.hparams.init_from:
+            self.model.load_state_dict(load_weights(self.hparams.init_from, self.config))
+
+    def on_fit_start(self) -> None:
+        size = model_size(self.config)
+        self.print(f"model: {size['params'] / 1e6:.2f}M parameters ({size['non_embedding_params'] / 1e6:.2f}M "
+                   f"non-embedding), {size['flops_per_token'] / 1e9:.3f} GFLOPs per trained token")
+        if self.logger is not None:
+            self.logger.log_metrics({f"model/{k}": float(v) for k, v in size.items()}, step=0)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -131,3 +165,26 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return min_ratio
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "bias", "tie_embeddings",
+                     "position", "norm", "mlp", "mlp_hidden")
+
+
+def load_weights(path: str, config: GPTConfig) -> dict:
+    """The model weights of a checkpoint, refused with a UserError unless its architecture is `config`'s."""
+    from dataclasses import asdict
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved = GPTConfig(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in GPTConfig.__dataclass_fields__})
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    except FileNotFoundError:
+        raise UserError(f"model.init_from: checkpoint {path} does not exist") from None
+    except Exception as err:
+        raise UserError(f"model.init_from: {path} is not a checkpoint of this project ({type(err).__name__})") from None
+    ours, theirs = asdict(config), asdict(saved)
+    different = [f"{k}={theirs[k]} (config: {ours[k]})" for k in ARCHITECTURE_KEYS if ours[k] != theirs[k]]
+    if different:
+        raise UserError(f"model.init_from: {path} has another architecture: {', '.join(different)}")
+    return state

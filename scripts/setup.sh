@@ -14,18 +14,25 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
 
-echo "setting up .venv (first run only)..."
-$PY -m pip install --quiet --disable-pip-version-check --upgrade pip
+echo "setting up .venv (first run only; pip's output goes to .venv/pip.log)..."
+pip_install() {
+  if ! $PY -m pip install --disable-pip-version-check "$@" >> .venv/pip.log 2>&1; then
+    tail -n 30 .venv/pip.log >&2
+    echo "error: pip install $* failed (full log: .venv/pip.log)" >&2
+    exit 1
+  fi
+}
+pip_install --upgrade pip
 if ! $PY -c "import torch" 2>/dev/null; then
-  $PY -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+  pip_install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # Pin the torch that is there, so no other package swaps it for a different (multi-GB CUDA) build.
 torch_version=$($PY -c "import torch; print(torch.__version__.split('+')[0])")
-$PY -m pip install --quiet --disable-pip-version-check -r requirements.txt "torch==$torch_version"
+pip_install -r requirements.txt "torch==$torch_version"
 # litdata asks for torchvision without a version. A torchvision built for another torch (e.g. a
 # CUDA wheel beside a CPU torch) breaks `import lightning`; litdata itself only needs it for images.
 if ! $PY -c "import torchvision" 2>/dev/null; then
-  $PY -m pip uninstall --quiet --yes torchvision
+  $PY -m pip uninstall --yes torchvision >> .venv/pip.log 2>&1
 fi
 $PY -c "import lightning, litdata, tiktoken, torchmetrics" 
 echo "$want" > "$stamp"

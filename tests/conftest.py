@@ -72,8 +72,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20) -> list[str]:
-    return [str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config: str = "tiny") -> list[str]:
+    return [str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
             "--data.data_dir", str(data_dir), "--data.batch_size", "8", *TINY_MODEL,
             "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(val_every),
             "--trainer.limit_val_batches", "4", "--trainer.log_every_n_steps", "5",

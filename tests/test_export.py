@@ -1,0 +1,65 @@
+"""Hugging Face export: the exported model gives the same logits as ours, for both families."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import run_cli, ROOT
+from lm_pretrain.errors import UserError
+from lm_pretrain.module import LanguageModel
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=64, warmup_steps=1)
+FAMILIES = {
+    "gpt2": dict(),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False,
+                  rope_theta=500000.0),
+}
+
+
+def checkpoint(tmp_path, **hparams):
+    """A checkpoint of a model trained for a few steps (so no weight is at its initial value)."""
+    L.seed_everything(0)
+    module = LanguageModel(**{**TINY, **hparams})
+    tokens = torch.randint(0, 50257, (4, 33))
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader([(tokens[:, :-1], tokens[:, 1:])] * 3, batch_size=None))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return module, path
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exported_model_matches(name, tmp_path):
+    from lm_pretrain.export import main
+
+    module, ckpt = checkpoint(tmp_path, **FAMILIES[name])
+    main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[name]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    tokens = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        ours, theirs = module.eval()(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_export_refuses_what_hf_cannot_hold(tmp_path):
+    from lm_pretrain.export import family
+    from lm_pretrain.model import GPTConfig
+
+    with pytest.raises(UserError, match="no Hugging Face class"):
+        family(GPTConfig(position="rope"))
+    with pytest.raises(UserError, match="bias"):
+        family(GPTConfig(bias=False))
+
+
+def test_export_cli_errors(tmp_path):
+    done = run_cli(["-m", "lm_pretrain.export", "--ckpt", str(tmp_path / "none.ckpt"), "--output", str(tmp_path / "o")],
+                   cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "does not exist" in done.stderr
