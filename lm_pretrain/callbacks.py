@@ -1,7 +1,11 @@
 """Callbacks the template adds to the Trainer."""
 
+import os
+import signal
+import threading
+
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lm_pretrain.generate import sample
 
@@ -41,3 +45,59 @@ class TextSamples(L.Callback):
         print(f"\n=== samples after {trainer.global_step} steps ===")
         for text in self._samples(module):
             print(text.strip() + "\n---")
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C), finish the current optimizer
+    step, save last.ckpt, and stop cleanly; `--ckpt_path last` then continues from there.
+
+    The signal only sets a flag: the checkpoint is written between steps, where the model, optimizer,
+    schedule and data loader agree. With several processes they agree on when to stop through one
+    collective every `check_every_n_steps` steps (a single process checks every step for free).
+    """
+
+    def __init__(self, check_every_n_steps: int = 10):
+        self.check_every_n_steps = check_every_n_steps
+        self.requested: int | None = None  # the signal received
+        self._previous_handlers: dict = {}
+
+    def _request(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.requested = signum
+
+    def on_fit_start(self, trainer, module) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._request)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def on_fit_end(self, trainer, module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._restore_handlers()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the gradients so far would be lost
+        if trainer.world_size > 1:
+            if trainer.global_step % self.check_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        else:
+            stop = self.requested is not None
+        if not stop:
+            return
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.save_last), trainer.checkpoint_callback)
+        if checkpoint is None or checkpoint.dirpath is None:
+            raise RuntimeError("Preemption needs a ModelCheckpoint to know where to save")
+        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        name = signal.Signals(self.requested).name if self.requested else "another process's signal"
+        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; continue with --ckpt_path last")

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import load_metadata
+from lm_pretrain.prepare import load_metadata, verify_shards
 
 log = logging.getLogger("lm_pretrain.data")
 
@@ -28,6 +28,7 @@ class TokenDataModule(L.LightningDataModule):
         block_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        verify: str = "sha256",
     ):
         """
         Args:
@@ -37,6 +38,8 @@ class TokenDataModule(L.LightningDataModule):
             block_size: tokens per sequence; empty means the model's block_size.
             num_workers: DataLoader worker processes per device (0 reads in the training process).
             seed: seed of the shuffle of training windows.
+            verify: check the shards against metadata.json before training: "sha256" (sizes and
+                checksums, once per machine; ~1 s per GB), "size" (sizes only), or "none".
         """
         super().__init__()
         # block_size stays out: Lightning merges these with the model's and refuses two values.
@@ -47,8 +50,11 @@ class TokenDataModule(L.LightningDataModule):
             raise UserError(f"data.block_size must be at least 1, got {block_size}")
         if num_workers < 0:
             raise UserError(f"data.num_workers must be at least 0, got {num_workers}")
+        if verify not in ("sha256", "size", "none"):
+            raise UserError(f"data.verify must be sha256, size or none, got {verify!r}")
         self.data_dir = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
         self.batch_size, self.block_size, self.num_workers, self.seed = batch_size, block_size, num_workers, seed
+        self.verify = verify
         self.metadata: dict | None = None
 
     def prepare_data(self) -> None:
@@ -60,11 +66,15 @@ class TokenDataModule(L.LightningDataModule):
 
             log.info("preparing the default corpus (%s) into %s", DEFAULT_CORPUS, self.data_dir)
             prepare(assets.shakespeare_texts(), self.data_dir)
+        if self.verify == "sha256" and self.data_dir.is_dir():  # hashing is slow: once per machine, here
+            verify_shards(self.data_dir, load_metadata(self.data_dir), checksums=True)
 
     def setup(self, stage: str) -> None:
         from litdata import StreamingDataset, TokensLoader
 
         self.metadata = load_metadata(self.data_dir)
+        if self.verify != "none":  # every process: sizes are cheap to check
+            verify_shards(self.data_dir, self.metadata, checksums=False)
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None:
             self.check_compatible(model.hparams.tokenizer, model.hparams.vocab_size, model.hparams.block_size)

@@ -5,6 +5,9 @@ that mean (the number of equally likely tokens the model is, on average, choosin
 """
 
 import math
+import random
+
+import numpy as np
 
 import lightning as L
 import torch
@@ -54,6 +57,8 @@ class LanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
         init_from: str | None = None,
+        nonfinite_loss: str = "stop",
+        nonfinite_check_every: int = 10,
     ):
         """
         Args:
@@ -85,6 +90,11 @@ class LanguageModel(L.LightningModule):
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
             init_from: a checkpoint whose weights start this run (continued pre-training): the
                 optimizer and schedule start fresh. Its architecture must match this config.
+            nonfinite_loss: what a NaN/inf training loss does: "stop" ends the run with an error and
+                never saves a checkpoint after it (the last good one remains); "skip" drops that
+                batch's update and goes on (costs a host sync every step).
+            nonfinite_check_every: with "stop", look for a NaN/inf loss every this many steps (and
+                before every checkpoint), not every step, so the GPU is not stalled each step.
         """
         super().__init__()
         self.save_hyperparameters()  # in every checkpoint: a checkpoint alone rebuilds the model
@@ -95,8 +105,13 @@ class LanguageModel(L.LightningModule):
                 rope_theta=rope_theta, norm=norm, norm_eps=norm_eps, mlp=mlp, mlp_hidden=mlp_hidden)
         except ValueError as err:
             raise UserError(f"model: {err}") from None
+        if nonfinite_loss not in ("stop", "skip"):
+            raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
         self.model = GPT(self.config)
         self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
+        self._nonfinite: torch.Tensor | None = None  # on the device: set once a loss was NaN/inf
+        self.skipped_batches = 0
+        self._rng_states_to_restore: dict | None = None
 
     def configure_model(self) -> None:
         # nn.Module.compile compiles in place, so state_dict keys stay free of "_orig_mod." prefixes.
@@ -124,14 +139,52 @@ class LanguageModel(L.LightningModule):
         logits = self.model(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
+        nonfinite = ~torch.isfinite(loss.detach())
+        if self.hparams.nonfinite_loss == "skip":
+            # every rank must agree, or DDP would wait forever for the gradients of a skipped rank
+            if self.trainer.strategy.reduce_boolean_decision(bool(nonfinite), all=False):
+                self.skipped_batches += 1
+                self.print(f"warning: NaN/inf loss at step {self.global_step}, batch skipped "
+                           f"({self.skipped_batches} so far)")
+                return None
+        else:  # remembered on the device; looked at every nonfinite_check_every steps
+            self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
         self.train_ppl(loss.detach(), weight=batch[1].numel())
         # Tensors go to the logger as they are; Lightning turns them into numbers only when it
         # writes (every log_every_n_steps), so logging adds no host sync to the step.
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", self.train_ppl)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.hparams.nonfinite_check_every == 0:
+            self._stop_if_nonfinite()
+
+    def _stop_if_nonfinite(self) -> None:
+        seen = self._nonfinite is not None and bool(self._nonfinite)
+        if self._trainer is not None and self.trainer.strategy.reduce_boolean_decision(seen, all=False):
+            last = next((c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path), "none yet")
+            raise UserError(f"the training loss became NaN or infinite at or before step {self.global_step}; "
+                            f"stopped without saving (last good checkpoint: {last}). Lower model.learning_rate "
+                            f"or set model.nonfinite_loss skip")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._stop_if_nonfinite()  # never write a checkpoint of a diverged model
+        checkpoint["rng_states"] = rng_states()  # a resumed run draws the same random numbers
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
+        if self._trainer is not None and "rng_states" in checkpoint:
+            # applied at the first batch: restoring happens before the data loader's iterator is
+            # made, and making it draws a random number
+            self._rng_states_to_restore = checkpoint["rng_states"]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_states_to_restore is not None:
+            set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss = self._loss(batch)
@@ -157,6 +210,25 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def rng_states() -> dict:
+    """Python, NumPy and torch RNG states, as types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at total_steps, flat after that."""
     if step < warmup_steps:
@@ -171,20 +243,29 @@ ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", 
                      "position", "norm", "mlp", "mlp_hidden")
 
 
-def load_weights(path: str, config: GPTConfig) -> dict:
-    """The model weights of a checkpoint, refused with a UserError unless its architecture is `config`'s."""
+def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> None:
+    """UserError unless hyperparameters saved in a checkpoint describe `config`'s architecture."""
     from dataclasses import asdict
 
     try:
+        saved = asdict(GPTConfig(**{k: v for k, v in saved_hparams.items() if k in GPTConfig.__dataclass_fields__}))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{what} holds no valid model configuration ({err})") from None
+    ours = asdict(config)
+    different = [f"{k}={saved[k]} (config: {ours[k]})" for k in ARCHITECTURE_KEYS if ours[k] != saved[k]]
+    if different:
+        raise UserError(f"{what} has another architecture: {', '.join(different)}")
+
+
+def load_weights(path: str, config: GPTConfig) -> dict:
+    """The model weights of a checkpoint, refused with a UserError unless its architecture is `config`'s."""
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = GPTConfig(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in GPTConfig.__dataclass_fields__})
+        hparams = checkpoint["hyper_parameters"]
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     except FileNotFoundError:
         raise UserError(f"model.init_from: checkpoint {path} does not exist") from None
     except Exception as err:
         raise UserError(f"model.init_from: {path} is not a checkpoint of this project ({type(err).__name__})") from None
-    ours, theirs = asdict(config), asdict(saved)
-    different = [f"{k}={theirs[k]} (config: {ours[k]})" for k in ARCHITECTURE_KEYS if ours[k] != theirs[k]]
-    if different:
-        raise UserError(f"model.init_from: {path} has another architecture: {', '.join(different)}")
+    check_architecture(hparams, config, f"model.init_from: {path}")
     return state

@@ -297,6 +297,7 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
                 raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(docs)}")
             splits[split] = {"documents": documents, "tokens": tokens}
         shutil.rmtree(staging / ".cache", ignore_errors=True)
+        shards = {split: shard_checksums(staging / split) for split in SPLITS}
         metadata = {
             "format": METADATA_FORMAT,
             "tokenizer": tokenizer,
@@ -307,6 +308,7 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
             "val_fraction": val_fraction,
             "encoding_errors": encoding_errors,
             "splits": splits,
+            "shards": shards,
             "skipped_documents": sum(s.skipped for s in sources),
             "sources": [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "documents": s.documents}
                         for s in sources],
@@ -330,6 +332,26 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
     return metadata
 
 
+def shard_checksums(split_dir: Path) -> list[dict]:
+    """Name, size and sha256 of every file of a split (chunks and index.json)."""
+    return [{"file": f.name, "bytes": f.stat().st_size, "sha256": assets.sha256_file(f)}
+            for f in sorted(split_dir.iterdir()) if f.is_file()]
+
+
+def verify_shards(data_dir: Path, metadata: dict, checksums: bool = True) -> None:
+    """UserError if a shard is missing, truncated or (with checksums) corrupted."""
+    for split in SPLITS:
+        for shard in metadata["shards"][split]:
+            path = Path(data_dir) / split / shard["file"]
+            if not path.is_file():
+                raise UserError(f"{path} is missing; prepare the data again")
+            if path.stat().st_size != shard["bytes"]:
+                raise UserError(f"{path} has {path.stat().st_size} bytes, expected {shard['bytes']} (truncated "
+                                f"or rewritten); prepare the data again")
+            if checksums and assets.sha256_file(path) != shard["sha256"]:
+                raise UserError(f"{path} does not match its sha256 in metadata.json (corrupted); prepare the data again")
+
+
 def load_metadata(data_dir: Path) -> dict:
     """The metadata of a prepared dataset, or a UserError saying what is wrong with the folder."""
     path = Path(data_dir) / METADATA_FILE
@@ -342,7 +364,7 @@ def load_metadata(data_dir: Path) -> dict:
         metadata = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
+    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT or "shards" not in metadata:
         raise UserError(f"{path} is not metadata this version of lm_pretrain understands")
     for split in SPLITS:
         if not (Path(data_dir) / split / "index.json").is_file():

@@ -68,7 +68,7 @@ TINY_MODEL = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_hea
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python ARGS` in a fresh interpreter, as a user would from a shell."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # tests: helpers.py
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,207 @@
+"""Long runs: DDP, multi-node, exact resume, preemption, atomic checkpoints, NaN, integrity."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, train_args
+from helpers import read_records
+
+
+def callback(name: str, **init_args) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"helpers.{name}", "init_args": init_args})
+
+
+def run_args(data: Path, steps: int, record: Path, every: int = 4, extra: tuple = ()) -> list[str]:
+    return [*train_args(data, max_steps=steps, val_every=1000), "--trainer.log_every_n_steps", "1",
+            "--checkpoint.every_n_train_steps", str(every), "--model.dropout", "0.1",  # dropout draws random numbers
+            callback("RecordBatches", path=str(record)), *extra]
+
+
+DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+
+
+def last_line(done) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def straight(prepared, tmp_path_factory) -> list[dict]:
+    """Records of an uninterrupted 8-step run."""
+    work = tmp_path_factory.mktemp("straight")
+    done = run_cli(run_args(prepared, 8, work / "rec"), cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_records(work / "rec")
+
+
+def test_killed_and_resumed_run_matches_a_straight_one(prepared, straight, tmp_path):
+    killed = run_cli(run_args(prepared, 8, tmp_path / "rec", extra=[callback("SignalAt", step=6)]), cwd=tmp_path)
+    assert killed.returncode == -9  # SIGKILL after step 6; last.ckpt is from step 4
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    resumed = run_cli([*run_args(prepared, 8, tmp_path / "rec"), "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "runs" / "tiny" / "version_1").exists()  # logs continue in the same folder
+    records = read_records(tmp_path / "rec")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records == straight  # bitwise the same losses, and the same batches after the resume point
+
+
+def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, tmp_path):
+    def run(folder, *extra):
+        folder.mkdir(exist_ok=True)
+        return run_cli([*run_args(prepared, 6, folder / "rec", every=2), *DDP, *extra], cwd=folder)
+
+    assert run(tmp_path / "a").returncode == 0
+    straight = read_records(tmp_path / "a" / "rec")
+    assert {r["rank"] for r in straight} == {0, 1}
+    for step in range(1, 7):  # the ranks read different samples
+        rows = [set(r["rows"]) for r in straight if r["step"] == step]
+        assert len(rows) == 2 and not rows[0] & rows[1]
+    assert run(tmp_path / "b", callback("SignalAt", step=3)).returncode != 0
+    resumed = run(tmp_path / "b", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_records(tmp_path / "b" / "rec") == straight
+
+
+def test_ddp_matches_one_process_with_the_global_batch(tmp_path):
+    script = ROOT / "tests" / "ddp_equivalence.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    for devices, batch in ((1, 8), (2, 4)):
+        done = subprocess.run([sys.executable, str(script), str(devices), str(batch), str(tmp_path / f"d{devices}")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = read_records(tmp_path / "d1"), read_records(tmp_path / "d2")
+    assert len(single) == 4 and len(ddp) == 8
+    for record in single:
+        ranks = [r for r in ddp if r["step"] == record["step"]]
+        assert sorted(sum((r["rows"] for r in ranks), [])) == sorted(record["rows"])  # same samples
+        assert abs(sum(r["loss"] for r in ranks) / 2 - record["loss"]) <= 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine(prepared, tmp_path):
+    """Two launcher processes, node ranks 0 and 1, one process each, meeting on localhost."""
+    args = [sys.executable, *run_args(prepared, 4, tmp_path / "rec", every=2), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    nodes = [subprocess.Popen(args, cwd=tmp_path, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    records = read_records(tmp_path / "rec")
+    assert {r["rank"] for r in records} == {0, 1} and max(r["step"] for r in records) == 4
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_preemption_saves_and_resumes(prepared, straight, tmp_path, signal_name):
+    args = run_args(prepared, 8, tmp_path / "rec", every=100)  # no periodic checkpoint: only the signal saves
+    stopped = run_cli([*args, callback("SignalAt", step=3, signal_name=signal_name)], cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"{signal_name}: saved" in stopped.stderr + stopped.stdout
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    resumed = run_cli([*args, "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_records(tmp_path / "rec") == straight
+
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch, fsspec.implementations.local as local
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+path = sys.argv[1]
+real_write = local.LocalFileOpener.write
+def write_half_then_die(self, data):
+    real_write(self, bytes(data)[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+local.LocalFileOpener.write = write_half_then_die
+TorchCheckpointIO().save_checkpoint({"global_step": 99, "state_dict": {"w": torch.zeros(1000)}}, path)
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(straight, tmp_path):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    TorchCheckpointIO().save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(1000)}}, path)
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(path)], capture_output=True, timeout=120)
+    assert done.returncode == -9
+    assert path.read_bytes() == before  # the interrupted save never touched it
+    assert torch.load(path)["global_step"] == 4
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    args = [*run_args(prepared, 8, tmp_path / "rec", every=2), "--model.nonfinite_check_every", "2",
+            callback("PoisonAt", step=5)]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "NaN or infinite at or before step 6" in last_line(done)
+    state = torch.load(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_loss_can_skip_the_batch(prepared, tmp_path):
+    args = [*run_args(prepared, 6, tmp_path / "rec", every=100), "--model.nonfinite_loss", "skip",
+            callback("PoisonAt", step=2, restore=True)]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "NaN/inf loss at step 2, batch skipped" in done.stdout + done.stderr
+    state = torch.load(tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
+    from lm_pretrain.module import lr_multiplier
+    from test_train import scalars
+
+    done = run_cli([*run_args(prepared, 4, tmp_path / "rec", every=100), "--trainer.accumulate_grad_batches", "2",
+                    "--model.warmup_steps", "2"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(Path(f"{tmp_path / 'rec'}.rank0").read_text().splitlines()) == 8  # 4 steps x 2 batches
+    lrs = dict(scalars(tmp_path / "runs" / "tiny" / "version_0")["lr-AdamW/decay"])  # step -> lr
+    assert sorted(lrs) == [0, 1, 2, 3]  # logged at optimizer steps, before each update
+    assert all(lrs[step] == pytest.approx(0.01 * lr_multiplier(step, 2, 4, 0.1)) for step in lrs)
+
+
+def test_resume_refuses_another_architecture(prepared, straight, tmp_path):
+    first = run_cli(run_args(prepared, 2, tmp_path / "rec", every=2), cwd=tmp_path)
+    assert first.returncode == 0
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    other = run_cli([*run_args(prepared, 4, tmp_path / "rec2"), "--model.n_layer", "3", "--ckpt_path", str(ckpt)],
+                    cwd=tmp_path)
+    assert other.returncode == 2 and "another architecture: n_layer=2 (config: 3)" in last_line(other)
+
+
+def test_corrupted_or_truncated_shards_are_refused(prepared, tmp_path):
+    import shutil
+
+    for damage in ("corrupt", "truncate"):
+        data = tmp_path / damage
+        shutil.copytree(prepared, data)
+        chunk = sorted((data / "train").glob("*.bin"))[0]
+        raw = bytearray(chunk.read_bytes())
+        if damage == "corrupt":
+            raw[10] ^= 0xFF
+        else:
+            raw = raw[:-7]
+        chunk.write_bytes(bytes(raw))
+        done = run_cli(run_args(data, 2, tmp_path / "rec"), cwd=tmp_path)
+        assert done.returncode == 2
+        assert {"corrupt": "corrupted", "truncate": "truncated"}[damage] in last_line(done) and chunk.name in last_line(done)

@@ -1,0 +1,99 @@
+"""Execute notebooks 01-04 headless against the test fixtures and check what they print and draw."""
+
+import os
+import re
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+
+NOTEBOOKS = ("01_data", "02_training_curves", "03_generate", "04_sizing")
+
+
+def execute(name: str) -> tuple[str, list]:
+    """Run notebooks/NAME.ipynb top to bottom; returns (its stdout, all its outputs)."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.get("name") == "stdout")
+    return text, outputs
+
+
+def pngs(outputs: list) -> int:
+    return sum("image/png" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_saved_clean(name):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    assert any(cell.cell_type == "markdown" for cell in nb.cells)
+
+
+def test_data_notebook(prepared, monkeypatch):
+    from lm_pretrain.prepare import load_metadata
+
+    monkeypatch.setenv("LM_PRETRAIN_DATA_DIR", str(prepared))
+    text, outputs = execute("01_data")
+    metadata = load_metadata(prepared)
+    assert f"dataset: {prepared}" in text
+    for split, counts in metadata["splits"].items():
+        docs, tokens = counts["documents"], counts["tokens"]
+        assert f"{split}: {docs:,} documents, {tokens:,} tokens" in text  # the metadata summary
+        assert f"{split}: read {tokens:,} tokens back" in text  # the shards hold what metadata says
+        assert f"{split}: {docs:,} documents (metadata: {docs:,})" in text  # EOT splits give the documents back
+    assert "first window matches the stream: True" in text
+    assert text.count("--- train document") == 2
+    assert re.search(r"\b(loves|fears|calls|follows|betrays|praises|forgives)\b", text)  # decoded corpus text
+    top = re.findall(r"^\s+(\d+)\s+\d+\s+['\"]", text, re.M)
+    assert top == [str(i) for i in range(1, 21)], text  # 20 most frequent tokens, ranked
+    assert pngs(outputs) == 1  # the document-length histogram
+
+
+def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # A second run that logged train loss and a learning rate but stopped before validating.
+    partial = tmp_path / "partial" / "version_0"
+    with SummaryWriter(str(partial)) as writer:
+        for step in range(0, 20, 5):
+            writer.add_scalar("train/loss", 10.0 - step / 10, step)
+            writer.add_scalar("lr-AdamW/pg1", 1e-3, step)
+    monkeypatch.setenv("LM_PRETRAIN_RUNS", f"{trained_run['log_dir']}{os.pathsep}{partial}")
+    text, outputs = execute("02_training_curves")
+    assert str(trained_run["log_dir"]) in text and str(partial) in text
+    assert "partial/version_0: no val/loss logged" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("tiny/", "partial/"))
+            and len(line.split()) == 5}
+    assert set(rows) == {"tiny/version_0", "partial/version_0"}, text
+    assert 0 < int(rows["tiny/version_0"][1]) < 60 and float(rows["tiny/version_0"][3]) < 11  # 60 steps, validated
+    assert rows["partial/version_0"][2:] == ["8.500", "n/a", "n/a"]
+    assert pngs(outputs) == 2  # losses, learning rate
+
+
+def test_generate_notebook(trained_run, monkeypatch):
+    monkeypatch.setenv("LM_PRETRAIN_CKPT", str(trained_run["ckpt"]))
+    text, _ = execute("03_generate")
+    assert f"checkpoint: {trained_run['ckpt']}" in text
+    n = int(re.search(r"^(\d+) settings", text, re.M).group(1))
+    headings = re.findall(r"^--- (temperature=\S+ top_k=\S+ top_p=\S+) ---\n(.*)", text, re.M)
+    assert len(headings) == n >= 6 and len({h for h, _ in headings}) == n
+    assert all(sample.startswith("ROMEO:") for _, sample in headings)
+    assert "same seed, same text: True" in text
+
+
+def test_sizing_notebook():
+    text, _ = execute("04_sizing")
+    presets = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert presets and f"{len(presets)} presets" in text
+    for name in presets:
+        assert len(re.findall(rf"^{re.escape(name)}\s", text, re.M)) == 4, name  # sizes, memory, 2 budgets
+    assert "H100 (bf16)" in text and "V100 (fp16)" in text
+    assert "n/a" not in text  # every GPU has a peak for the precision used
