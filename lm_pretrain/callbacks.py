@@ -5,14 +5,18 @@ import signal
 import threading
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from lm_pretrain.generate import sample
 
 
 class TextSamples(L.Callback):
     """Samples text for fixed prompts at the end of training (printed), and every `every_n_steps`
-    optimizer steps (to TensorBoard as text), so you can read what the model has learned."""
+    optimizer steps (to TensorBoard as text), so you can read what the model has learned.
+
+    Every process samples (a sharded model needs all of them for each forward pass; the same seed
+    keeps them in step); only the first prints and logs.
+    """
 
     def __init__(self, prompts: list[str] = ("",), max_new_tokens: int = 100, temperature: float = 0.8,
                  top_k: int | None = 200, every_n_steps: int = 0, seed: int = 1234):
@@ -29,22 +33,22 @@ class TextSamples(L.Callback):
         finally:
             module.train(was_training)
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_logged_step
-                and trainer.logger is not None):
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step
-            experiment = getattr(trainer.logger, "experiment", None)
+            texts = self._samples(module)
+            experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
             if hasattr(experiment, "add_text"):
-                for i, text in enumerate(self._samples(module)):
+                for i, text in enumerate(texts):
                     experiment.add_text(f"samples/{i}", text.replace("\n", "  \n"), global_step=step)
 
-    @rank_zero_only
     def on_train_end(self, trainer, module) -> None:
-        print(f"\n=== samples after {trainer.global_step} steps ===")
-        for text in self._samples(module):
-            print(text.strip() + "\n---")
+        texts = self._samples(module)
+        if trainer.is_global_zero:
+            print(f"\n=== samples after {trainer.global_step} steps ===")
+            for text in texts:
+                print(text.strip() + "\n---")
 
 
 class Preemption(L.Callback):

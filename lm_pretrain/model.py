@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -183,6 +184,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
+        self.checkpoint_blocks = False  # activation checkpointing: see LanguageModel
         if config.position == "rope":  # not parameters: recomputed, never saved
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -231,7 +233,10 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            if self.checkpoint_blocks and self.training:  # keep only block inputs; recompute the rest
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.ln_f(x))

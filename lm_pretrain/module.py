@@ -56,6 +56,7 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        activation_checkpointing: bool = False,
         init_from: str | None = None,
         nonfinite_loss: str = "stop",
         nonfinite_check_every: int = 10,
@@ -88,6 +89,9 @@ class LanguageModel(L.LightningModule):
             weight_decay: AdamW decay on matrices; never on norms, biases or embeddings.
             betas: AdamW betas.
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
+            activation_checkpointing: recompute each block's activations in the backward pass
+                instead of keeping them (~1/3 more compute, much less memory). The BlockFSDP strategy
+                has its own switch for this.
             init_from: a checkpoint whose weights start this run (continued pre-training): the
                 optimizer and schedule start fresh. Its architecture must match this config.
             nonfinite_loss: what a NaN/inf training loss does: "stop" ends the run with an error and
@@ -114,6 +118,17 @@ class LanguageModel(L.LightningModule):
         self._rng_states_to_restore: dict | None = None
 
     def configure_model(self) -> None:
+        self.model.checkpoint_blocks = self.hparams.activation_checkpointing
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            # ModelParallelStrategy: FSDP2 with one shard unit per block, then the rest (embeddings,
+            # final norm, head) at the root; each unit's parameters are gathered only while it runs.
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            self._sharded = True
         # nn.Module.compile compiles in place, so state_dict keys stay free of "_orig_mod." prefixes.
         if self.hparams.compile:
             self.model.compile()
@@ -202,7 +217,8 @@ class LanguageModel(L.LightningModule):
                 (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},  # names label the
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]  # logged learning rates
-        fused = self.device.type in ("cuda", "cpu")  # one kernel for all parameters instead of many
+        # one kernel for all parameters instead of many (not for FSDP2's sharded DTensor parameters on CPUs)
+        fused = self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
