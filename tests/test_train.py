@@ -61,7 +61,9 @@ def test_generate_prints_text(trained_run):
 def one_line_error(done) -> str:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    return done.stderr.strip().splitlines()[-1]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), line
+    return line
 
 
 def test_clear_errors(tmp_path, trained_run):
@@ -79,10 +81,20 @@ def test_clear_errors(tmp_path, trained_run):
     assert "n_layers" in unknown_flag.stderr and unknown_flag.returncode != 0
     assert "Traceback" not in unknown_flag.stderr
 
+    ill_typed = run_cli([*train_args(trained_run["data"], max_steps=2), "--model.n_layer", "two"], cwd=tmp_path)
+    assert ill_typed.returncode == 2 and "model.n_layer" in one_line_error(ill_typed)
+    bad_value = run_cli([*train_args(trained_run["data"], max_steps=2), "--model.n_head", "3"], cwd=tmp_path)
+    assert bad_value.returncode == 2 and "divisible by n_head" in one_line_error(bad_value)
+
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [unclosed\n")
     done = run_cli([str(ROOT / "train.py"), "fit", "--config", str(bad_yaml)], cwd=tmp_path)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Problems parsing config" in one_line_error(done)
+    done = run_cli([str(ROOT / "train.py"), "fit", "--config", str(tmp_path / "absent.yaml")], cwd=tmp_path)
+    assert done.returncode == 2 and "absent.yaml" in one_line_error(done)
+    done = run_cli([*train_args(trained_run["data"], max_steps=2), "--ckpt_path", str(tmp_path / "absent.ckpt")],
+                   cwd=tmp_path)
+    assert done.returncode == 2 and "absent.ckpt does not exist" in one_line_error(done)
 
 
 def test_help_documents_the_flags():
