@@ -3,11 +3,15 @@
 import os
 import signal
 import threading
+import time
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lm_pretrain.generate import sample
+from lm_pretrain.hardware import peak_flops
+from lm_pretrain.model import model_size
 
 
 class TextSamples(L.Callback):
@@ -105,3 +109,44 @@ class Preemption(L.Callback):
         trainer.should_stop = True
         name = signal.Signals(self.requested).name if self.requested else "another process's signal"
         rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; continue with --ckpt_path last")
+
+
+class Throughput(L.Callback):
+    """Tokens per second, achieved TFLOP/s and MFU, logged every `log_every_n_steps` optimizer steps
+    (TensorBoard and progress bar).
+
+    Counts every token of every micro-batch on every device, so it is right with gradient
+    accumulation and several devices. Measures wall time between log steps, with one device sync
+    there and none in between. MFU needs the device's peak (lm_pretrain.hardware); on CPUs and
+    unknown GPUs it is left out.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None):
+        self.log_every_n_steps = log_every_n_steps
+        self._tokens = 0
+        self._start: float | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.every = self.log_every_n_steps or trainer.log_every_n_steps
+        self.flops_per_token = model_size(module.config)["flops_per_token"]
+        device = trainer.strategy.root_device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        self.peak = peak_flops(name, trainer.precision) if name else None
+        self._start, self._tokens = None, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch[0].numel()  # a shape: no sync
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._start is not None:
+            per_device = self._tokens / (now - self._start)
+            metrics = {"perf/tokens_per_s": per_device * trainer.world_size, "perf/tokens_per_s_per_device": per_device,
+                       "perf/tflops_per_device": per_device * self.flops_per_token / 1e12}
+            if self.peak:
+                metrics["perf/mfu"] = per_device * self.flops_per_token / self.peak
+            module.log_dict(metrics, on_step=True, on_epoch=False)
+            module.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, logger=False)
+        self._start, self._tokens = now, 0

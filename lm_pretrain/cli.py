@@ -13,7 +13,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from lm_pretrain.callbacks import Preemption
+from lm_pretrain.callbacks import Preemption, Throughput
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.module import LanguageModel
@@ -101,6 +101,7 @@ def run(args: list[str] | None = None) -> PretrainCLI:
                                 auto_insert_metric_name=False),
                 LearningRateMonitor(logging_interval="step"),
                 Preemption(),
+                Throughput(),
             ],
         },
         args=args,

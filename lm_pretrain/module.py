@@ -177,6 +177,16 @@ class LanguageModel(L.LightningModule):
         if self.global_step % self.hparams.nonfinite_check_every == 0:
             self._stop_if_nonfinite()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The gradient norm before clipping, only on steps that are logged (it costs a reduction).
+        if self._trainer is None or (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: shards -> whole
+            self.log("train/grad_norm", norm)
+
     def _stop_if_nonfinite(self) -> None:
         seen = self._nonfinite is not None and bool(self._nonfinite)
         if self._trainer is not None and self.trainer.strategy.reduce_boolean_decision(seen, all=False):

@@ -67,3 +67,11 @@ def test_checkpoint_rebuilds_model(tmp_path):
     loaded = LanguageModel.load_from_checkpoint(tmp_path / "x.ckpt")
     assert loaded.config == module.config
     assert torch.equal(loaded(tokens[:, :-1]), module(tokens[:, :-1]))
+
+
+def test_peak_flops_and_mfu_inputs():
+    from lm_pretrain.hardware import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") == 19.5e12
+    assert peak_flops("cpu") is None and peak_flops("Some New GPU") is None

@@ -17,8 +17,15 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_fit_learns_and_logs(trained_run):
     logged = scalars(trained_run["log_dir"])
-    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW/decay"):
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW/decay", "train/grad_norm",
+                "perf/tokens_per_s", "perf/tflops_per_device", "model/flops_per_token"):
         assert logged.get(tag), f"{tag} not logged; have {sorted(logged)}"
+    assert "perf/mfu" not in logged  # no known peak on a CPU
+    assert all(0 < v < 1e9 for _, v in logged["perf/tokens_per_s"])
+    flops = logged["model/flops_per_token"][0][1]
+    for (_, tps), (_, tflops) in zip(logged["perf/tokens_per_s"], logged["perf/tflops_per_device"]):
+        assert tflops == pytest.approx(tps * flops / 1e12, rel=1e-4)  # one device here
+    assert all(0 < v < 100 for _, v in logged["train/grad_norm"])
     val = [v for _, v in logged["val/loss"]]
     first_train_loss = logged["train/loss"][0][1]
     assert len(val) == 3  # validated at steps 20, 40, 60
