@@ -84,7 +84,8 @@ def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config:
 def trained_run(prepared, tmp_path_factory) -> dict:
     """One tiny `train.py fit` run shared by the end-to-end and notebook tests."""
     workdir = tmp_path_factory.mktemp("train")
-    done = run_cli(train_args(prepared), cwd=workdir)
+    # text samples to TensorBoard every 20 steps (the last callback in tiny.yaml is TextSamples)
+    done = run_cli([*train_args(prepared), "--trainer.callbacks.init_args.every_n_steps", "20"], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     log_dir = workdir / "runs" / "tiny" / "version_0"
     return {"workdir": workdir, "log_dir": log_dir, "ckpt": log_dir / "checkpoints" / "last.ckpt",

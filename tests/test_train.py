@@ -36,6 +36,12 @@ def test_fit_learns_and_logs(trained_run):
     lrs = [v for _, v in logged["lr-AdamW/decay"]]
     assert max(lrs) == pytest.approx(0.01, rel=0.05) and lrs[-1] < lrs[len(lrs) // 2]  # warmup then decay
     assert "=== samples after 60 steps ===" in trained_run["stdout"]
+    events = EventAccumulator(str(trained_run["log_dir"]), size_guidance={"tensors": 0})
+    events.Reload()
+    for tag in ("samples/0/text_summary", "samples/1/text_summary"):  # the fixed prompts, every 20 steps
+        texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+        assert [step for step, _ in texts] == [20, 40, 60]
+        assert all(text.startswith(("ROMEO:", "To be, or not to be")) and len(text) > 30 for _, text in texts)
 
 
 def test_fit_writes_checkpoints(trained_run):
