@@ -12,7 +12,6 @@ medians are compared. Results are appended to BENCHMARKS.md.
 
 import argparse
 import contextlib
-import math
 import resource
 import shlex
 import sys
@@ -23,7 +22,7 @@ import lightning as L
 import torch
 import yaml
 
-from common import ROOT, median, record
+from common import median, record
 from lm_pretrain.hardware import peak_flops
 from lm_pretrain.model import GPT, model_size
 from lm_pretrain.module import lr_multiplier
@@ -59,7 +58,6 @@ def peak_memory_gib() -> float:
 def template_run(config: str, warmup: int, steps: int, extra: list[str]) -> float:
     from lm_pretrain.cli import run
 
-    timer = StepTimer(warmup, steps)
     with tempfile.TemporaryDirectory() as logs:
         cli = run(["fit", "--config", config, "--trainer.max_steps", str(warmup + steps),
                    "--trainer.val_check_interval", str(10 * (warmup + steps) * 64), "--trainer.logger.init_args.save_dir",

@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.model import GPTConfig

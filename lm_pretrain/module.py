@@ -174,6 +174,8 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # mid-accumulation: check once per optimizer step, not once per batch
         if self.global_step % self.hparams.nonfinite_check_every == 0:
             self._stop_if_nonfinite()
 

@@ -1,6 +1,5 @@
 """Every architecture option of the one model class: shapes, causality, sizes, KV cache, presets."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,12 +1,11 @@
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_corpus
+from conftest import run_cli
 from lm_pretrain import prepare as prepare_module
 from lm_pretrain.errors import UserError
 from lm_pretrain.prepare import find_inputs, load_metadata, main, prepare
@@ -66,7 +65,7 @@ def test_split_is_deterministic_for_a_seed(corpus, tmp_path):
     inputs = find_inputs([str(corpus[0])])
     a = prepare(inputs, tmp_path / "a", val_fraction=0.25, seed=3, workers=1)
     b = prepare(inputs, tmp_path / "b", val_fraction=0.25, seed=3, workers=2)
-    c = prepare(inputs, tmp_path / "c", val_fraction=0.25, seed=4, workers=1)
+    prepare(inputs, tmp_path / "c", val_fraction=0.25, seed=4, workers=1)
     assert a["splits"] == b["splits"]
     assert val_set(tmp_path / "a") == val_set(tmp_path / "b")
     assert val_set(tmp_path / "a") != val_set(tmp_path / "c")
