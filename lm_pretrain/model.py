@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -130,9 +131,14 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # each K/V head serves a group of consecutive query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # PyTorch picks a fused kernel (flash / memory-efficient) where it can. is_causal hides the
-        # future; a single new token (decoding with a cache) may see everything before it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
+        # PyTorch picks a fused kernel (flash / memory-efficient) where it can. Each query may see its
+        # own position and earlier ones. With a cache, the T new queries are the *last* T positions of
+        # the keys, so the causal mask is aligned bottom-right (is_causal aligns it top-left).
+        if k.shape[2] == T:
+            mask = {"is_causal": T > 1}
+        else:
+            mask = {"attn_mask": causal_lower_right(T, k.shape[2])} if T > 1 else {}  # one new token sees all
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 

@@ -87,3 +87,18 @@ def test_generate_respects_vocab_limit():
         model.lm_head.weight[95:] += 5.0  # make the padded ids the likeliest
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 30, temperature=1.0, vocab_limit=95)
     assert out.max() < 95
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_cached_prefill_then_several_tokens_equals_the_full_forward(position):
+    """A KV cache continued by a chunk of tokens at once (not one by one) must still be causal."""
+    from lm_pretrain.model import KVCache
+
+    torch.manual_seed(0)
+    config = GPTConfig(**{**SMALL, "block_size": 32}, n_kv_head=1, position=position)
+    model = GPT(config).eval()
+    idx = torch.randint(0, 101, (2, 20))
+    cache = KVCache(config, 2, "cpu", torch.float32)
+    pieces = [model(idx[:, :12], cache), model(idx[:, 12:19], cache), model(idx[:, 19:], cache)]
+    assert cache.length == 20
+    assert (torch.cat(pieces, dim=1) - model(idx)).abs().max() <= 1e-5
