@@ -1,17 +1,140 @@
-"""Callbacks the template adds to the Trainer."""
+"""Callbacks the template adds to the Trainer.
+
+Anything that reads a value back from the GPU (printing the loss, checking for NaN, agreeing on a
+stop between processes) waits for the GPU to finish the queued work, which stalls a fast training
+loop. Here all of that happens on log steps (every `trainer.log_every_n_steps` optimizer steps) and
+nowhere else; `HostSyncCheck` proves it.
+"""
 
 import os
 import signal
 import threading
 import time
+import traceback
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from lm_pretrain.generate import sample
 from lm_pretrain.hardware import peak_flops
 from lm_pretrain.model import model_size
+
+
+def step_ends_here(trainer, batch_idx: int) -> bool:
+    """Whether this training batch completes an optimizer step (the last of its accumulated batches)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+def logged_step(trainer) -> bool:
+    """In on_train_batch_end: whether the optimizer step just taken is one Lightning logs."""
+    return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the training loss and speed as of the last log step.
+
+    The bar moves every batch, but the loss lives on the GPU: reading it every batch would make each
+    step wait for the GPU. (Lightning reads every value logged with prog_bar=True after every batch,
+    so the module logs train/loss without it, and the bar takes it from here on log steps.)
+    """
+
+    SHOWN = {"train/loss": "loss", "perf/tokens_per_s": "tok/s"}  # logged name -> name on the bar
+
+    def __init__(self, refresh_rate: int = 1, **kwargs):
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self._shown: dict = {}
+        self._batch_idx = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._batch_idx = batch_idx
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer, module) -> dict:
+        if not trainer.training or (step_ends_here(trainer, self._batch_idx) and logged_step(trainer)):
+            logged = trainer.callback_metrics
+            self._shown = {short: f"{float(logged[name]):.4g}" for name, short in self.SHOWN.items() if name in logged}
+        return {**super().get_metrics(trainer, module), **self._shown}
+
+
+class HostSyncCheck(L.Callback):
+    """Fails the run if a training step that does not log makes the host wait for the GPU.
+
+    On CUDA this is PyTorch's own detector (`torch.cuda.set_sync_debug_mode("error")`), switched on
+    between log steps: the first synchronising call raises, with its stack. On CPUs (tests) it counts
+    the calls that would synchronise on a GPU (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
+    `bool()`, `int()`, `float()` of a tensor) in the same places, except on tensors that stay on the
+    host on a GPU machine too (see HOST_SIDE), and raises at the end of training if there were any. Log steps, validation,
+    checkpoint saves and the first `skip_steps` steps (compilation, optimizer state) are exempt.
+
+        python train.py fit ... --trainer.callbacks+=lm_pretrain.callbacks.HostSyncCheck
+    """
+
+    SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+    # Calls from these work on tensors that stay on the host on a GPU machine too: data loading, and
+    # optimizer step counters (kept on the host unless the optimizer is fused or capturable).
+    HOST_SIDE = (f"{os.sep}litdata{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}",
+                 f"loops{os.sep}fetchers.py", f"torch{os.sep}optim{os.sep}optimizer.py")
+
+    def __init__(self, skip_steps: int = 2):
+        self.skip_steps = skip_steps
+        self.checked_steps = 0  # optimizer steps watched in full
+        self.syncs: list[str] = []  # CPU: where each counted call came from
+        self._active, self._originals, self._cuda = False, {}, False
+
+    def on_fit_start(self, trainer, module) -> None:
+        self._cuda = trainer.strategy.root_device.type == "cuda"
+        if not self._cuda:
+            for name in self.SYNCING:
+                self._originals[name] = original = getattr(torch.Tensor, name)
+                setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def method(tensor, *args, **kwargs):
+            if self._active:
+                stack = traceback.extract_stack()[:-1]
+                if not any(part in frame.filename for frame in stack for part in self.HOST_SIDE):
+                    self.syncs.append("".join(traceback.format_list(stack[-6:])))
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+    def _watch(self, active: bool) -> None:
+        if active != self._active and self._cuda:
+            torch.cuda.set_sync_debug_mode("error" if active else "default")
+        self._active = active
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1  # the optimizer step this batch belongs to
+        quiet = (step > self.skip_steps and (trainer.log_every_n_steps == 0 or step % trainer.log_every_n_steps)
+                 and (trainer.max_steps < 0 or step < trainer.max_steps))
+        if quiet and batch_idx % trainer.accumulate_grad_batches == 0:
+            self.checked_steps += 1
+        self._watch(bool(quiet))
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self._watch(False)
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._watch(False)
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._stop()
+
+    def on_train_end(self, trainer, module) -> None:
+        self._stop()
+        if self.syncs:
+            raise RuntimeError(f"{len(self.syncs)} host syncs in training steps that do not log; the first:\n"
+                               f"{self.syncs[0]}")
+        rank_zero_info(f"HostSyncCheck: {self.checked_steps} optimizer steps without a log step checked, "
+                       f"no host sync in them")
+
+    def _stop(self) -> None:
+        self._watch(False)
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+        self._originals.clear()
 
 
 class TextSamples(L.Callback):
@@ -61,10 +184,11 @@ class Preemption(L.Callback):
 
     The signal only sets a flag: the checkpoint is written between steps, where the model, optimizer,
     schedule and data loader agree. With several processes they agree on when to stop through one
-    collective every `check_every_n_steps` steps (a single process checks every step for free).
+    collective every `check_every_n_steps` steps (default: on log steps, which wait for the GPU
+    anyway); a single process checks every step for free.
     """
 
-    def __init__(self, check_every_n_steps: int = 10):
+    def __init__(self, check_every_n_steps: int | None = None):
         self.check_every_n_steps = check_every_n_steps
         self.requested: int | None = None  # the signal received
         self._previous_handlers: dict = {}
@@ -78,6 +202,12 @@ class Preemption(L.Callback):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[signum] = signal.signal(signum, self._request)
+            # Lightning's own SIGTERM flag (which these handlers replace) is broadcast from the first
+            # process and read back on every step of a multi-process run: a host sync per step, for
+            # a flag that can no longer be set.
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = lambda: None
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -94,7 +224,8 @@ class Preemption(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: the gradients so far would be lost
         if trainer.world_size > 1:
-            if trainer.global_step % self.check_every_n_steps:
+            every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+            if trainer.global_step % every:
                 return
             stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         else:
@@ -148,5 +279,4 @@ class Throughput(L.Callback):
             if self.peak:
                 metrics["perf/mfu"] = per_device * self.flops_per_token / self.peak
             module.log_dict(metrics, on_step=True, on_epoch=False)
-            module.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, logger=False)
         self._start, self._tokens = now, 0

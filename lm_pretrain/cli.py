@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from lm_pretrain.callbacks import Preemption, Throughput
+from lm_pretrain.callbacks import Preemption, ProgressBar, Throughput
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.module import LanguageModel
@@ -26,6 +27,16 @@ class PretrainCLI(LightningCLI):
         # A second one, always there, keeps the best checkpoint by validation loss.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+
+    def instantiate_trainer(self, **kwargs):
+        # Our progress bar (numbers read from the GPU only on log steps) unless the bar is switched
+        # off or the config brings its own; Lightning refuses a bar in callbacks with the bar off.
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar)
+                                                                       for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI rebuilds the model from the hyperparameters saved in --ckpt_path, silently
@@ -42,21 +53,23 @@ class PretrainCLI(LightningCLI):
 
 
 def check_checkpoint(ckpt: str, model_args) -> None:
-    """UserError unless `ckpt` exists and holds this model's architecture."""
+    """UserError unless `ckpt` (a file or a sharded folder) exists and holds this model's architecture."""
+    from lm_pretrain.checkpoints import META_FILE, config_from
     from lm_pretrain.model import GPTConfig
     from lm_pretrain.module import check_architecture
 
     path = Path(ckpt)
     if not path.exists():
         raise UserError(f"checkpoint {ckpt} does not exist")
-    if path.is_dir():
-        return  # a sharded checkpoint: the module checks it as it loads
-    try:
-        saved = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    if path.is_dir() and not (path / META_FILE).is_file():
+        raise UserError(f"checkpoint {ckpt} is a folder but not a sharded checkpoint (it has no {META_FILE})")
+    try:  # the hyperparameters alone: no weights are read here
+        saved = torch.load(path / META_FILE if path.is_dir() else path, weights_only=True, map_location="cpu")
+        saved = saved.get("hyper_parameters", {})
     except Exception as err:
         raise UserError(f"{ckpt} is not a checkpoint ({type(err).__name__})") from None
     try:
-        config = GPTConfig(**{k: model_args[k] for k in GPTConfig.__dataclass_fields__ if k in model_args})
+        config = config_from({k: model_args[k] for k in GPTConfig.__dataclass_fields__ if k in model_args})
     except ValueError as err:
         raise UserError(f"model: {err}") from None
     check_architecture(saved, config, f"checkpoint {ckpt}")

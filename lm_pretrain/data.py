@@ -8,17 +8,20 @@ The shards may be a folder or an s3:// prefix in object storage (streamed and ca
 litdata), and several prepared datasets can be mixed with weights (`mixture`).
 """
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from litdata import CombinedStreamingDataset
 
 from lm_pretrain import storage
 from lm_pretrain.errors import UserError
+from lm_pretrain.module import IGNORE_INDEX
 from lm_pretrain.prepare import load_metadata, verify_shards
 
 log = logging.getLogger("lm_pretrain.data")
@@ -54,6 +57,69 @@ class WeightedMixture(CombinedStreamingDataset):
     def get_len(self, num_workers: int, batch_size: int) -> int:
         super().get_len(num_workers, batch_size)  # keeps num_workers and batch_size
         return self._get_total_length()
+
+
+class EvenSplit(torch.utils.data.IterableDataset):
+    """Validation windows dealt round-robin to the processes, each process getting as many.
+
+    Every forward pass of a sharded model is a collective: if one process ran more validation
+    batches than another, the others would wait for it forever. (litdata gives the windows that do
+    not divide evenly all to the last process.) Process r of N reads windows r, r + N, r + 2N, ...,
+    padded at the end with windows of -1 (no loss, not counted: see `TokenDataModule.on_after_batch_
+    transfer`), so N processes evaluate exactly the windows one process would, in the same order.
+
+    Several val splits (a mixture) are interleaved in proportion to their sizes, the same way every
+    time. DataLoader workers take whole batches in turn, so batches arrive in the same order as
+    with none.
+    """
+
+    def __init__(self, datasets: list, batch_size: int, window: int):
+        super().__init__()
+        self.datasets, self.batch_size, self.window = datasets, batch_size, window
+        self._sizes: list[int] | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        """Windows in each dataset, all processes together (a StreamingDataset's len() is one process's share)."""
+        if self._sizes is None:
+            self._sizes = [windows_in(d) for d in self.datasets]
+        return self._sizes
+
+    def order(self) -> np.ndarray:
+        """(dataset, window) pairs of every window in reading order: window k of n sits at (k + 0.5) / n."""
+        pairs = np.concatenate([np.stack([np.full(n, d), np.arange(n)], axis=1) for d, n in enumerate(self.sizes)])
+        keys = np.concatenate([(np.arange(n) + 0.5) / n for n in self.sizes])
+        return pairs[np.argsort(keys, kind="stable")]
+
+    def __len__(self) -> int:
+        return math.ceil(sum(self.sizes) / _rank_and_world()[1])
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        mine, length = self.order()[rank::world], len(self)
+        for start in range(worker_id * self.batch_size, length, workers * self.batch_size):
+            for i in range(start, min(start + self.batch_size, length)):
+                if i < len(mine):
+                    yield self.datasets[mine[i][0]][int(mine[i][1])].to(torch.int32)
+                else:  # padding: this process has run out of windows
+                    yield torch.full((self.window,), -1, dtype=torch.int32)
+
+
+def windows_in(dataset) -> int:
+    """How many windows a StreamingDataset holds in all (read on a copy: the original opens its own
+    reader in whichever process uses it)."""
+    counter = copy.copy(dataset)
+    counter.cache = None
+    counter[0]  # opens the index
+    return sum(i.roi_end_idx - i.roi_start_idx for i in counter.cache.get_chunk_intervals())
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -160,21 +226,21 @@ class TokenDataModule(L.LightningDataModule):
             if tokens < self.block_size + 1:
                 raise UserError(f"{source.split(split)} holds {tokens} tokens, fewer than one sequence of "
                                 f"block_size + 1 = {self.block_size + 1}; use more text or a smaller block_size")
+            # Validation reads windows by index (EvenSplit), so litdata's split between processes
+            # (and its drop_last) only applies to training, where every process gets as many.
             return StreamingDataset(source.split(split), item_loader=TokensLoader(block_size=self.block_size + 1),
-                                    shuffle=shuffle, seed=self.seed, drop_last=shuffle,
+                                    shuffle=shuffle, seed=self.seed, drop_last=True if shuffle else None,
                                     storage_options=self.storage_options, cache_dir=self.cache_dir)
 
+        # Validation goes through every val split, the same windows in the same order each time.
+        self.val_dataset = EvenSplit([dataset(s, "val", shuffle=False) for s in self.sources], self.batch_size,
+                                     self.block_size + 1)
         if len(self.sources) == 1:
             self.train_dataset = dataset(self.sources[0], "train", shuffle=True)
-            self.val_dataset = dataset(self.sources[0], "val", shuffle=False)
-            return
-        # Training draws each sequence's dataset by weight and stops at the first that runs out;
-        # validation goes through all val splits (weights from their lengths, the same order each time).
-        self.train_dataset = WeightedMixture([dataset(s, "train", shuffle=True) for s in self.sources],
-                                             weights=[s.weight for s in self.sources], seed=self.seed,
-                                             iterate_over_all=False)
-        self.val_dataset = CombinedStreamingDataset([dataset(s, "val", shuffle=False) for s in self.sources],
-                                                    seed=self.seed, iterate_over_all=True)
+        else:  # each training sequence's dataset is drawn by weight; the epoch ends when one runs out
+            self.train_dataset = WeightedMixture([dataset(s, "train", shuffle=True) for s in self.sources],
+                                                 weights=[s.weight for s in self.sources], seed=self.seed,
+                                                 iterate_over_all=False)
 
     def check_same_tokenizer(self) -> None:
         """Mixed datasets are one token stream to the model: the ids must mean the same everywhere."""
@@ -207,16 +273,19 @@ class TokenDataModule(L.LightningDataModule):
                                    pin_memory=torch.cuda.is_available(), drop_last=True)
 
     def val_dataloader(self):
-        from litdata import StreamingDataLoader
-
-        return StreamingDataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   pin_memory=torch.cuda.is_available())
+        # A plain DataLoader: EvenSplit deals the windows to processes and workers itself, and there
+        # is no position to save (validation always starts from the top).
+        return torch.utils.data.DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                           pin_memory=torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Shards store uint16 ids (half the bytes of int32) and cross to the device that way;
         # embeddings need int64, so widen here, on the device.
         tokens = batch.long()
-        return tokens[:, :-1], tokens[:, 1:]
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if self.trainer is None or not self.trainer.training:  # validation pads with -1 (EvenSplit)
+            x, y = x.clamp(min=0), y.masked_fill(y < 0, IGNORE_INDEX)
+        return x, y
 
 
 def parse_mixture(mixture: list[dict]) -> list[PreparedData]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.model import GPTConfig
+from lm_pretrain.tokenizer import eot_id
 
 
 def family(config: GPTConfig) -> str:
@@ -87,8 +88,9 @@ def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
 
     kind = family(config)
     kwargs, hf_state = (gpt2_state if kind == "gpt2" else llama_state)(config, state)
-    if tokenizer == "gpt2":
-        kwargs.update(bos_token_id=50256, eos_token_id=50256)
+    # Documents were separated by the end-of-text token in training: it starts and ends them here.
+    eot = eot_id(tokenizer)
+    kwargs.update(bos_token_id=eot, eos_token_id=eot)
     kwargs.pop("model_type")
     architectures = kwargs.pop("architectures")
     hf_config = (transformers.GPT2Config if kind == "gpt2" else transformers.LlamaConfig)(**kwargs)

@@ -11,18 +11,11 @@ from lm_pretrain.tokenizer import get_tokenizer
 
 
 def load_model(ckpt: str | Path, device: str = "cpu"):
-    """The LanguageModel saved in a Lightning checkpoint, in eval mode on `device`."""
-    from lm_pretrain.module import LanguageModel
+    """The LanguageModel saved in a checkpoint (a file, or the folder of a sharded run), in eval mode
+    on `device`."""
+    from lm_pretrain.checkpoints import load_module
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        model = LanguageModel.load_from_checkpoint(path, map_location=device, compile=False)
-    except Exception as err:  # torch.load and Lightning raise many kinds for a bad file
-        raise UserError(f"{path} is not a checkpoint of this project's model ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else 'unreadable'})") from None
-    return model.eval()
+    return load_module(ckpt, device)
 
 
 def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 200,

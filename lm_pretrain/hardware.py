@@ -9,9 +9,14 @@ import math
 
 from lm_pretrain.model import GPTConfig, model_size
 
-# name fragment (as torch.cuda.get_device_name reports it) -> {precision: dense peak FLOP/s}
+# name fragment (as torch.cuda.get_device_name reports it) -> {precision: dense peak FLOP/s}. The
+# first fragment found in the name wins: PCIe and NVL cards come before the SXM parts ("NVIDIA H100
+# 80GB HBM3", "NVIDIA H200"), which are faster under the same name.
 PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494e12, "fp32": 67e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp8": 1670e12, "tf32": 418e12, "fp32": 60e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494e12, "fp32": 67e12},  # SXM
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp8": 1670e12, "tf32": 418e12, "fp32": 60e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp8": 1513e12, "tf32": 378e12, "fp32": 51e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494e12, "fp32": 67e12},  # SXM
     "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "L40S": {"bf16": 362e12, "fp16": 362e12, "fp8": 733e12, "tf32": 183e12, "fp32": 91.6e12},
@@ -20,7 +25,7 @@ PEAK_FLOPS = {
     "V100": {"fp16": 125e12, "fp32": 15.7e12},
     "T4": {"fp16": 65e12, "fp32": 8.1e12},
 }
-MEMORY_BYTES = {"H200": 141e9, "H100": 80e9, "A100": 80e9, "L40S": 48e9, "A10G": 24e9, "RTX 4090": 24e9,
+MEMORY_BYTES = {"H200 NVL": 141e9, "H200": 141e9, "H100 NVL": 94e9, "H100 PCIe": 80e9, "H100": 80e9, "A100": 80e9, "L40S": 48e9, "A10G": 24e9, "RTX 4090": 24e9,
                 "V100": 32e9, "T4": 16e9}
 
 

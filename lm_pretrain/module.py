@@ -2,6 +2,10 @@
 
 The loss is the mean cross-entropy of predicting token t+1 from tokens <= t; perplexity is exp of
 that mean (the number of equally likely tokens the model is, on average, choosing between).
+
+A training step that does not log never waits for the GPU: no value is read back to the host
+(`.item()`, `bool(tensor)`, ...) outside log steps, so the CPU can queue the next step's kernels
+while the GPU runs this one (tests/test_sync_free.py counts them).
 """
 
 import math
@@ -12,22 +16,38 @@ import numpy as np
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics import Metric
 
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 
 
-class Perplexity(MeanMetric):
-    """exp(token-weighted mean cross-entropy), accumulated over batches and synced across devices.
+IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (see data.EvenSplit)
 
-    Fed the loss the step has already computed, rather than logits as torchmetrics.text.Perplexity
-    wants: that one would run a second log-softmax over the whole vocabulary, the costliest op here.
+
+class MeanLoss(Metric):
+    """Mean cross-entropy per target token over many batches, summed across processes.
+
+    Fed each batch's summed loss and its number of targets (padding excluded), rather than logits as
+    torchmetrics.text.Perplexity wants: that would run a second log-softmax over the whole vocabulary,
+    the costliest op here. Two sums instead of torchmetrics' MeanMetric, whose NaN check reads a
+    value back from the GPU on every update.
     """
 
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("loss_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("targets", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += loss_sum.detach()
+        self.targets += targets
+
     def compute(self) -> torch.Tensor:
-        return torch.exp(super().compute())
+        return self.loss_sum / self.targets
 
 
 class LanguageModel(L.LightningModule):
@@ -59,7 +79,7 @@ class LanguageModel(L.LightningModule):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         nonfinite_loss: str = "stop",
-        nonfinite_check_every: int = 10,
+        nonfinite_check_every: int | None = None,
     ):
         """
         Args:
@@ -90,15 +110,17 @@ class LanguageModel(L.LightningModule):
             betas: AdamW betas.
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
             activation_checkpointing: recompute each block's activations in the backward pass
-                instead of keeping them (~1/3 more compute, much less memory). The BlockFSDP strategy
-                has its own switch for this.
-            init_from: a checkpoint whose weights start this run (continued pre-training): the
-                optimizer and schedule start fresh. Its architecture must match this config.
+                instead of keeping them (~1/3 more compute, much less memory); configs/fsdp.yaml
+                turns it on.
+            init_from: a checkpoint (file, or a sharded run's folder) whose weights start this run
+                (continued pre-training): the optimizer and schedule start fresh. Its architecture
+                must match this config.
             nonfinite_loss: what a NaN/inf training loss does: "stop" ends the run with an error and
                 never saves a checkpoint after it (the last good one remains); "skip" drops that
                 batch's update and goes on (costs a host sync every step).
-            nonfinite_check_every: with "stop", look for a NaN/inf loss every this many steps (and
-                before every checkpoint), not every step, so the GPU is not stalled each step.
+            nonfinite_check_every: with "stop", look for a NaN/inf loss every this many optimizer steps
+                (and before every checkpoint); empty means on log steps (trainer.log_every_n_steps),
+                which read values back from the GPU anyway: other steps never wait for it.
         """
         super().__init__()
         self.save_hyperparameters()  # in every checkpoint: a checkpoint alone rebuilds the model
@@ -112,7 +134,7 @@ class LanguageModel(L.LightningModule):
         if nonfinite_loss not in ("stop", "skip"):
             raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
         self.model = GPT(self.config)
-        self.train_ppl, self.val_ppl = Perplexity(), Perplexity()
+        self.val_loss = MeanLoss()
         self._nonfinite: torch.Tensor | None = None  # on the device: set once a loss was NaN/inf
         self.skipped_batches = 0
         self._rng_states_to_restore: dict | None = None
@@ -149,10 +171,13 @@ class LanguageModel(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the next-token predictions: their mean, or with reduction="sum" their sum
+        (targets set to IGNORE_INDEX count in neither)."""
         x, y = batch
         logits = self.model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
@@ -166,17 +191,17 @@ class LanguageModel(L.LightningModule):
                 return None
         else:  # remembered on the device; looked at every nonfinite_check_every steps
             self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
-        self.train_ppl(loss.detach(), weight=batch[1].numel())
         # Tensors go to the logger as they are; Lightning turns them into numbers only when it
-        # writes (every log_every_n_steps), so logging adds no host sync to the step.
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", self.train_ppl)
+        # writes (every log_every_n_steps), so logging adds no host sync to the step. Not prog_bar:
+        # Lightning reads those back after every batch (callbacks.ProgressBar shows the loss instead).
+        self.log("train/loss", loss)
+        self.log("train/ppl", loss.detach().exp())
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return  # mid-accumulation: check once per optimizer step, not once per batch
-        if self.global_step % self.hparams.nonfinite_check_every == 0:
+        if self.global_step % (self.hparams.nonfinite_check_every or self.trainer.log_every_n_steps or 1) == 0:
             self._stop_if_nonfinite()
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -214,10 +239,15 @@ class LanguageModel(L.LightningModule):
             self._rng_states_to_restore = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.val_ppl.update(loss, weight=batch[1].numel())
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[1].numel())
-        self.log("val/ppl", self.val_ppl, prog_bar=True)
+        self.val_loss.update(self._loss(batch, reduction="sum"), (batch[1] != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        # Every target token of every process weighs the same: the val loss of N processes is the
+        # one a single process would compute over the same windows.
+        loss = self.val_loss.compute()  # summed across processes
+        self.val_loss.reset()
+        # (the same on every process already; sync_dist only keeps Lightning from warning that it is not)
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -229,13 +259,32 @@ class LanguageModel(L.LightningModule):
                 (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},  # names label the
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]  # logged learning rates
-        # one kernel for all parameters instead of many (not for FSDP2's sharded DTensor parameters on CPUs)
-        fused = self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)
+        # One kernel for all parameters instead of many; not for FSDP2's sharded DTensor parameters on
+        # CPUs, nor with fp16's gradient scaler (Lightning must unscale before clipping: see below).
+        fused = (self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)) \
+            and self._gradient_scaler() is None
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+    def _gradient_scaler(self):
+        """fp16's GradScaler when training in 16-mixed, else None (bf16 and fp32 need none)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, since with fp16 a
+        # fused step unscales the gradients itself. bf16 scales nothing: clip here, as in fp32 (the
+        # whole model's norm, also when FSDP shards it).
+        if not gradient_clip_val or self._gradient_scaler() is not None:
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 def rng_states() -> dict:
@@ -267,8 +316,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "bias", "tie_embeddings",
-                     "position", "norm", "mlp", "mlp_hidden")
+# Every GPTConfig field but dropout describes the weights or what they compute.
+ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name != "dropout")
 
 
 def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> None:
@@ -286,14 +335,10 @@ def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> Non
 
 
 def load_weights(path: str, config: GPTConfig) -> dict:
-    """The model weights of a checkpoint, refused with a UserError unless its architecture is `config`'s."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        hparams = checkpoint["hyper_parameters"]
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    except FileNotFoundError:
-        raise UserError(f"model.init_from: checkpoint {path} does not exist") from None
-    except Exception as err:
-        raise UserError(f"model.init_from: {path} is not a checkpoint of this project ({type(err).__name__})") from None
-    check_architecture(hparams, config, f"model.init_from: {path}")
-    return state
+    """The model weights of a checkpoint (file or sharded folder), refused with a UserError unless its
+    architecture is `config`'s."""
+    from lm_pretrain import checkpoints
+
+    checkpoint = checkpoints.read(path, what="model.init_from: checkpoint")
+    check_architecture(checkpoint["hyper_parameters"], config, f"model.init_from: {path}")
+    return checkpoints.model_weights(checkpoint)

@@ -1,36 +1,53 @@
-"""Sharded training (FSDP) set up for this model: one shard unit per transformer block.
+"""Sharded training: FSDP2 (PyTorch's `fully_shard`), one shard unit per transformer block.
 
-`BlockFSDP` is Lightning's FSDPStrategy (GPUs) with the model's blocks as the wrap and activation-
-checkpointing units, and sharded checkpoints, chosen from YAML without importing classes there:
+Parameters, gradients and optimizer state are split across all processes; each block's parameters
+are gathered only while that block runs. It is Lightning's ModelParallelStrategy with every process
+in one data-parallel group, so it runs the same way on GPUs (nccl) and on CPUs (gloo, which is how
+the tests cover it). `LanguageModel.configure_model` applies `fully_shard` per block. Chosen in YAML
+with configs/fsdp.yaml:
 
     trainer:
       strategy:
-        class_path: lm_pretrain.strategies.BlockFSDP
-
-On CPUs (tests) Lightning's FSDPStrategy refuses to run; FSDP2 (`fully_shard`) under
-`ModelParallelStrategy` works there, and `LanguageModel.configure_model` applies it per block
-whenever that strategy is used (see configs/fsdp2.yaml).
+        class_path: lm_pretrain.strategies.FSDP
 """
 
-from lightning.pytorch.strategies import FSDPStrategy
+import shutil
+from pathlib import Path
 
-from lm_pretrain.model import Block
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lm_pretrain.files import publish
 
 
-class BlockFSDP(FSDPStrategy):
-    def __init__(self, activation_checkpointing: bool = True, sharding_strategy: str = "FULL_SHARD",
-                 state_dict_type: str = "sharded", **kwargs):
+class FSDP(ModelParallelStrategy):
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
         """
         Args:
-            activation_checkpointing: recompute each block's activations in the backward pass
-                instead of keeping them: ~1/3 more compute, much less memory.
-            sharding_strategy: FULL_SHARD (parameters, gradients and optimizer state sharded),
-                SHARD_GRAD_OP (parameters kept whole between forward and backward), HYBRID_SHARD
-                (full sharding within a node, replication across nodes), NO_SHARD.
-            state_dict_type: "sharded" (each rank writes its own shard: fast, a folder) or "full"
-                (one file gathered on rank 0).
-            kwargs: any other FSDPStrategy argument.
+            save_distributed_checkpoint: each process writes its own shard (fast, no gathering; the
+                checkpoint is a folder, read back by train.py, generate, export and init_from alike);
+                false gathers one full checkpoint file on the first process (slow, needs its memory).
+            kwargs: any other ModelParallelStrategy argument (process_group_backend, timeout).
         """
-        super().__init__(auto_wrap_policy={Block},
-                         activation_checkpointing_policy={Block} if activation_checkpointing else None,
-                         sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" shards across nodes only; shard across every process instead.
+        self._data_parallel_size = self.num_processes * self.num_nodes
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Write a sharded checkpoint into a hidden folder, then swap it in: a run killed while saving
+        keeps its previous checkpoint (Lightning would overwrite the shards in place)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(f".{path.name}.partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+        self.barrier("checkpoint-staging")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint-written")
+        if self.is_global_zero:
+            publish(partial, path)
+        self.barrier("checkpoint-published")

@@ -62,6 +62,16 @@ def _gpt2_from_file(path: Path, name: str) -> tiktoken.Encoding:
     )
 
 
-def eot_id(enc: tiktoken.Encoding) -> int:
-    """The end-of-text id that separates documents."""
-    return enc.eot_token
+# The end-of-text id of tiktoken's encodings, for when the encoding itself cannot be loaded (offline)
+KNOWN_EOT_IDS = {"gpt2": 50256, "r50k_base": 50256, "p50k_base": 50256, "p50k_edit": 50256, "cl100k_base": 100257,
+                 "o200k_base": 199999}
+
+
+def eot_id(name: str) -> int:
+    """The end-of-text id of tokenizer `name` (which separates documents, and ends generation)."""
+    try:
+        return get_tokenizer(name).eot_token
+    except UserError:
+        if name in KNOWN_EOT_IDS:
+            return KNOWN_EOT_IDS[name]
+        raise

@@ -488,7 +488,7 @@ print("\\nGPU memory: " + ", ".join(f"{gpu} {MEMORY_BYTES[gpu] / 1e9:.0f} GB" fo
     md('''
 ## Time to train
 days = tokens × FLOPs per token / (peak FLOP/s × MFU × GPUs), with the dense tensor-core peaks of
-`PEAK_FLOPS` (H100 is the SXM part). Real runs also spend time on evaluation, checkpointing and data
+`PEAK_FLOPS` (H100 and H200 are the SXM parts). Real runs also spend time on evaluation, checkpointing and data
 loading, and small models rarely reach a large GPU's MFU, so read these as lower bounds. Time is shown
 in minutes (min), hours (h), days (d) or years (y).
 '''),

@@ -65,3 +65,26 @@ def read_records(path) -> list[dict]:
             row = json.loads(line)
             rows[(row["rank"], row["step"])] = row
     return [rows[k] for k in sorted(rows)]
+
+
+class ReadLossEveryStep(L.Callback):
+    """Reads the loss back to the host after every batch, as careless code would (a host sync)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if outputs:
+            float(outputs["loss"])
+
+
+class SaveFullWeights(L.Callback):
+    """At the end of training, gather the model's whole weights (also when sharded) and save them to
+    `path` from the first process: what a sharded checkpoint of the same step must hold."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, module) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.global_rank == 0:
+            torch.save(state, self.path)

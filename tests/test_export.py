@@ -63,3 +63,14 @@ def test_export_cli_errors(tmp_path):
     done = run_cli(["-m", "lm_pretrain.export", "--ckpt", str(tmp_path / "none.ckpt"), "--output", str(tmp_path / "o")],
                    cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("tokenizer,eot", [("gpt2", 50256), ("cl100k_base", 100257)])
+def test_export_marks_the_tokenizers_end_of_text_as_bos_and_eos(tokenizer, eot):
+    from lm_pretrain.export import to_hf
+    from lm_pretrain.model import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=100352, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope",
+                       norm="rmsnorm", mlp="swiglu", bias=False)
+    hf = to_hf(config, GPT(config).state_dict(), tokenizer)
+    assert hf.config.bos_token_id == hf.config.eos_token_id == eot

@@ -71,21 +71,6 @@ def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, tmp_path):
     assert read_records(tmp_path / "b" / "rec") == straight
 
 
-def test_ddp_matches_one_process_with_the_global_batch(tmp_path):
-    script = ROOT / "tests" / "ddp_equivalence.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    for devices, batch in ((1, 8), (2, 4)):
-        done = subprocess.run([sys.executable, str(script), str(devices), str(batch), str(tmp_path / f"d{devices}")],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    single, ddp = read_records(tmp_path / "d1"), read_records(tmp_path / "d2")
-    assert len(single) == 4 and len(ddp) == 8
-    for record in single:
-        ranks = [r for r in ddp if r["step"] == record["step"]]
-        assert sorted(sum((r["rows"] for r in ranks), [])) == sorted(record["rows"])  # same samples
-        assert abs(sum(r["loss"] for r in ranks) / 2 - record["loss"]) <= 1e-5
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,32 +190,3 @@ def test_corrupted_or_truncated_shards_are_refused(prepared, tmp_path):
         done = run_cli(run_args(data, 2, tmp_path / "rec"), cwd=tmp_path)
         assert done.returncode == 2
         assert {"corrupt": "corrupted", "truncate": "truncated"}[damage] in last_line(done) and chunk.name in last_line(done)
-
-
-def test_fsdp2_sharded_training_and_checkpoint_resume(prepared, tmp_path):
-    """FSDP2 (fully_shard per block) under ModelParallelStrategy on 2 CPU processes: trains, writes a
-    sharded checkpoint (a folder of per-rank shards), and resumes from it to the same losses."""
-    def run(folder, *extra):
-        folder.mkdir(exist_ok=True)
-        return run_cli([*run_args(prepared, 4, folder / "rec", every=2), "--config", str(ROOT / "configs" / "fsdp2.yaml"),
-                        "--model.activation_checkpointing", "true", *extra], cwd=folder)
-
-    straight = run(tmp_path / "a")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    ckpt = tmp_path / "a" / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per process
-    assert run(tmp_path / "b", callback("SignalAt", step=3)).returncode != 0
-    resumed = run(tmp_path / "b", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert read_records(tmp_path / "b" / "rec") == read_records(tmp_path / "a" / "rec")
-
-
-def test_gpu_fsdp_strategy_is_configured_per_block():
-    from lm_pretrain.model import Block
-    from lm_pretrain.strategies import BlockFSDP
-
-    strategy = BlockFSDP()
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}  # one FSDP unit per block
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
-    assert strategy._state_dict_type == "sharded"
-    assert not BlockFSDP(activation_checkpointing=False)._activation_checkpointing_kwargs

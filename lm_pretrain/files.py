@@ -1,0 +1,22 @@
+"""Writing folders so that a reader never meets a half-written one."""
+
+import os
+import shutil
+from pathlib import Path
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Put the finished folder `staged` at `target`, replacing what is there.
+
+    Build into a hidden sibling of `target` (same file system), then call this: the old copy is
+    moved aside before the new one is renamed into place, so a process killed at any point leaves
+    either the old folder, the new one, or the old one at `.NAME.old` (never a mix of both).
+    """
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if target.exists() or target.is_symlink():
+        os.replace(target, old)
+    os.replace(staged, target)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -1,0 +1,82 @@
+"""Train LanguageModel a few steps with one process, or with N CPU processes (DDP or FSDP2).
+
+    python tests/sharded_equivalence.py STRATEGY DEVICES BATCH_SIZE DATA_DIR RECORD_PATH
+
+STRATEGY is single, ddp or fsdp. Training reads fixed random tokens through a DistributedSampler,
+which deals rank r the samples r, r + N, ...: N processes at batch b see, step by step, the same
+samples as one process at batch N * b, so (gradients being averaged) they must follow the same
+losses. Validation is the template's own, over DATA_DIR's val split, at the end of training.
+Each rank appends to RECORD_PATH.rankR one JSON line per optimizer step and one at the end.
+"""
+
+import json
+import sys
+from datetime import timedelta
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lm_pretrain.callbacks import TextSamples
+from lm_pretrain.data import TokenDataModule
+from lm_pretrain.module import LanguageModel
+from lm_pretrain.strategies import FSDP
+
+CLIP = 0.3  # low enough that every step here is clipped
+
+
+def total_norm(tensors) -> float:
+    norm = torch.nn.utils.get_total_norm(tensors)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: shards -> whole
+
+
+class Record(L.Callback):
+    def __init__(self, path: str):
+        self.path, self.val_batches = path, 0
+
+    def write(self, trainer, **row) -> None:
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps({"rank": trainer.global_rank, **row}) + "\n")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.write(trainer, step=trainer.global_step, loss=float(outputs["loss"]),
+                   rows=[",".join(map(str, r.tolist())) for r in batch[0]],
+                   grad_norm=float(trainer.callback_metrics["train/grad_norm"]), clipped_norm=total_norm(grads))
+
+    def on_train_start(self, trainer, module) -> None:
+        # before the first forward pass: FSDP2 swaps in whole (unsharded) parameters while it runs
+        names = {id(p): n for n, p in module.model.named_parameters()}
+        self.groups = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups}
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_batches += 1
+
+    def on_train_end(self, trainer, module) -> None:
+        samples = TextSamples(prompts=["The king"], max_new_tokens=8, top_k=1)._samples(module)
+        self.write(trainer, groups=self.groups, val_loss=float(trainer.callback_metrics["val/loss"]),
+                   val_batches=self.val_batches, samples=samples)
+
+
+class FixedTrainTokens(TokenDataModule):
+    def train_dataloader(self):
+        tokens = torch.randint(0, 50257, (64, 17), generator=torch.Generator().manual_seed(1))
+        dataset = TensorDataset(tokens)
+        sampler = DistributedSampler(dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=lambda rows: torch.stack(
+            [r[0] for r in rows]))
+
+
+if __name__ == "__main__":
+    kind, devices, batch_size, data_dir, record = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    L.seed_everything(0)
+    module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3)
+    strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)),
+                "fsdp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120))}[kind]
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record(record)], use_distributed_sampler=False, gradient_clip_val=CLIP,
+                        log_every_n_steps=1, val_check_interval=4, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=FixedTrainTokens(data_dir, batch_size=batch_size))

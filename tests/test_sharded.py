@@ -1,0 +1,126 @@
+"""Sharded training (FSDP2, configs/fsdp.yaml) and DDP on 2 CPU processes against one process.
+
+The GPU path is the same code with nccl instead of gloo: what is proven here holds there.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from helpers import read_records
+from test_data import attach
+from test_long_runs import callback, run_args
+
+CLIP = 0.3  # tests/sharded_equivalence.py
+
+
+def equivalence_run(kind: str, devices: int, batch: int, data: Path, folder: Path) -> tuple[list, list]:
+    """(per-step records, end-of-training records) of tests/sharded_equivalence.py, all ranks."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    record = folder / kind
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_equivalence.py"), kind, str(devices),
+                           str(batch), str(data), str(record)], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for f in sorted(folder.glob(f"{kind}.rank*")) for line in f.read_text().splitlines()]
+    return [r for r in rows if "step" in r], [r for r in rows if "groups" in r]
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared, tmp_path_factory):
+    return equivalence_run("single", 1, 8, prepared, tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepared, tmp_path):
+    from lm_pretrain.data import TokenDataModule
+
+    steps, (end,) = one_process
+    sharded_steps, sharded_end = equivalence_run(kind, 2, 4, prepared, tmp_path)
+    assert len(steps) == 4 and len(sharded_steps) == 8 and len(sharded_end) == 2
+    for one in steps:
+        ranks = [r for r in sharded_steps if r["step"] == one["step"]]
+        assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == sorted(one["rows"])  # the same samples
+        assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - one["loss"]) <= 1e-5
+        for rank in ranks:  # the whole model's gradient norm, before and after clipping
+            assert one["grad_norm"] > CLIP and rank["clipped_norm"] == pytest.approx(CLIP, abs=1e-5)
+            # from the same weights, the same gradient; later, Adam's updates of near-zero gradients
+            # amplify the rounding differences of a sharded reduction (relative ~2e-5 by step 4)
+            assert rank["grad_norm"] == pytest.approx(one["grad_norm"], abs=1e-5 if one["step"] == 1 else 1e-4)
+    # an uneven validation split: the ranks' last batches are part padding, yet they run as many
+    val = attach(TokenDataModule(str(prepared), batch_size=4), block_size=16)
+    val.setup("fit")
+    assert sum(val.val_dataset.sizes) % (2 * 4) != 0
+    for rank in sharded_end:
+        assert rank["groups"] == end["groups"] and len(end["groups"]["decay"]) == 8  # the same weight decay groups
+        assert rank["val_batches"] == sharded_end[0]["val_batches"]
+        assert rank["val_loss"] == pytest.approx(end["val_loss"], abs=1e-5)
+        assert rank["samples"] == end["samples"] and len(rank["samples"][0]) > len("The king")  # every rank samples
+
+
+def fsdp_run(data: Path, folder: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    folder.mkdir(exist_ok=True)
+    return run_cli([*run_args(data, steps, folder / "rec", every=2), "--config", str(ROOT / "configs" / "fsdp.yaml"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", *extra], cwd=folder)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, tmp_path):
+    from lm_pretrain import checkpoints
+    from lm_pretrain.module import load_weights
+
+    straight = fsdp_run(prepared, tmp_path / "a", 4, callback("SaveFullWeights", path=str(tmp_path / "full.pt")))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "=== samples after 4 steps ===" in straight.stdout
+    ckpt = tmp_path / "a" / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per process
+    assert not list(ckpt.parent.glob(".*"))  # nothing left of the staging folders
+
+    # killed after step 3 (last checkpoint: step 2), resumed: the same batches and losses
+    assert fsdp_run(prepared, tmp_path / "b", 4, callback("SignalAt", step=3)).returncode != 0
+    resumed = fsdp_run(prepared, tmp_path / "b", 4, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_records(tmp_path / "b" / "rec") == read_records(tmp_path / "a" / "rec")
+
+    # one process reads the shards back whole: the weights the run ended with
+    full = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "full.pt").items()}
+    read = checkpoints.read(ckpt)
+    assert read["global_step"] == 4
+    weights = checkpoints.model_weights(read)
+    assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
+    assert all(torch.equal(v, full[k]) for k, v in load_weights(str(ckpt), checkpoints.config_from(
+        read["hyper_parameters"])).items())
+
+    sample = run_cli(["-m", "lm_pretrain.generate", "--ckpt", str(ckpt), "--prompt", "The king", "--max-new-tokens",
+                      "5", "--seed", "0"], cwd=tmp_path)
+    assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr[-2000:]
+    export = run_cli(["-m", "lm_pretrain.export", "--ckpt", str(ckpt), "--output", str(tmp_path / "hf")], cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-2000:]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = checkpoints.load_module(ckpt)
+    tokens = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
+    continued = run_cli([*run_args(prepared, 1, tmp_path / "rec-c"), "--model.init_from", str(ckpt)],
+                        cwd=tmp_path)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+
+
+def test_publish_replaces_a_folder_whole(tmp_path):
+    from lm_pretrain.files import publish
+
+    target, staged = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staged.mkdir()
+    (staged / "new").write_text("new")
+    publish(staged, target)
+    assert [p.name for p in target.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
