@@ -37,11 +37,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def record(title: str, command: str, rows: list[str], notes: str = "") -> str:
-    """Append a section to BENCHMARKS.md and return it."""
+def record(title: str, command: str, rows: list[str], notes: str = "", path: Path = ROOT / "BENCHMARKS.md") -> str:
+    """Append a section to BENCHMARKS.md (or `path`) and return it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n### {title} — {stamp}\n\n- device: {device_description()}\n- versions: {versions()}\n"
             f"- command: `{command}`\n\n" + "\n".join(rows) + "\n" + (f"\n{notes}\n" if notes else ""))
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
+    with open(path, "a") as f:
         f.write(text)
     return text

@@ -8,10 +8,19 @@ over the same GPT with the same recipe (AdamW fused, the same parameter groups a
 clipping, autocast when the config says bf16, torch.compile when it says so) on random tokens
 already on the device. Both time the same optimizer steps after a warm-up; runs alternate and the
 medians are compared. Results are appended to BENCHMARKS.md.
+
+Arguments it does not know go to train.py for the template path (e.g. `--data.data_dir DIR`, or
+`--trainer.devices 2`). Also:
+  --overlay YAML add a config to the template path only (e.g. configs/fsdp.yaml, with --template-only)
+  --sync-check   then run a few more template steps under callbacks.HostSyncCheck (on a GPU,
+                 torch.cuda.set_sync_debug_mode("error") between log steps) and report the result
+  --profile N    then profile N steps of the bare loop and list the top kernels by device time
+  --json PATH    write every figure to PATH as well (bench/gpu_acceptance.py reads it)
 """
 
 import argparse
 import contextlib
+import json
 import resource
 import shlex
 import sys
@@ -30,12 +39,14 @@ from lm_pretrain.sizes import config_from_yaml
 
 
 class StepTimer(L.Callback):
-    """Wall time from the end of optimizer step `warmup` to the end of step `warmup + steps`."""
+    """Wall time and tokens from the end of optimizer step `warmup` to the end of step `warmup + steps`."""
 
     def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps, self.t0, self.seconds = warmup, steps, None, None
+        self.warmup, self.steps, self.t0, self.seconds, self.tokens = warmup, steps, None, None, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.t0 is not None and self.seconds is None:
+            self.tokens += batch[0].numel() * trainer.world_size
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         if trainer.global_step in (self.warmup, self.warmup + self.steps):
@@ -56,18 +67,42 @@ def peak_memory_gib() -> float:
 
 
 def template_run(config: str, warmup: int, steps: int, extra: list[str]) -> float:
+    """Tokens per second of train.py over the timed steps."""
     from lm_pretrain.cli import run
 
+    timer = ('--trainer.callbacks+={"class_path": "train_throughput.StepTimer", "init_args": '
+             f'{{"warmup": {warmup}, "steps": {steps}}}}}')
     with tempfile.TemporaryDirectory() as logs:
         cli = run(["fit", "--config", config, "--trainer.max_steps", str(warmup + steps),
                    "--trainer.val_check_interval", str(10 * (warmup + steps) * 64), "--trainer.logger.init_args.save_dir",
-                   logs, "--trainer.limit_val_batches", "0", *extra])
-        timer_seconds = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepTimer").seconds
-    return timer_seconds
+                   logs, "--trainer.limit_val_batches", "0", "--checkpoint.save_last", "false", *extra, timer])
+        timer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepTimer")
+    return timer.tokens / timer.seconds
 
 
-def bare_run(config_path: str, warmup: int, steps: int) -> float:
-    """A hand-written loop with the same recipe as the template."""
+def sync_check(config: str, extra: list[str]) -> dict:
+    """A short template run under HostSyncCheck: {"passed": bool, "checked_steps": n, "error": text}."""
+    from lm_pretrain.callbacks import HostSyncCheck
+    from lm_pretrain.cli import run
+
+    with tempfile.TemporaryDirectory() as logs:
+        try:
+            cli = run(["fit", "--config", config, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "5",
+                       "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "0",
+                       "--trainer.logger.init_args.save_dir", logs, "--checkpoint.save_last", "false", *extra,
+                       "--trainer.callbacks+=lm_pretrain.callbacks.HostSyncCheck"])
+        except Exception as err:  # set_sync_debug_mode("error") raises RuntimeError at the culprit
+            return {"passed": False, "checked_steps": None, "error": f"{type(err).__name__}: {err}"[-2000:]}
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
+        check = next(c for c in cli.trainer.callbacks if isinstance(c, HostSyncCheck))
+    return {"passed": True, "checked_steps": check.checked_steps, "error": None}
+
+
+def bare_run(config_path: str, warmup: int, steps: int, profile_steps: int = 0) -> tuple[float, list[dict]]:
+    """A hand-written loop with the same recipe as the template: (seconds for the timed steps, and the
+    top kernels of `profile_steps` more steps, profiled)."""
     raw = yaml.safe_load(open(config_path))
     trainer_cfg, model_cfg, data_cfg = raw.get("trainer", {}), raw.get("model", {}), raw.get("data", {})
     config = config_from_yaml(config_path)
@@ -90,13 +125,8 @@ def bare_run(config_path: str, warmup: int, steps: int) -> float:
     bf16 = "bf16" in str(trainer_cfg.get("precision", "32"))
     tokens = torch.randint(0, 50257, (accumulate, batch, config.block_size + 1), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    t0 = None
-    for step in range(total):
-        if step == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
+
+    def step() -> None:
         for micro in range(accumulate):
             x, y = tokens[micro, :, :-1], tokens[micro, :, 1:]
             with autocast:
@@ -108,9 +138,44 @@ def bare_run(config_path: str, warmup: int, steps: int) -> float:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+
+    t0 = None
+    for i in range(total):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if not profile_steps:
+        return seconds, []
+    try:
+        return seconds, profile(step, profile_steps, device)
+    except Exception as err:  # the profiler differs between versions; the timing stands without it
+        return seconds, [{"name": f"profiler failed: {type(err).__name__}: {err}", "ms_per_step": 0.0, "share": 0.0,
+                          "calls": 0}]
+
+
+def profile(step, steps: int, device: str, top: int = 15) -> list[dict]:
+    """The `top` kernels (GPU) or operators (CPU) by their own time over `steps` steps."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total) > 0]
+    if device == "cuda":  # device-side entries only: kernels and copies
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events
+    key = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) or 1
+    return [{"name": e.key[:90], "ms_per_step": key(e) / 1000 / steps, "share": key(e) / total, "calls": e.count // steps}
+            for e in sorted(events, key=key, reverse=True)[:top]]
 
 
 def main() -> None:
@@ -119,23 +184,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, caches)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--template-only", action="store_true", help="no bare loop (e.g. for FSDP)")
+    parser.add_argument("--sync-check", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="N")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
+                        help="another config for the template path only (e.g. configs/fsdp.yaml)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args, extra = parser.parse_known_args()
-    extra = [*extra, "--trainer.callbacks+=" + '{"class_path": "train_throughput.StepTimer", "init_args": '
-             f'{{"warmup": {args.warmup}, "steps": {args.steps}}}}}']
+    extra = [*(a for overlay in args.overlay for a in ("--config", overlay)), *extra]
     raw = yaml.safe_load(open(args.config))
     config = config_from_yaml(args.config)
     tokens_per_step = raw["data"]["batch_size"] * config.block_size * raw["trainer"].get("accumulate_grad_batches", 1)
     flops = model_size(config)["flops_per_token"]
-    template, bare, memory = [], [], {}
+    template, bare, memory, kernels = [], [], {}, []
     for _ in range(args.repeats):
-        bare.append(args.steps * tokens_per_step / bare_run(args.config, args.warmup, args.steps))
-        memory["bare"] = peak_memory_gib()
-        template.append(args.steps * tokens_per_step / template_run(args.config, args.warmup, args.steps, extra))
+        if not args.template_only:
+            seconds, kernels = bare_run(args.config, args.warmup, args.steps, args.profile if not bare else 0)
+            bare.append(args.steps * tokens_per_step / seconds)
+            memory["bare"] = peak_memory_gib()
+        template.append(template_run(args.config, args.warmup, args.steps, extra))
         memory["template"] = peak_memory_gib()
-        print(f"bare {bare[-1]:,.0f} tok/s, template {template[-1]:,.0f} tok/s", file=sys.stderr)
+        print(f"bare {bare[-1] if bare else 0:,.0f} tok/s, template {template[-1]:,.0f} tok/s", file=sys.stderr)
+    sync = sync_check(args.config, extra) if args.sync_check else None
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    peak = peak_flops(name, raw["trainer"].get("precision", "32-true")) if name else None
+    precision = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--trainer.precision"),
+                     raw["trainer"].get("precision", "32-true"))
+    peak = peak_flops(name, precision) if name else None
 
     def row(label, values, mem):
         tps = median(values)
@@ -144,9 +219,25 @@ def main() -> None:
                 f"{', '.join(f'{v:,.0f}' for v in values)} |")
 
     rows = ["| path | tok/s (median) | TFLOP/s | MFU | peak memory GiB | runs (tok/s) |", "|---|---:|---:|---:|---:|---|",
-            row("template train.py", template, memory["template"]), row("bare PyTorch loop", bare, memory["bare"]),
-            "", f"**template / bare = {median(template) / median(bare):.3f}** (medians of {args.repeats} alternating runs, "
-            f"{args.steps} timed steps of {tokens_per_step:,} tokens after {args.warmup} warm-up steps)"]
+            row("template train.py", template, memory["template"])]
+    ratio = median(template) / median(bare) if bare else None
+    if bare:
+        rows += [row("bare PyTorch loop", bare, memory["bare"]), "",
+                 f"**template / bare = {ratio:.3f}** (medians of {args.repeats} alternating runs, "
+                 f"{args.steps} timed steps of {tokens_per_step:,} tokens after {args.warmup} warm-up steps)"]
+    if sync:
+        rows += ["", f"Host syncs outside log steps: {'none' if sync['passed'] else 'FOUND'}"
+                     f" ({sync['checked_steps']} steps checked)" if sync["passed"] else f": {sync['error']}"]
+    if kernels:
+        rows += ["", "| top kernels of the bare loop's step | ms per step | share | calls per step |",
+                 "|---|---:|---:|---:|"] + [f"| `{k['name']}` | {k['ms_per_step']:.3f} | {k['share']:.1%} | {k['calls']} |"
+                                           for k in kernels]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "device": name or "cpu", "flops_per_token": flops,
+                       "template_tok_s": template, "bare_tok_s": bare, "ratio": ratio, "memory_gib": memory,
+                       "tflops": median(template) * flops / 1e12, "mfu": median(template) * flops / peak if peak else None,
+                       "sync_check": sync, "kernels": kernels, "extra": extra}, f, indent=1)
     mem_note = "" if torch.cuda.is_available() else \
         "Peak memory on CPU is the process's max RSS so far (both paths run in one process: the later includes the earlier)."
     command = "python bench/train_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
