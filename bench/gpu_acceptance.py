@@ -12,7 +12,7 @@ and the next step runs; steps that would not finish within the overall budget ar
      after step 6 and resumed from the step-4 checkpoint: the same batches and losses (with
      deterministic algorithms: trainer.deterministic true); then
      `generate` and `export` from its checkpoint.
-  3. FSDP2 (configs/fsdp.yaml: per-block sharding, activation checkpointing) on one GPU with the
+  3. FSDP2 (configs/overlays/fsdp.yaml: per-block sharding, activation checkpointing) on one GPU with the
      largest preset, gpt2-1.5b: tok/s and peak memory.
   4. Kill + resume under FSDP2, then `generate` and `export` from the sharded checkpoint folder.
   5. llama-125m as shipped: as step 1, without the profile.
@@ -177,7 +177,7 @@ class Acceptance:
         steps, warmup = (3, 1) if self.smoke else (8, 2)
         args = [str(ROOT / "bench" / "train_throughput.py"), "--config", self.preset("gpt2-1.5b"), "--template-only",
                 "--steps", str(steps), "--warmup", str(warmup), "--repeats", "1", "--json", str(out), "--no-record",
-                "--overlay", str(ROOT / "configs" / "fsdp.yaml"), "--data.data_dir", self.data,
+                "--overlay", str(ROOT / "configs" / "overlays" / "fsdp.yaml"), "--data.data_dir", self.data,
                 "--trainer.accumulate_grad_batches", "1", "--model.compile", "false", "--trainer.devices", "1"]
         done = self.run("fsdp-gpt2-1.5b", args, timeout=240)
         if done.returncode != 0 or not out.exists():
@@ -227,10 +227,10 @@ class Acceptance:
             self.rows.append(f"| {title} | 8 steps, killed after step 6, resumed from the step-4 checkpoint: {verdict} |")
             ckpt = next((folders["resumed"] / "runs").glob("*/version_*/checkpoints/last.ckpt"))
             device = "cpu" if self.smoke else "cuda"
-            sample = self.run(f"{name}-generate", ["-m", "lm_pretrain.generate", "--ckpt", str(ckpt), "--prompt",
-                                                   "ROMEO:", "--max-new-tokens", "12", "--seed", "0", "--device",
+            sample = self.run(f"{name}-generate", ["-m", "lm_pretrain.generate", "--ckpt_path", str(ckpt), "--prompt",
+                                                   "ROMEO:", "--max_new_tokens", "12", "--seed", "0", "--device",
                                                    device], timeout=90)
-            export = self.run(f"{name}-export", ["-m", "lm_pretrain.export", "--ckpt", str(ckpt), "--output",
+            export = self.run(f"{name}-export", ["-m", "lm_pretrain.export", "--ckpt_path", str(ckpt), "--output",
                                                  str(self.work / f"{name}-hf")], timeout=120)
             text = " ".join(sample.stdout.split())[:80]
             self.rows.append(f"| {title}: generate and export from its {'folder' if ckpt.is_dir() else 'file'} "
@@ -245,7 +245,7 @@ class Acceptance:
     def all(self) -> None:
         self.prepare()
         small = "tiny GPT (smoke)" if self.smoke else "as shipped (bf16, compile)"
-        fsdp = ["--config", str(ROOT / "configs" / "fsdp.yaml")]
+        fsdp = ["--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml")]
         self.step(f"gpt2-124m, {small}", self.throughput("gpt2-124m", profile=True), needs_s=150)
         self.step("kill + resume, 1 device", self.resume("resume", []), needs_s=60)
         self.step("FSDP2, gpt2-1.5b on 1 device, activation checkpointing" if not self.smoke else

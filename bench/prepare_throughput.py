@@ -53,10 +53,8 @@ def main() -> None:
     rows = ["| path | M tok/s (median) | runs |", "|---|---:|---|",
             f"| tiktoken encode_ordinary_batch, {args.workers} threads | {median(ceiling) / 1e6:.2f} | "
             f"{', '.join(f'{v / 1e6:.2f}' for v in ceiling)} |",
-            f"| python -m lm_pretrain.prepare, {args.workers} workers | {median(ours) / 1e6:.2f} | "
+            f"| lm-pretrain-prepare, {args.workers} workers | {median(ours) / 1e6:.2f} | "
             f"{', '.join(f'{v / 1e6:.2f}' for v in ours)} |", "",
-            f"**prepare / ceiling = {median(ours) / median(ceiling):.3f}** ({tokens / 1e6:.1f}M tokens, "
-            f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB)" if False else
             f"**prepare / ceiling = {median(ours) / median(ceiling):.3f}** ({tokens / 1e6:.1f}M tokens in {len(texts)} files)"]
     command = "python bench/prepare_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print("\n".join(rows) if args.no_record else record("Data preparation throughput", command, rows))

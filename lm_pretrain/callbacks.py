@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -109,7 +110,7 @@ class HostSyncCheck(L.Callback):
         step = trainer.global_step + 1  # the optimizer step this batch belongs to
         quiet = (step > self.skip_steps and (trainer.log_every_n_steps == 0 or step % trainer.log_every_n_steps)
                  and (trainer.max_steps < 0 or step < trainer.max_steps))
-        if quiet and batch_idx % trainer.accumulate_grad_batches == 0:
+        if quiet and step_ends_here(trainer, batch_idx):
             self.checked_steps += 1
         self._watch(bool(quiet))
 
@@ -139,7 +140,7 @@ class HostSyncCheck(L.Callback):
 
 class TextSamples(L.Callback):
     """Samples text for fixed prompts at the end of training (printed), and every `every_n_steps`
-    optimizer steps (to TensorBoard as text), so you can read what the model has learned.
+    optimizer steps (to the logger, see `log_text`), so you can read what the model has learned.
 
     Every process samples (a sharded model needs all of them for each forward pass; the same seed
     keeps them in step); only the first prints and logs.
@@ -165,10 +166,9 @@ class TextSamples(L.Callback):
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step
             texts = self._samples(module)
-            experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
-            if hasattr(experiment, "add_text"):
+            if trainer.is_global_zero and trainer.logger is not None:
                 for i, text in enumerate(texts):
-                    experiment.add_text(f"samples/{i}", text.replace("\n", "  \n"), global_step=step)
+                    log_text(trainer.logger, f"samples/{i}", text, step)
 
     def on_train_end(self, trainer, module) -> None:
         texts = self._samples(module)
@@ -176,6 +176,24 @@ class TextSamples(L.Callback):
             print(f"\n=== samples after {trainer.global_step} steps ===")
             for text in texts:
                 print(text.strip() + "\n---")
+
+
+def log_text(logger, tag: str, text: str, step: int) -> None:
+    """Record a text sample with whatever the logger offers for text: TensorBoard's TEXT tab, a
+    W&B table, an MLflow artifact; other loggers (CSV, ...) get samples.md in their run folder."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(tag, text.replace("\n", "  \n"), global_step=step)
+    elif isinstance(logger, WandbLogger):
+        logger.log_text(key=tag, columns=["step", "text"], data=[[step, text]], step=step)
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_text(logger.run_id, text, f"{tag}/step{step:06d}.txt")
+    elif getattr(logger, "log_dir", None):
+        path = Path(logger.log_dir) / "samples.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"## {tag}, step {step}\n\n{text}\n\n")
 
 
 class Preemption(L.Callback):
@@ -221,7 +239,7 @@ class Preemption(L.Callback):
         self._restore_handlers()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not step_ends_here(trainer, batch_idx):
             return  # mid-accumulation: the gradients so far would be lost
         if trainer.world_size > 1:
             every = self.check_every_n_steps or trainer.log_every_n_steps or 1
@@ -267,7 +285,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[0].numel()  # a shape: no sync
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every:
+        if not step_ends_here(trainer, batch_idx) or trainer.global_step % self.every:
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()

@@ -1,23 +1,32 @@
-"""Reading the checkpoints train.py writes: one file, or (sharded training) a folder of shards.
+"""Checkpoints: finding the last one, checking it fits the model, reading it, and the RNG state in it.
 
-A sharded checkpoint is a folder with one `.distcp` file per process and `meta.pt` (everything but
-the weights and optimizer state). Sampling, export and `init_from` read either kind on one process:
-a folder's shards are put together on the fly, no conversion step needed.
+train.py writes one file per checkpoint, or under sharded training (FSDP) a folder with one `.distcp`
+file per process and `meta.pt` (everything but the weights and optimizer state). Sampling, export
+and `init_from` read either kind on one process: a folder's shards are put together on the fly.
 """
 
+import dataclasses
 import inspect
+import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+LAST = "last.ckpt"
+# Every GPTConfig field but dropout describes the weights or what they compute.
+ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name != "dropout")
+
+log = logging.getLogger("lm_pretrain")
 
 
-def is_sharded(path: Path) -> bool:
-    return path.is_dir() and (path / META_FILE).is_file()
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 def read(path: str | Path, what: str = "checkpoint") -> dict:
@@ -31,9 +40,7 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} {path} does not exist")
     try:
         if path.is_dir():
-            if not is_sharded(path):
-                raise UserError(f"{what} {path} is a folder but not a sharded checkpoint (it has no {META_FILE})")
-            checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+            checkpoint = read_hyperparameters(path, what, full=True)
             checkpoint["state_dict"] = _gather_shards(path, checkpoint["hyper_parameters"])
             return checkpoint
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -47,21 +54,37 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} {path} is not a checkpoint of this project ({type(err).__name__}: {first_line})") from None
 
 
+def read_hyperparameters(path: str | Path, what: str = "checkpoint", full: bool = False) -> dict:
+    """A checkpoint's dict without its weights (cheap for a folder; `full` returns the whole of
+    meta.pt, else {"hyper_parameters": ...} only)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir() and not (path / META_FILE).is_file():
+        raise UserError(f"{what} {path} is a folder but not a sharded checkpoint (it has no {META_FILE})")
+    try:
+        saved = torch.load(path / META_FILE if path.is_dir() else path, map_location="cpu", weights_only=not full)
+    except Exception as err:
+        raise UserError(f"{what} {path} is not a checkpoint ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or "hyper_parameters" not in saved:
+        raise UserError(f"{what} {path} is not a checkpoint written by train.py")
+    return saved if full else {"hyper_parameters": saved["hyper_parameters"]}
+
+
 def _gather_shards(path: Path, hparams: dict) -> dict:
     """The LightningModule state dict of a sharded checkpoint, read into one process's memory."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     with torch.device("meta"):  # the shapes, without initialising weights that are about to be replaced
-        model = GPT(config_from(hparams))
+        model = GPT(GPTConfig.from_dict(hparams))
     model.to_empty(device="cpu")
     state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=path)  # one process, no process group: reads every shard
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path)  # one process, no process group: reads every shard
     return state["state_dict"]
-
-
-def config_from(hparams: dict) -> GPTConfig:
-    """The GPTConfig that a checkpoint's hyperparameters describe."""
-    return GPTConfig(**{k: v for k, v in hparams.items() if k in GPTConfig.__dataclass_fields__})
 
 
 def model_weights(checkpoint: dict) -> dict:
@@ -75,10 +98,121 @@ def load_module(path: str | Path, device: str = "cpu"):
 
     checkpoint = read(path)
     accepted = inspect.signature(LanguageModel).parameters
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
+               if k in accepted or k in GPTConfig.__dataclass_fields__}
     try:
         module = LanguageModel(**{**hparams, "compile": False, "init_from": None})
         module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as err:
         raise UserError(f"{path} does not hold this project's model ({' '.join(str(err).split())[:300]})") from None
     return module.to(device).eval()
+
+
+def load_weights(path: str, config: GPTConfig) -> dict:
+    """The model weights of a checkpoint (file or sharded folder), refused with a UserError unless its
+    architecture is `config`'s (for `--model.init_from`)."""
+    checkpoint = read(path, what="model.init_from: checkpoint")
+    check_architecture(checkpoint["hyper_parameters"], config, f"model.init_from: {path}")
+    return model_weights(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> None:
+    """UserError unless hyperparameters saved in a checkpoint describe `config`'s architecture."""
+    try:
+        saved = dataclasses.asdict(GPTConfig.from_dict(saved_hparams))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{what} holds no valid model configuration ({err})") from None
+    ours = dataclasses.asdict(config)
+    different = [f"{k}={saved[k]} (config: {ours[k]})" for k in ARCHITECTURE_KEYS if ours[k] != saved[k]]
+    if different:
+        raise UserError(f"{what} has another architecture: {', '.join(different)}")
+
+
+def check_resumable(ckpt: str, model_args: dict) -> None:
+    """UserError unless `ckpt` (a file or a sharded folder) exists and holds the architecture that the
+    model flags describe. (LightningCLI would rebuild the model from the checkpoint's hyperparameters
+    and silently ignore the flags.)"""
+    saved = read_hyperparameters(ckpt)["hyper_parameters"]
+    try:
+        config = GPTConfig.from_dict(model_args)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model: {err}") from None
+    check_architecture(saved, config, f"checkpoint {ckpt}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the last checkpoint of a run (--ckpt_path last)
+#
+# Lightning keeps a run's checkpoints in SAVE_DIR/NAME/VERSION/checkpoints, where the logger says
+# what SAVE_DIR, NAME and VERSION are. For each logger: where its runs are, which argument names the
+# run to continue, and that argument's value for a run folder.
+
+
+def _versioned(args: dict) -> tuple[list[Path], str, callable]:
+    root = Path(args.get("save_dir") or ".") / (args.get("name") or "lightning_logs")
+    return sorted(root.glob("version_*")), "version", lambda run: int(run.name.removeprefix("version_"))
+
+
+def _wandb(args: dict) -> tuple[list[Path], str, callable]:
+    import os
+
+    project = args.get("project") or os.environ.get("WANDB_PROJECT", "lightning_logs")
+    return sorted((Path(args.get("save_dir") or ".") / project).glob("*")), "version", lambda run: run.name
+
+
+def _mlflow(args: dict) -> tuple[list[Path], str, callable]:
+    root = Path(args.get("save_dir") or "./mlruns")
+    name = args.get("experiment_name") or "lightning_logs"
+    experiments = [meta.parent for meta in root.glob("*/meta.yaml") if f"name: {name}\n" in meta.read_text()]
+    return sorted(run for e in experiments for run in e.glob("*") if run.is_dir()), "run_id", lambda run: run.name
+
+
+RUN_LAYOUTS = {"TensorBoardLogger": _versioned, "CSVLogger": _versioned, "WandbLogger": _wandb, "MLFlowLogger": _mlflow}
+
+
+def resolve_last(config) -> None:
+    """`--ckpt_path last`: resume from the newest last.ckpt among the runs of this config's logger
+    and keep logging into that run. (Lightning alone would look in a new, empty run.) With none, the
+    run starts from scratch, so one command serves a first start and every restart."""
+    logger = config.trainer.logger
+    if config.ckpt_path != "last" or config.checkpoint.dirpath or not hasattr(logger, "class_path"):
+        return
+    layout = RUN_LAYOUTS.get(str(logger.class_path).rsplit(".", 1)[-1])
+    if layout is None:
+        return
+    runs, run_argument, run_id = layout(logger.init_args)
+    if logger.init_args.get(run_argument) is not None:
+        return  # the user chose the run: Lightning finds last.ckpt in it
+    found = sorted((run / "checkpoints" / LAST for run in runs if (run / "checkpoints" / LAST).exists()),
+                   key=lambda p: p.stat().st_mtime)
+    if found:
+        config.ckpt_path = str(found[-1])
+        logger.init_args[run_argument] = run_id(found[-1].parent.parent)
+        log.info("resuming from %s", found[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generators
+
+
+def rng_states() -> dict:
+    """Python, NumPy and torch RNG states, as types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -5,16 +5,18 @@ is a flag (`--model.n_layer 6`) and a YAML key (see configs/); `python train.py 
 """
 
 import logging
+import os
 import sys
-from pathlib import Path
+import warnings
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
-import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from lm_pretrain import checkpoints
 from lm_pretrain.callbacks import Preemption, ProgressBar, Throughput
+from lm_pretrain.commands import show_progress
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.module import LanguageModel
@@ -44,69 +46,53 @@ class PretrainCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            use_root_dir_for_runs(config)
+            allow_mlflow_file_store(config)
             if subcommand == "fit":
-                resolve_last_checkpoint(config)
+                checkpoints.resolve_last(config)
             ckpt = config.get("ckpt_path")
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-                check_checkpoint(ckpt, config.model)
+                checkpoints.check_resumable(ckpt, config.model.as_dict())
         super()._parse_ckpt_path()
 
 
-def check_checkpoint(ckpt: str, model_args) -> None:
-    """UserError unless `ckpt` (a file or a sharded folder) exists and holds this model's architecture."""
-    from lm_pretrain.checkpoints import META_FILE, config_from
-    from lm_pretrain.model import GPTConfig
-    from lm_pretrain.module import check_architecture
-
-    path = Path(ckpt)
-    if not path.exists():
-        raise UserError(f"checkpoint {ckpt} does not exist")
-    if path.is_dir() and not (path / META_FILE).is_file():
-        raise UserError(f"checkpoint {ckpt} is a folder but not a sharded checkpoint (it has no {META_FILE})")
-    try:  # the hyperparameters alone: no weights are read here
-        saved = torch.load(path / META_FILE if path.is_dir() else path, weights_only=True, map_location="cpu")
-        saved = saved.get("hyper_parameters", {})
-    except Exception as err:
-        raise UserError(f"{ckpt} is not a checkpoint ({type(err).__name__})") from None
-    try:
-        config = config_from({k: model_args[k] for k in GPTConfig.__dataclass_fields__ if k in model_args})
-    except ValueError as err:
-        raise UserError(f"model: {err}") from None
-    check_architecture(saved, config, f"checkpoint {ckpt}")
+def allow_mlflow_file_store(config) -> None:
+    """MLflow 3 refuses a local file store (its default, and configs/overlays/mlflow.yaml's) unless
+    MLFLOW_ALLOW_FILE_STORE is set: set it for a logger with no tracking server."""
+    logger = config.trainer.get("logger")
+    if str(getattr(logger, "class_path", "")).endswith("MLFlowLogger") and \
+            str(logger.init_args.get("tracking_uri") or "file:").startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last` with the default versioned TensorBoard folders: resume from the newest
-    runs/NAME/version_N/checkpoints/last.ckpt and keep logging into that version_N.
+def use_root_dir_for_runs(config) -> None:
+    """`--trainer.default_root_dir DIR`: the run (logs, config, checkpoints) goes under DIR. Lightning
+    alone ignores it when the logger has a save_dir of its own, as the configs' loggers do."""
+    root, logger = config.trainer.get("default_root_dir"), config.trainer.get("logger")
+    if root and hasattr(logger, "init_args") and "save_dir" in logger.init_args:
+        logger.init_args.save_dir = str(root)
 
-    (Lightning alone would look for last.ckpt in a new, empty version_N+1.) With no such checkpoint
-    the run starts from scratch, so one command serves a first start and every restart.
-    """
-    logger = config.trainer.logger
-    if config.ckpt_path != "last" or config.checkpoint.dirpath or not hasattr(logger, "class_path") \
-            or not str(logger.class_path).endswith("TensorBoardLogger"):
-        return
-    args = logger.init_args
-    if args.get("version") is not None:
-        return  # the user chose the folder: Lightning finds last.ckpt there
-    root = Path(args.get("save_dir") or ".") / (args.get("name") or "lightning_logs")
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if found:
-        config.ckpt_path = str(found[-1])
-        args.version = found[-1].parent.parent.name.removeprefix("version_")
-        logging.getLogger("lm_pretrain").info("resuming from %s", found[-1])
+
+def quiet_lightning() -> None:
+    """Silence what a user of this template cannot act on: Lightning 2.6's own use of a torch API it
+    deprecated, its warning that workers may duplicate an IterableDataset's items (litdata and
+    data.EvenSplit deal the items to workers themselves), and its tip to install litlogger."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
 
 
 def run(args: list[str] | None = None) -> PretrainCLI:
-    logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache-size notices are noise here
-    ours = logging.getLogger("lm_pretrain")  # e.g. "preparing the default corpus ..."
-    if not ours.handlers:
-        ours.addHandler(logging.StreamHandler())
-        ours.setLevel(logging.INFO)
+    quiet_lightning()
+    show_progress()  # e.g. "preparing the default corpus ..."
     return PretrainCLI(
         LanguageModel,
         TokenDataModule,
         trainer_defaults={
+            # Lightning's summary table counts FLOPs only with an example input (it says 0); the
+            # module prints parameters and FLOPs per token itself.
+            "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "default"}},
             "callbacks": [

@@ -22,11 +22,11 @@ from litdata import CombinedStreamingDataset
 from lm_pretrain import storage
 from lm_pretrain.errors import UserError
 from lm_pretrain.module import IGNORE_INDEX
-from lm_pretrain.prepare import load_metadata, verify_shards
+from lm_pretrain.prepared import load_metadata, verify_shards
 
 log = logging.getLogger("lm_pretrain.data")
 
-DEFAULT_DATA_DIR = "data/shakespeare"  # prepared on first use when no data_dir is given
+DEFAULT_DATA_DIR = "data/shakespeare"  # the built-in corpus: prepared on first use
 DEFAULT_CORPUS = "shakespeare"
 MIXTURE_KEYS = ("data_dir", "weight")
 
@@ -137,9 +137,9 @@ class TokenDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            data_dir: a folder written by `python -m lm_pretrain.prepare`, or the s3://bucket/prefix
-                it was uploaded to (streamed from there). Left empty, the built-in Shakespeare corpus
-                is prepared into data/shakespeare on first use.
+            data_dir: a folder written by `lm-pretrain-prepare`, or the s3://bucket/prefix it was
+                uploaded to (streamed from there). data/shakespeare, the built-in corpus, is
+                prepared on first use; any other folder must exist.
             batch_size: sequences per batch on each device.
             block_size: tokens per sequence; empty means the model's block_size.
             num_workers: DataLoader worker processes per device (0 reads in the training process).
@@ -177,23 +177,23 @@ class TokenDataModule(L.LightningDataModule):
             raise UserError(f"data.verify must be sha256, size or none, got {verify!r}")
         if mixture is not None and data_dir is not None:
             raise UserError("give data.data_dir or data.mixture, not both")
-        if mixture is not None:
-            self.sources = parse_mixture(mixture)
-        else:
-            self.sources = [PreparedData(data_dir if data_dir is not None else DEFAULT_DATA_DIR)]
+        if mixture is None and data_dir is None:
+            raise UserError(f"data.data_dir is not set: prepare a corpus with lm-pretrain-prepare and pass "
+                            f"--data.data_dir DIR (or --data.data_dir {DEFAULT_DATA_DIR}, the built-in corpus)")
+        self.sources = parse_mixture(mixture) if mixture is not None else [PreparedData(data_dir)]
+        for source in self.sources:  # now, before the Trainer creates run folders
+            local = not storage.is_remote(source.location)
+            if local and Path(source.location) != Path(DEFAULT_DATA_DIR) and not Path(source.location).is_dir():
+                raise UserError(f"data folder {source.location} does not exist; create it with lm-pretrain-prepare")
         self.batch_size, self.block_size, self.num_workers, self.seed = batch_size, block_size, num_workers, seed
         self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
-
-    @property
-    def metadata(self) -> dict | None:
-        """The (first) dataset's metadata.json, once `setup` has read it."""
-        return self.sources[0].metadata
 
     def prepare_data(self) -> None:
         # Runs once per machine, before `setup`. Only the default folder is ever created for the
         # user: a folder they named that does not exist is an error (raised in `setup`).
         default = Path(DEFAULT_DATA_DIR)
-        if self.hparams.data_dir is None and self.hparams.mixture is None and not default.exists():
+        wanted = [Path(s.location) for s in self.sources if not storage.is_remote(s.location)]
+        if default in wanted and not default.exists():
             from lm_pretrain import assets
             from lm_pretrain.prepare import prepare
 
@@ -213,11 +213,11 @@ class TokenDataModule(L.LightningDataModule):
         self.check_same_tokenizer()
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None:
-            self.check_compatible(model.hparams.tokenizer, model.hparams.vocab_size, model.hparams.block_size)
+            self.check_compatible(model.hparams.tokenizer, model.config.vocab_size, model.config.block_size)
         if self.block_size is None:
             if model is None:
                 raise UserError("data.block_size is not set and there is no model to take it from")
-            self.block_size = model.hparams.block_size
+            self.block_size = model.config.block_size
         if any(storage.is_remote(source.location) for source in self.sources):
             storage.let_litdata_use_http_endpoints()
 

@@ -1,6 +1,6 @@
 """Export a checkpoint to a Hugging Face `transformers` model folder.
 
-    python -m lm_pretrain.export --ckpt PATH --output DIR
+    lm-pretrain-export --ckpt_path PATH --output DIR
 
 GPT-2-style models become `GPT2LMHeadModel`, Llama-style ones `LlamaForCausalLM`: config.json and
 model.safetensors, plus GPT-2's tokenizer files (vocab.json, merges.txt) when the model uses the
@@ -8,7 +8,6 @@ gpt2 tokenizer. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`
 `transformers` is needed here (and in the tests), not for training.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -16,7 +15,9 @@ import sys
 from pathlib import Path
 
 
+from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.files import publish
 from lm_pretrain.model import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
@@ -50,7 +51,7 @@ def gpt2_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
                   n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
                   activation_function="gelu_new", layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0,
                   embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config.tie_embeddings,
-                  architectures=["GPT2LMHeadModel"], model_type="gpt2")
+                  architectures=["GPT2LMHeadModel"])
     return kwargs, hf
 
 
@@ -78,7 +79,7 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
                   num_key_value_heads=config.n_kv_head, head_dim=hd, max_position_embeddings=config.block_size,
                   rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu",
                   attention_bias=config.bias, mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings,
-                  architectures=["LlamaForCausalLM"], model_type="llama")
+                  architectures=["LlamaForCausalLM"])
     return kwargs, hf
 
 
@@ -91,7 +92,6 @@ def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
     # Documents were separated by the end-of-text token in training: it starts and ends them here.
     eot = eot_id(tokenizer)
     kwargs.update(bos_token_id=eot, eos_token_id=eot)
-    kwargs.pop("model_type")
     architectures = kwargs.pop("architectures")
     hf_config = (transformers.GPT2Config if kind == "gpt2" else transformers.LlamaConfig)(**kwargs)
     hf_config.architectures = architectures
@@ -123,17 +123,24 @@ def write_tokenizer(output: Path) -> None:
         {"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2) + "\n")
 
 
-def export(ckpt: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    from lm_pretrain.generate import load_model
+def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
+    """Export a checkpoint to a Hugging Face transformers model folder (config.json, model.safetensors).
+
+    Args:
+        ckpt_path: a checkpoint written by train.py (a file, or the folder of a sharded run).
+        output: the folder to create.
+        overwrite: replace OUTPUT if it exists (only once the new one is complete).
+    """
+    from lm_pretrain.checkpoints import load_module
 
     output = Path(output)
     if output.exists() and not overwrite:
-        raise UserError(f"output {output} already exists; pass --overwrite to replace it")
+        raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("export needs the transformers package: pip install transformers safetensors") from None
-    module = load_model(ckpt)
+    module = load_module(ckpt_path)
     model = to_hf(module.config, module.model.state_dict(), module.hparams.tokenizer)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -145,27 +152,15 @@ def export(ckpt: str | Path, output: str | Path, overwrite: bool = False) -> Pat
                 write_tokenizer(staging)
             except UserError as err:
                 print(f"warning: tokenizer files not written ({err})", file=sys.stderr)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lm_pretrain.export",
-                                     description="Export a checkpoint to a Hugging Face transformers model folder.")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
-    parser.add_argument("--output", "-o", required=True, help="folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    return parser
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    out = export(args.ckpt, args.output, args.overwrite)
+    out = call(command_parser("lm-pretrain-export", export), export, argv)
     print(f"exported to {out}")
 
 

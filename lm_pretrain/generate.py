@@ -1,11 +1,11 @@
-"""Sample text from a checkpoint: `python -m lm_pretrain.generate --ckpt PATH --prompt TEXT`."""
+"""Sample text from a checkpoint: `lm-pretrain-generate --ckpt_path PATH --prompt TEXT`."""
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.tokenizer import get_tokenizer
 
@@ -38,41 +38,49 @@ def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0
     return enc.decode(out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lm_pretrain.generate", description="Sample text from a checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 for all (default 200)")
-    parser.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens whose probability adds up to p (nucleus sampling)")
-    parser.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
-                        help="keep sampling past the end-of-text token")
-    parser.add_argument("--num-samples", type=int, default=1, help="how many samples to print (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    return parser
+def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200,
+             top_p: float | None = None, stop_at_eot: bool = True, num_samples: int = 1, seed: int | None = None,
+             device: str | None = None) -> list[str]:
+    """Sample text from a checkpoint, continuing a prompt.
+
+    Args:
+        ckpt_path: a checkpoint written by train.py (.../checkpoints/last.ckpt, a file, or the folder
+            of a sharded run).
+        prompt: text to continue; empty starts a new document.
+        max_new_tokens: tokens to sample.
+        temperature: softmax temperature; 0 is greedy.
+        top_k: sample among the k likeliest tokens; 0 for all.
+        top_p: sample among the likeliest tokens whose probability adds up to p (nucleus sampling).
+        stop_at_eot: stop at the end-of-text token.
+        num_samples: how many samples to print.
+        seed: seed for reproducible samples (sample i uses seed + i).
+        device: cpu or cuda; empty means cuda when there is a GPU.
+    """
+    if max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be at least 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be at least 0, got {temperature}")
+    if top_k < 0:
+        raise UserError(f"--top_k must be at least 0, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {num_samples}")
+    model = load_model(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    texts = []
+    for i in range(num_samples):
+        text = sample(model, prompt, max_new_tokens, temperature, top_k or None, None if seed is None else seed + i,
+                      top_p, stop_at_eot)
+        if num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+        texts.append(text)
+    return texts
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be at least 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be at least 0, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    model = load_model(args.ckpt, args.device)
-    for i in range(args.num_samples):
-        seed = None if args.seed is None else args.seed + i
-        text = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, seed,
-                      args.top_p, args.stop_at_eot)
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(text)
+    call(command_parser("lm-pretrain-generate", generate), generate, argv)
 
 
 if __name__ == "__main__":

@@ -24,21 +24,51 @@ from torch.nn.attention.bias import causal_lower_right
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257  # GPT-2's BPE; round up (e.g. 50304) for faster matmuls on GPUs
-    block_size: int = 1024  # longest context the model can take
+    """The model's architecture: the one place it is declared and documented. Its fields are also
+    the `--model.*` flags of train.py (LanguageModel takes them as **architecture).
+
+    Args:
+        vocab_size: size of the embedding and output layers; at least the tokenizer's (GPT-2: 50257;
+            round up, e.g. to 50304, for faster matmuls on GPUs).
+        block_size: longest sequence (context) the model takes.
+        n_layer: transformer blocks.
+        n_head: attention heads per block (must divide n_embd).
+        n_embd: width of the residual stream.
+        n_kv_head: key/value heads for grouped-query attention (must divide n_head); empty means
+            n_head (multi-head attention), 1 is multi-query attention.
+        dropout: dropout probability (0 for pre-training: one pass over the data rarely overfits).
+        bias: biases in linear and norm layers.
+        tie_embeddings: share the token embedding with the output layer.
+        position: "learned" position embeddings (GPT-2) or "rope" rotary embeddings (Llama).
+        rope_theta: RoPE base frequency (10000 in Llama 2, 500000 in Llama 3): larger turns slower,
+            for longer contexts.
+        norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
+        norm_eps: epsilon of the norm layers.
+        mlp: "gelu" (GPT-2, 4x wide) or "swiglu" (Llama, gated).
+        mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu, 8/3 * n_embd rounded up to a
+            multiple of 256 for swiglu.
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: int | None = None  # K/V heads; None = n_head (multi-head), 1 = multi-query
-    dropout: float = 0.0  # 0 for pre-training: one pass over the data rarely overfits
-    bias: bool = True  # biases in Linear and norm layers
-    tie_embeddings: bool = True  # LM head shares the token embedding matrix
-    position: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
-    rope_theta: float = 10000.0  # RoPE base: larger = slower-turning rotations, longer contexts
-    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    n_kv_head: int | None = None
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama)
-    mlp_hidden: int | None = None  # MLP width; None = 4 * n_embd (gelu) or ~8/3 * n_embd rounded to 256 (swiglu)
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        """The config that a dict holding these fields among others (hyperparameters, YAML) describes."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -210,11 +240,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def reset_rope(self) -> None:
-        """Recompute the RoPE tables (after building the model on the meta device, say)."""
-        if self.config.position == "rope":
-            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.wte.weight.device)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, each shared tensor counted once. non_embedding leaves out the token and

@@ -8,16 +8,16 @@ A training step that does not log never waits for the GPU: no value is read back
 while the GPU runs this one (tests/test_sync_free.py counts them).
 """
 
+import dataclasses
 import math
-import random
-
-import numpy as np
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from lm_pretrain import checkpoints
+from lm_pretrain.callbacks import step_ends_here
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
@@ -53,21 +53,6 @@ class MeanLoss(Metric):
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
-        vocab_size: int = 50257,
-        block_size: int = 1024,
-        n_layer: int = 12,
-        n_head: int = 12,
-        n_embd: int = 768,
-        n_kv_head: int | None = None,
-        dropout: float = 0.0,
-        bias: bool = True,
-        tie_embeddings: bool = True,
-        position: str = "learned",
-        rope_theta: float = 10000.0,
-        norm: str = "layernorm",
-        norm_eps: float = 1e-5,
-        mlp: str = "gelu",
-        mlp_hidden: int | None = None,
         tokenizer: str = DEFAULT_TOKENIZER,
         learning_rate: float = 6e-4,
         min_lr_ratio: float = 0.1,
@@ -80,26 +65,10 @@ class LanguageModel(L.LightningModule):
         init_from: str | None = None,
         nonfinite_loss: str = "stop",
         nonfinite_check_every: int | None = None,
+        **architecture,
     ):
         """
         Args:
-            vocab_size: size of the embedding and output layers; at least the tokenizer's.
-            block_size: longest sequence (context) the model takes.
-            n_layer: transformer blocks.
-            n_head: attention heads per block (must divide n_embd).
-            n_embd: width of the residual stream.
-            n_kv_head: key/value heads for grouped-query attention (must divide n_head); empty means
-                n_head (multi-head attention), 1 is multi-query attention.
-            dropout: dropout probability (0 is usual for pre-training).
-            bias: biases in linear and norm layers.
-            tie_embeddings: share the token embedding with the output layer.
-            position: "learned" position embeddings (GPT-2) or "rope" rotary embeddings (Llama).
-            rope_theta: RoPE base frequency (10000 in Llama 2, 500000 in Llama 3).
-            norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
-            norm_eps: epsilon of the norm layers.
-            mlp: "gelu" (GPT-2, 4x wide) or "swiglu" (Llama, gated).
-            mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu, 8/3 * n_embd rounded up to
-                a multiple of 256 for swiglu.
             tokenizer: tiktoken encoding the data was prepared with; used to decode samples.
             learning_rate: peak learning rate, reached after warmup.
             min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
@@ -110,7 +79,7 @@ class LanguageModel(L.LightningModule):
             betas: AdamW betas.
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
             activation_checkpointing: recompute each block's activations in the backward pass
-                instead of keeping them (~1/3 more compute, much less memory); configs/fsdp.yaml
+                instead of keeping them (~1/3 more compute, much less memory); configs/overlays/fsdp.yaml
                 turns it on.
             init_from: a checkpoint (file, or a sharded run's folder) whose weights start this run
                 (continued pre-training): the optimizer and schedule start fresh. Its architecture
@@ -121,16 +90,18 @@ class LanguageModel(L.LightningModule):
             nonfinite_check_every: with "stop", look for a NaN/inf loss every this many optimizer steps
                 (and before every checkpoint); empty means on log steps (trainer.log_every_n_steps),
                 which read values back from the GPU anyway: other steps never wait for it.
+            architecture: the fields of `lm_pretrain.model.GPTConfig` (vocab_size, block_size,
+                n_layer, ...), each a flag of its own: `--model.n_layer 6`.
         """
         super().__init__()
-        self.save_hyperparameters()  # in every checkpoint: a checkpoint alone rebuilds the model
         try:
-            self.config = GPTConfig(
-                vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                n_kv_head=n_kv_head, dropout=dropout, bias=bias, tie_embeddings=tie_embeddings, position=position,
-                rope_theta=rope_theta, norm=norm, norm_eps=norm_eps, mlp=mlp, mlp_hidden=mlp_hidden)
-        except ValueError as err:
+            self.config = GPTConfig(**architecture)
+        except (TypeError, ValueError) as err:
             raise UserError(f"model: {err}") from None
+        # In every checkpoint, the architecture complete (defaults and derived widths included): a
+        # checkpoint alone rebuilds the model.
+        self.save_hyperparameters(ignore=list(architecture))
+        self.hparams.update(dataclasses.asdict(self.config))
         if nonfinite_loss not in ("stop", "skip"):
             raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
         self.model = GPT(self.config)
@@ -159,12 +130,13 @@ class LanguageModel(L.LightningModule):
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
         # with its own, as it should.
         if stage == "fit" and self.hparams.init_from:
-            self.model.load_state_dict(load_weights(self.hparams.init_from, self.config))
+            self.model.load_state_dict(checkpoints.load_weights(self.hparams.init_from, self.config))
 
     def on_fit_start(self) -> None:
         size = model_size(self.config)
-        self.print(f"model: {size['params'] / 1e6:.2f}M parameters ({size['non_embedding_params'] / 1e6:.2f}M "
-                   f"non-embedding), {size['flops_per_token'] / 1e9:.3f} GFLOPs per trained token")
+        if self.trainer.is_global_zero:  # (self.print writes nothing before the progress bar exists)
+            print(f"model: {size['params'] / 1e6:.2f}M parameters ({size['non_embedding_params'] / 1e6:.2f}M "
+                  f"non-embedding), {size['flops_per_token'] / 1e9:.3f} GFLOPs per trained token", flush=True)
         if self.logger is not None:
             self.logger.log_metrics({f"model/{k}": float(v) for k, v in size.items()}, step=0)
 
@@ -199,7 +171,7 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+        if not step_ends_here(self.trainer, batch_idx):
             return  # mid-accumulation: check once per optimizer step, not once per batch
         if self.global_step % (self.hparams.nonfinite_check_every or self.trainer.log_every_n_steps or 1) == 0:
             self._stop_if_nonfinite()
@@ -224,10 +196,10 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._stop_if_nonfinite()  # never write a checkpoint of a diverged model
-        checkpoint["rng_states"] = rng_states()  # a resumed run draws the same random numbers
+        checkpoint["rng_states"] = checkpoints.rng_states()  # a resumed run draws the same random numbers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
+        checkpoints.check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
         if self._trainer is not None and "rng_states" in checkpoint:
             # applied at the first batch: restoring happens before the data loader's iterator is
             # made, and making it draws a random number
@@ -235,7 +207,7 @@ class LanguageModel(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_states_to_restore is not None:
-            set_rng_states(self._rng_states_to_restore)
+            checkpoints.set_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -287,25 +259,6 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
-def rng_states() -> dict:
-    """Python, NumPy and torch RNG states, as types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                      cached), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at total_steps, flat after that."""
     if step < warmup_steps:
@@ -314,31 +267,3 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return min_ratio
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# Every GPTConfig field but dropout describes the weights or what they compute.
-ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name != "dropout")
-
-
-def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> None:
-    """UserError unless hyperparameters saved in a checkpoint describe `config`'s architecture."""
-    from dataclasses import asdict
-
-    try:
-        saved = asdict(GPTConfig(**{k: v for k, v in saved_hparams.items() if k in GPTConfig.__dataclass_fields__}))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{what} holds no valid model configuration ({err})") from None
-    ours = asdict(config)
-    different = [f"{k}={saved[k]} (config: {ours[k]})" for k in ARCHITECTURE_KEYS if ours[k] != saved[k]]
-    if different:
-        raise UserError(f"{what} has another architecture: {', '.join(different)}")
-
-
-def load_weights(path: str, config: GPTConfig) -> dict:
-    """The model weights of a checkpoint (file or sharded folder), refused with a UserError unless its
-    architecture is `config`'s."""
-    from lm_pretrain import checkpoints
-
-    checkpoint = checkpoints.read(path, what="model.init_from: checkpoint")
-    check_architecture(checkpoint["hyper_parameters"], config, f"model.init_from: {path}")
-    return checkpoints.model_weights(checkpoint)

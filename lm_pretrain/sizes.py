@@ -1,35 +1,29 @@
-"""Parameters and training FLOPs per token of configs: `python -m lm_pretrain.sizes configs/*.yaml`.
+"""Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
 
 Prints a Markdown table computed from each config's `model:` section by `model.model_size`,
 without building the model.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import yaml
 
+from lm_pretrain.commands import command_parser, parse
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.model import GPTConfig, model_size
 
 
 def config_from_yaml(path: str | Path) -> GPTConfig:
-    """The GPTConfig of a train.py config file's `model:` section (defaults as LanguageModel's)."""
-    import inspect
-
-    from lm_pretrain.module import LanguageModel
-
+    """The GPTConfig of a train.py config file's `model:` section (GPTConfig's defaults for the rest)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    defaults = {k: p.default for k, p in inspect.signature(LanguageModel).parameters.items()}
-    model = {**defaults, **(data.get("model") or {})}
     try:
-        return GPTConfig(**{k: v for k, v in model.items() if k in GPTConfig.__dataclass_fields__})
+        return GPTConfig.from_dict(data.get("model") or {})
     except (TypeError, ValueError) as err:
         raise UserError(f"{path}: {err}") from None
 
@@ -47,11 +41,25 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
+def sizes(configs: list[str] | None = None) -> str:
+    """Print parameters and training FLOPs per token of train.py config files, as a Markdown table.
+
+    Args:
+        configs: config files (also given as CONFIGs before the flags).
+    """
+    if not configs:
+        raise UserError("give at least one config file, e.g. configs/*.yaml")
+    text = table(configs)
+    print(text)
+    return text
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lm_pretrain.sizes", description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="+", help="train.py config files")
-    print(table(parser.parse_args(argv).configs))
+    parser = command_parser("lm-pretrain-sizes", sizes)
+    parser.add_argument("paths", nargs="*", metavar="CONFIG", help="the same as --configs")
+    args = parse(parser, argv)
+    sizes([*args.paths, *(args.configs or [])])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Parameters, gradients and optimizer state are split across all processes; each b
 are gathered only while that block runs. It is Lightning's ModelParallelStrategy with every process
 in one data-parallel group, so it runs the same way on GPUs (nccl) and on CPUs (gloo, which is how
 the tests cover it). `LanguageModel.configure_model` applies `fully_shard` per block. Chosen in YAML
-with configs/fsdp.yaml:
+with configs/overlays/fsdp.yaml:
 
     trainer:
       strategy:

@@ -13,11 +13,11 @@ HERE = Path(__file__).resolve().parent
 
 SETUP = '''\
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-sys.path.insert(0, str(ROOT))  # import lm_pretrain from the repository
+import lm_pretrain  # installed by scripts/setup.sh (pip install -e .): the notebook runs from any folder
+
+ROOT = Path(lm_pretrain.__file__).resolve().parents[1]  # the repository: the demo's data/ and runs/
 '''
 
 
@@ -36,20 +36,20 @@ DATA = [
     md('''
 # 01 · What is in a prepared dataset?
 
-`python -m lm_pretrain.prepare` turns text into token shards: `DIR/train` and `DIR/val` hold litdata
+`lm-pretrain-prepare` turns text into token shards: `DIR/train` and `DIR/val` hold litdata
 chunks of GPT-2 token ids (uint16), each document followed by the end-of-text token (`<|endoftext|>`,
 id 50256), and `DIR/metadata.json` says what went in. This notebook reads all of it back, so you can
 check the data before spending GPU hours on it: counts, document lengths, decoded text, frequent tokens.
 
 Set `LM_PRETRAIN_DATA_DIR` to look at another dataset (default: the demo `data/shakespeare`, made by
-`python -m lm_pretrain.prepare --corpus shakespeare --output data/shakespeare`).
+`lm-pretrain-prepare --corpus shakespeare --output data/shakespeare`).
 '''),
     code(SETUP + '''
 import json
 
 import numpy as np
 
-from lm_pretrain.prepare import load_metadata
+from lm_pretrain.prepared import load_metadata
 from lm_pretrain.tokenizer import get_tokenizer
 
 data_dir = Path(os.environ.get("LM_PRETRAIN_DATA_DIR") or ROOT / "data" / "shakespeare")
@@ -60,7 +60,7 @@ print(f"dataset: {data_dir}")
 '''),
     md('''
 ## Metadata
-Documents, not tokens, are split between train and val (by `--val-fraction`, with a fixed seed), so
+Documents, not tokens, are split between train and val (by `--val_fraction`, with a fixed seed), so
 no text appears in both. Each source file is listed with its size and SHA-256, so you can tell later
 exactly which text a model was trained on.
 '''),
@@ -320,7 +320,7 @@ GENERATE = [
 
 Loads a checkpoint written by `train.py` and continues one prompt under different sampling settings,
 each with a fixed seed so every line here is reproducible. The same as
-`python -m lm_pretrain.generate --ckpt PATH --prompt TEXT --temperature T --top-k K --top-p P --seed S`.
+`lm-pretrain-generate --ckpt_path PATH --prompt TEXT --temperature T --top_k K --top_p P --seed S`.
 
 Set `LM_PRETRAIN_CKPT` to sample another checkpoint (default: `last.ckpt` of the newest
 `runs/tiny/version_N`). A tiny model trained for minutes writes Shakespeare-flavoured nonsense: the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install requirements.txt into it. Safe to re-run: it does nothing when the
-# requirements have not changed since the last install.
+# Create .venv, install requirements.txt and this package (editable) into it. Safe to re-run: it
+# does nothing when nothing it installs has changed since the last time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,12 +9,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
 
-echo "setting up .venv (first run only; pip's output goes to .venv/pip.log)..."
+echo "setting up .venv (first run only; pip's output goes to .venv/pip.log)"
 pip_install() {
   if ! $PY -m pip install --disable-pip-version-check "$@" >> .venv/pip.log 2>&1; then
     tail -n 30 .venv/pip.log >&2
@@ -23,16 +23,21 @@ pip_install() {
   fi
 }
 pip_install --upgrade pip
-if ! $PY -c "import torch" 2>/dev/null; then
+if ! $PY -m pip show torch > /dev/null 2>&1; then
+  echo "  installing PyTorch (${TORCH_SPEC:-torch==2.13.0}) ..."
   pip_install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # Pin the torch that is there, so no other package swaps it for a different (multi-GB CUDA) build.
-torch_version=$($PY -c "import torch; print(torch.__version__.split('+')[0])")
+torch_version=$($PY -m pip show torch | awk '/^Version:/ {print $2}')
+echo "  installing requirements.txt (torch $torch_version kept) ..."
 pip_install -r requirements.txt "torch==$torch_version"
 # litdata asks for torchvision without a version. A torchvision built for another torch (e.g. a
 # CUDA wheel beside a CPU torch) breaks `import lightning`; litdata itself only needs it for images.
-if ! $PY -c "import torchvision" 2>/dev/null; then
+if ! $PY -c "import torchvision" > /dev/null 2>&1; then
   $PY -m pip uninstall --yes torchvision >> .venv/pip.log 2>&1
 fi
-$PY -c "import lightning, litdata, tiktoken, torchmetrics" 
+echo "  installing lm_pretrain (editable: the lm-pretrain-* commands) ..."
+pip_install --no-deps -e .
+$PY -c "import lightning, litdata, tiktoken, torchmetrics, lm_pretrain"
 echo "$want" > "$stamp"
+echo "set-up done"

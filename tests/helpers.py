@@ -1,12 +1,132 @@
-"""Callbacks that tests add to train.py runs with --trainer.callbacks+=... (tests/ is on PYTHONPATH)."""
+"""What the tests share: a synthetic corpus, running the entry points as a user would, and
+callbacks that tests add to train.py runs with --trainer.callbacks+=... (tests/ is on PYTHONPATH).
+
+Fixtures live in conftest.py; everything else a test file needs from another lives here.
+"""
 
 import hashlib
 import json
 import os
+import random
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = {
+    "subject": ["the king", "the queen", "a fool", "my lord", "the duke", "sweet Juliet", "good Romeo"],
+    "verb": ["loves", "fears", "calls", "follows", "betrays", "praises", "forgives"],
+    "object": ["the crown", "his brother", "the night", "her father", "the sea", "a rose", "the moon"],
+}
+
+
+def make_document(rng: random.Random, sentences: int) -> str:
+    lines = []
+    for _ in range(sentences):
+        s, v, o = (rng.choice(WORDS[k]) for k in ("subject", "verb", "object"))
+        lines.append(f"{s.capitalize()} {v} {o}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_corpus(folder: Path, n_txt: int = 12, n_jsonl: int = 12, sentences: int = 60, seed: int = 0) -> list[str]:
+    """n_txt .txt files and one .jsonl file with n_jsonl records; returns all documents' texts."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for i in range(n_txt):
+        text = make_document(rng, sentences)
+        (folder / f"doc{i:02d}.txt").write_text(text)
+        docs.append(text)
+    with open(folder / "more.jsonl", "w") as f:
+        for _ in range(n_jsonl):
+            text = make_document(rng, sentences)
+            f.write(json.dumps({"text": text, "id": len(docs)}) + "\n")
+            docs.append(text)
+    return docs
+
+
+TINY_MODEL = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32",
+              "--model.learning_rate", "0.01", "--model.warmup_steps", "5"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python ARGS` in a fresh interpreter, as a user would from a shell."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # tests: helpers.py
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config: str = "tiny") -> list[str]:
+    return [str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
+            "--data.data_dir", str(data_dir), "--data.batch_size", "8", *TINY_MODEL,
+            "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(val_every),
+            "--trainer.limit_val_batches", "4", "--trainer.log_every_n_steps", "5",
+            "--trainer.enable_progress_bar", "false"]
+
+
+def callback(name: str, **init_args) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"helpers.{name}", "init_args": init_args})
+
+
+def run_args(data: Path, steps: int, record: Path, every: int = 4, extra: tuple = ()) -> list[str]:
+    return [*train_args(data, max_steps=steps, val_every=1000), "--trainer.log_every_n_steps", "1",
+            "--checkpoint.every_n_train_steps", str(every), "--model.dropout", "0.1",  # dropout draws random numbers
+            callback("RecordBatches", path=str(record)), *extra]
+
+
+def last_line(done) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def one_line_error(done) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), line
+    return line
+
+
+def cli_error(main, argv: list[str], capsys) -> str:
+    """Run an entry point's main in this process; it must exit 2 with one `error: ...` line on
+    stderr (what a user sees last). Returns that line."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    line = err.splitlines()[-1]
+    assert line.startswith("error: "), line
+    return line
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def attach(dm, **model_args):
+    """A TokenDataModule wired to a Trainer and a small model, as Lightning would before setup."""
+    from lm_pretrain.module import LanguageModel
+
+    module = LanguageModel(**{"block_size": 32, "n_layer": 1, "n_head": 1, "n_embd": 8, **model_args})
+    trainer = L.Trainer(logger=False, max_steps=1)
+    trainer.strategy.connect(module)
+    dm.trainer = trainer
+    return dm
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks for train.py runs
 
 
 class RecordBatches(L.Callback):

@@ -1,18 +1,9 @@
-import lightning as L
 import pytest
 import torch
+from helpers import attach
 
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError
-from lm_pretrain.module import LanguageModel
-
-
-def attach(dm: TokenDataModule, **model_args) -> TokenDataModule:
-    module = LanguageModel(**{"block_size": 32, "n_layer": 1, "n_head": 1, "n_embd": 8, **model_args})
-    trainer = L.Trainer(logger=False, max_steps=1)
-    trainer.strategy.connect(module)
-    dm.trainer = trainer
-    return dm
 
 
 def test_batches_are_shifted_pairs(prepared):
@@ -50,11 +41,9 @@ def test_refuses_data_the_model_cannot_read(prepared, tmp_path):
 
 def test_named_missing_folder_is_an_error_not_a_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    dm = attach(TokenDataModule(str(tmp_path / "nope")))
-    dm.prepare_data()
+    with pytest.raises(UserError, match="does not exist"):  # at once, before a Trainer makes run folders
+        TokenDataModule(str(tmp_path / "nope"))
     assert not (tmp_path / "nope").exists() and not (tmp_path / "data").exists()
-    with pytest.raises(UserError, match="does not exist"):
-        dm.setup("fit")
 
 
 def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
@@ -62,10 +51,11 @@ def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(assets, "shakespeare_texts", lambda: sorted(corpus[0].glob("*.txt")))
-    dm = attach(TokenDataModule())
+    dm = attach(TokenDataModule("data/shakespeare"))
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.metadata["splits"]["train"]["documents"] + dm.metadata["splits"]["val"]["documents"] == 12
+    splits = dm.sources[0].metadata["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 12
     assert (tmp_path / "data" / "shakespeare" / "metadata.json").is_file()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import run_cli, ROOT
+from helpers import cli_error
 from lm_pretrain.errors import UserError
 from lm_pretrain.module import LanguageModel
 
@@ -37,7 +37,7 @@ def test_exported_model_matches(name, tmp_path):
     from lm_pretrain.export import main
 
     module, ckpt = checkpoint(tmp_path, **FAMILIES[name])
-    main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")])
+    main(["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[name]
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -59,10 +59,12 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
         family(GPTConfig(bias=False))
 
 
-def test_export_cli_errors(tmp_path):
-    done = run_cli(["-m", "lm_pretrain.export", "--ckpt", str(tmp_path / "none.ckpt"), "--output", str(tmp_path / "o")],
-                   cwd=ROOT)
-    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "does not exist" in done.stderr
+def test_export_cli_errors(tmp_path, capsys):
+    from lm_pretrain.export import main
+
+    assert "does not exist" in cli_error(main, ["--ckpt_path", str(tmp_path / "none.ckpt"), "--output",
+                                                str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("tokenizer,eot", [("gpt2", 50256), ("cl100k_base", 100257)])

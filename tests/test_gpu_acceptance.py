@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
 
 @pytest.mark.slow

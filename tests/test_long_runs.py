@@ -1,6 +1,5 @@
 """Long runs: DDP, multi-node, exact resume, preemption, atomic checkpoints, NaN, integrity."""
 
-import json
 import os
 import socket
 import subprocess
@@ -10,26 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, train_args
-from helpers import read_records
+from helpers import callback, last_line, read_records, ROOT, run_args, run_cli, scalars
 
-
-def callback(name: str, **init_args) -> str:
-    return "--trainer.callbacks+=" + json.dumps({"class_path": f"helpers.{name}", "init_args": init_args})
-
-
-def run_args(data: Path, steps: int, record: Path, every: int = 4, extra: tuple = ()) -> list[str]:
-    return [*train_args(data, max_steps=steps, val_every=1000), "--trainer.log_every_n_steps", "1",
-            "--checkpoint.every_n_train_steps", str(every), "--model.dropout", "0.1",  # dropout draws random numbers
-            callback("RecordBatches", path=str(record)), *extra]
+pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
-
-
-def last_line(done) -> str:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.stderr.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +139,6 @@ def test_nan_loss_can_skip_the_batch(prepared, tmp_path):
 
 def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
     from lm_pretrain.module import lr_multiplier
-    from test_train import scalars
 
     done = run_cli([*run_args(prepared, 4, tmp_path / "rec", every=100), "--trainer.accumulate_grad_batches", "2",
                     "--model.warmup_steps", "2"], cwd=tmp_path)

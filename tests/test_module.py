@@ -85,7 +85,7 @@ def test_peak_flops_and_mfu_inputs():
 @pytest.mark.parametrize("field,value", [("rope_theta", 500000.0), ("norm_eps", 1e-6), ("n_kv_head", 1)])
 def test_a_checkpoint_of_another_architecture_is_refused(field, value):
     from lm_pretrain.errors import UserError
-    from lm_pretrain.module import check_architecture
+    from lm_pretrain.checkpoints import check_architecture
 
     saved = LanguageModel(**{**TINY, "position": "rope"}).hparams
     check_architecture(saved, LanguageModel(**{**TINY, "position": "rope", "dropout": 0.1}).config, "checkpoint")

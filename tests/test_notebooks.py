@@ -1,4 +1,4 @@
-"""Execute notebooks 01-04 headless against the test fixtures and check what they print and draw."""
+"""Execute the notebooks headless against the test fixtures and check what they print and draw."""
 
 import os
 import re
@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from helpers import ROOT
 
 NOTEBOOKS = ("01_data", "02_training_curves", "03_generate", "04_sizing")
 
@@ -37,8 +37,9 @@ def test_notebook_saved_clean(name):
     assert any(cell.cell_type == "markdown" for cell in nb.cells)
 
 
+@pytest.mark.slow
 def test_data_notebook(prepared, monkeypatch):
-    from lm_pretrain.prepare import load_metadata
+    from lm_pretrain.prepared import load_metadata
 
     monkeypatch.setenv("LM_PRETRAIN_DATA_DIR", str(prepared))
     text, outputs = execute("01_data")
@@ -57,6 +58,7 @@ def test_data_notebook(prepared, monkeypatch):
     assert pngs(outputs) == 1  # the document-length histogram
 
 
+@pytest.mark.slow
 def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -78,6 +80,7 @@ def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
     assert pngs(outputs) == 2  # losses, learning rate
 
 
+@pytest.mark.slow
 def test_generate_notebook(trained_run, monkeypatch):
     monkeypatch.setenv("LM_PRETRAIN_CKPT", str(trained_run["ckpt"]))
     text, _ = execute("03_generate")
@@ -89,6 +92,7 @@ def test_generate_notebook(trained_run, monkeypatch):
     assert "same seed, same text: True" in text
 
 
+@pytest.mark.slow
 def test_sizing_notebook():
     text, _ = execute("04_sizing")
     presets = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
@@ -97,3 +101,16 @@ def test_sizing_notebook():
         assert len(re.findall(rf"^{re.escape(name)}\s", text, re.M)) == 4, name  # sizes, memory, 2 budgets
     assert "H100 (bf16)" in text and "V100 (fp16)" in text
     assert "n/a" not in text  # every GPU has a peak for the precision used
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(trained_run, monkeypatch):
+    monkeypatch.setenv("LM_PRETRAIN_LOG_DIR", str(trained_run["log_dir"]))
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert str(trained_run["log_dir"]) in text and "val loss:" in text
+    assert text.count("--- temperature") == 2 and "ROMEO:" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot was drawn

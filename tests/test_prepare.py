@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import cli_error, run_cli
 from lm_pretrain import prepare as prepare_module
 from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import find_inputs, load_metadata, main, prepare
+from lm_pretrain.prepare import main, prepare
+from lm_pretrain.prepared import load_metadata
+from lm_pretrain.readers import find_inputs
 from lm_pretrain.tokenizer import get_tokenizer
 
 
@@ -83,56 +85,46 @@ def test_inputs_by_file_folder_and_glob(corpus):
     assert find_inputs([str(folder / "more.jsonl"), str(folder / "more.jsonl")]) == [(folder / "more.jsonl").resolve()]
 
 
-def cli_error(argv: list[str], capsys) -> str:
-    """Run prepare's main; it must exit 2 with exactly one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     out = str(tmp_path / "out")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.md").write_text("not a text input")
-    assert "no such file" in cli_error([str(tmp_path / "missing.txt"), "--output", out], capsys)
-    assert "holds no .txt or .jsonl" in cli_error([str(empty), "--output", out], capsys)
-    assert "matches no" in cli_error([str(tmp_path / "*.txt"), "--output", out], capsys)
-    assert "unsupported file type" in cli_error([str(empty / "notes.md"), "--output", out], capsys)
+    assert "no such file" in cli_error(main, [str(tmp_path / "missing.txt"), "--output", out], capsys)
+    assert "holds no .txt or .jsonl" in cli_error(main, [str(empty), "--output", out], capsys)
+    assert "matches no" in cli_error(main, [str(tmp_path / "*.txt"), "--output", out], capsys)
+    assert "unsupported file type" in cli_error(main, [str(empty / "notes.md"), "--output", out], capsys)
 
     blanks = tmp_path / "blanks"
     blanks.mkdir()
     (blanks / "a.txt").write_text("")
     (blanks / "b.txt").write_text("  \n\n")
-    assert "hold no text" in cli_error([str(blanks), "--output", out], capsys)
+    assert "hold no text" in cli_error(main, [str(blanks), "--output", out], capsys)
 
     binary = tmp_path / "binary"
     binary.mkdir()
     (binary / "a.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (binary / "b.txt").write_text("fine text")
-    assert "binary file" in cli_error([str(binary), "--output", out], capsys)
+    assert "binary file" in cli_error(main, [str(binary), "--output", out], capsys)
 
     latin = tmp_path / "latin"
     latin.mkdir()
     (latin / "a.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
     (latin / "b.txt").write_text("fine text")
-    assert "not UTF-8 (byte 3)" in cli_error([str(latin), "--output", out], capsys)
+    assert "not UTF-8 (byte 3)" in cli_error(main, [str(latin), "--output", out], capsys)
 
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "one"}\n{"text": "two"\n')
-    assert "bad.jsonl:2: not valid JSON" in cli_error([str(bad_json), "--output", out], capsys)
+    assert "bad.jsonl:2: not valid JSON" in cli_error(main, [str(bad_json), "--output", out], capsys)
     no_text = tmp_path / "notext.jsonl"
     no_text.write_text('{"text": "one"}\n{"body": "two"}\n')
-    assert 'notext.jsonl:2: each line must be a JSON object with a string "text"' in cli_error([str(no_text), "--output", out], capsys)
+    assert 'notext.jsonl:2: each line must be a JSON object with a string "text"' in cli_error(main, [str(no_text), "--output", out], capsys)
 
     single = tmp_path / "single.txt"
     single.write_text("only one document")
-    assert "at least 2" in cli_error([str(single), "--output", out], capsys)
-    assert "between 0 and 1" in cli_error([str(binary / "b.txt"), str(single), "--output", out, "--val-fraction", "1.5"], capsys)
-    assert "either INPUTs or --corpus" in cli_error([str(single), "--corpus", "shakespeare", "--output", out], capsys)
+    assert "at least 2" in cli_error(main, [str(single), "--output", out], capsys)
+    assert "between 0 and 1" in cli_error(main, [str(binary / "b.txt"), str(single), "--output", out, "--val_fraction", "1.5"], capsys)
+    assert "either INPUTs or --corpus" in cli_error(main, [str(single), "--corpus", "shakespeare", "--output", out], capsys)
     assert not Path(out).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
 
@@ -154,9 +146,9 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(corpus, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert "already exists" in cli_error([str(corpus[0]), "--output", str(out)], capsys)
+    assert "already exists" in cli_error(main, [str(corpus[0]), "--output", str(out)], capsys)
     assert (out / "keep.txt").read_text() == "precious"
-    main([str(corpus[0]), "--output", str(out), "--overwrite", "--workers", "1"])
+    main([str(corpus[0]), "--output", str(out), "--overwrite", "true", "--workers", "1"])
     assert not (out / "keep.txt").exists() and load_metadata(out)["vocab_size"] == 50257
 
 
@@ -194,6 +186,7 @@ def test_load_metadata_errors(tmp_path):
         load_metadata(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_in_a_fresh_process(corpus, tmp_path):
     out = tmp_path / "out"
     done = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", str(out), "--workers", "2"], cwd=tmp_path)
@@ -203,6 +196,7 @@ def test_cli_in_a_fresh_process(corpus, tmp_path):
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_builtin_shakespeare_corpus(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_PRETRAIN_CACHE", str(tmp_path / "cache"))
     main(["--corpus", "shakespeare", "--output", str(tmp_path / "shakespeare")])
@@ -212,6 +206,7 @@ def test_builtin_shakespeare_corpus(tmp_path, monkeypatch):
     assert 1_500_000 < tokens < 1_650_000
 
 
+@pytest.mark.slow
 def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     from lm_pretrain import assets
 

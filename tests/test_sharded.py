@@ -1,4 +1,4 @@
-"""Sharded training (FSDP2, configs/fsdp.yaml) and DDP on 2 CPU processes against one process.
+"""Sharded training (FSDP2, configs/overlays/fsdp.yaml) and DDP on 2 CPU processes against one process.
 
 The GPU path is the same code with nccl instead of gloo: what is proven here holds there.
 """
@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
-from helpers import read_records
-from test_data import attach
-from test_long_runs import callback, run_args
+from helpers import attach, callback, read_records, ROOT, run_args, run_cli
+
+pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
 CLIP = 0.3  # tests/sharded_equivalence.py
 
@@ -67,14 +66,14 @@ def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepar
 
 def fsdp_run(data: Path, folder: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     folder.mkdir(exist_ok=True)
-    return run_cli([*run_args(data, steps, folder / "rec", every=2), "--config", str(ROOT / "configs" / "fsdp.yaml"),
+    return run_cli([*run_args(data, steps, folder / "rec", every=2), "--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml"),
                     "--trainer.accelerator", "cpu", "--trainer.devices", "2", *extra], cwd=folder)
 
 
 @pytest.mark.slow
 def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, tmp_path):
     from lm_pretrain import checkpoints
-    from lm_pretrain.module import load_weights
+    from lm_pretrain.model import GPTConfig
 
     straight = fsdp_run(prepared, tmp_path / "a", 4, callback("SaveFullWeights", path=str(tmp_path / "full.pt")))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -95,13 +94,13 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     assert read["global_step"] == 4
     weights = checkpoints.model_weights(read)
     assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
-    assert all(torch.equal(v, full[k]) for k, v in load_weights(str(ckpt), checkpoints.config_from(
+    assert all(torch.equal(v, full[k]) for k, v in checkpoints.load_weights(str(ckpt), GPTConfig.from_dict(
         read["hyper_parameters"])).items())
 
-    sample = run_cli(["-m", "lm_pretrain.generate", "--ckpt", str(ckpt), "--prompt", "The king", "--max-new-tokens",
+    sample = run_cli(["-m", "lm_pretrain.generate", "--ckpt_path", str(ckpt), "--prompt", "The king", "--max_new_tokens",
                       "5", "--seed", "0"], cwd=tmp_path)
     assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr[-2000:]
-    export = run_cli(["-m", "lm_pretrain.export", "--ckpt", str(ckpt), "--output", str(tmp_path / "hf")], cwd=tmp_path)
+    export = run_cli(["-m", "lm_pretrain.export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")], cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-2000:]
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

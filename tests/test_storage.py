@@ -14,12 +14,13 @@ from botocore.exceptions import EndpointConnectionError
 from moto.server import ThreadedMotoServer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli, train_args
+from helpers import attach, run_cli, train_args
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import find_inputs, load_metadata, prepare, upload_dataset
+from lm_pretrain.prepare import prepare, upload_dataset
+from lm_pretrain.prepared import load_metadata
+from lm_pretrain.readers import find_inputs
 from lm_pretrain.storage import ObjectStore
-from test_data import attach
 
 BUCKET = "lm-data"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -54,7 +55,7 @@ def remote_data(s3, corpus, tmp_path_factory) -> str:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", s3["endpoint"])  # the endpoint from the environment, not a flag
         done = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", url, "--workers", "1",
-                        "--val-fraction", "0.2"], cwd=tmp_path_factory.mktemp("prepare"), timeout=180)
+                        "--val_fraction", "0.2"], cwd=tmp_path_factory.mktemp("prepare"), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"uploaded to {url}" in done.stderr
     return url
@@ -77,6 +78,7 @@ def test_prepare_writes_the_same_dataset_to_the_bucket(s3, remote_data, prepared
             for shard in remote["shards"][split]} == {n: size for n, size in names.items() if n != "metadata.json"}
 
 
+@pytest.mark.slow
 def test_train_streams_from_the_bucket(s3, remote_data, tmp_path):
     cache = tmp_path / "cache"
     done = run_cli([*train_args(remote_data, max_steps=4, val_every=2),
@@ -105,6 +107,7 @@ def test_streamed_batches_equal_the_local_ones(s3, prepared, tmp_path, workers):
     assert all(torch.equal(a, b) for a, b in zip(local.val_dataloader(), remote.val_dataloader(), strict=True))
 
 
+@pytest.mark.slow
 def test_missing_bucket_or_prefix_is_a_one_line_error(s3, tmp_path):
     flags = ["--data.storage_options", json.dumps(s3["options"]), "--data.cache_dir", str(tmp_path / "cache")]
     no_bucket = run_cli([*train_args("s3://no-such-bucket/data", max_steps=2), *flags], cwd=tmp_path, timeout=120)
@@ -153,7 +156,7 @@ def test_a_failed_upload_never_looks_finished(s3, corpus, monkeypatch):
     inputs = find_inputs([str(corpus[0])])
     prepare(inputs, url, workers=1, storage_options=s3["options"])
     first = store.read("metadata.json")
-    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+    with pytest.raises(UserError, match="already exists; pass --overwrite true"):
         prepare(inputs, url, workers=1, storage_options=s3["options"])
 
     real_upload, calls = ObjectStore.upload, []

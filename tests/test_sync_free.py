@@ -8,8 +8,9 @@ on a GPU the same callback turns on PyTorch's own sync detector (bench/gpu_accep
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, run_cli
-from test_long_runs import callback
+from helpers import callback, ROOT, run_cli, TINY_MODEL
+
+pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
 
 def gpu_preset_on_cpu(data, *extra: str) -> list[str]:
@@ -31,7 +32,7 @@ def test_steps_between_log_steps_never_sync(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_steps_between_log_steps_never_sync(prepared, tmp_path):
-    done = run_cli([*gpu_preset_on_cpu(prepared, "--config", str(ROOT / "configs" / "fsdp.yaml")),
+    done = run_cli([*gpu_preset_on_cpu(prepared, "--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml")),
                     "--trainer.devices", "2"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HostSyncCheck: 9 optimizer steps without a log step checked" in done.stdout + done.stderr

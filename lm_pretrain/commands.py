@@ -1,0 +1,56 @@
+"""The command line of every entry point: one flag style, the one train.py has (LightningCLI's).
+
+Flags are `--name value` with underscores (`--max_new_tokens 50`, `--overwrite true`); every entry
+point has `--help` and `--config FILE`, a YAML file of the same keys (`max_new_tokens: 50`), and
+`--print_config`. Options are declared once, as the parameters of a documented function, whose
+docstring becomes the help text. A wrong flag or value ends in one `error: ...` line, exit status 2.
+"""
+
+import logging
+import sys
+
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+
+from lm_pretrain.errors import UserError
+
+
+def command_parser(prog: str, function, description: str | None = None) -> ArgumentParser:
+    """A parser for `function`'s parameters, with --config and --help."""
+    parser = ArgumentParser(prog=prog, description=description or function.__doc__.splitlines()[0],
+                            exit_on_error=False)
+    parser.add_argument("--config", action="config", help="a YAML file of these options")
+    parser.add_function_arguments(function, fail_untyped=True, as_group=False)
+    return parser
+
+
+def parse(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
+    """Parsed arguments, or a one-line UserError naming the bad flag and where to find help."""
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        raise UserError(f"{' '.join(str(err).split())} (see {parser.prog} --help)") from None
+
+
+def call(parser: ArgumentParser, function, argv: list[str] | None):
+    """Parse `argv` and call `function` with the options (less --config)."""
+    args = parse(parser, argv).as_dict()
+    args.pop("config", None)
+    return function(**args)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when each message comes (notebooks and tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def show_progress() -> None:
+    """Print this package's progress messages ("prepared ...", "resuming from ...") on stderr."""
+    ours = logging.getLogger("lm_pretrain")
+    if not any(isinstance(h, _Stderr) for h in ours.handlers):
+        ours.addHandler(_Stderr())
+    ours.setLevel(logging.INFO)
+    logging.getLogger("litdata").setLevel(logging.WARNING)  # its cache-size notices are noise here
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
