@@ -141,22 +141,32 @@ class Acceptance:
             raise RuntimeError(f"could not prepare the corpus: {self.failure(done)}")
         self.data = str(self.work / "data")
 
+    def measure(self, title: str, log_name: str, config: str, steps: int, warmup: int, *extra: str) -> dict | None:
+        """bench/train_throughput.py's figures for one config, or None (and a failed row)."""
+        out = self.work / f"{log_name}.json"
+        args = [str(ROOT / "bench" / "train_throughput.py"), "--config", config, "--steps", str(steps), "--warmup",
+                str(warmup), "--repeats", "1", "--json", str(out), "--no-record", "--data.data_dir", self.data, *extra]
+        done = self.run(log_name, args, timeout=300)
+        if done.returncode != 0 or not out.exists():
+            self.rows.append(f"| {title} | {self.failure(done)} |")
+            return None
+        self.keep(out)
+        return json.loads(out.read_text())
+
+    @staticmethod
+    def speed(r: dict, path: str) -> str:
+        mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+        return (f"{r[f'{path}_tok_s'][0]:,.0f} tok/s, {r['tflops']:.1f} TFLOP/s{mfu}, peak memory "
+                f"{r['memory_gib'][path]:.1f} GiB")
+
     def throughput(self, name: str, profile: bool):
         def check(title: str) -> None:
             steps, warmup = (4, 2) if self.smoke else (10, 3)
-            out = self.work / f"{name}.json"
-            args = [str(ROOT / "bench" / "train_throughput.py"), "--config", self.preset(name), "--steps", str(steps),
-                    "--warmup", str(warmup), "--repeats", "1", "--sync-check", "--json", str(out), "--no-record",
-                    "--data.data_dir", self.data]
-            done = self.run(name, args + (["--profile", "5"] if profile else []), timeout=300)
-            if done.returncode != 0 or not out.exists():
-                self.rows.append(f"| {title} | {self.failure(done)} |")
+            r = self.measure(title, name, self.preset(name), steps, warmup, "--sync-check",
+                             *(["--profile", "5"] if profile else []))
+            if r is None:
                 return
-            r = json.loads(out.read_text())
-            self.keep(out)
-            mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
-            self.rows.append(f"| {title}: template train.py | {r['template_tok_s'][0]:,.0f} tok/s, {r['tflops']:.1f} "
-                             f"TFLOP/s{mfu}, peak memory {r['memory_gib']['template']:.1f} GiB |")
+            self.rows.append(f"| {title}: template train.py | {self.speed(r, 'template')} |")
             self.rows.append(f"| {title}: bare loop, same recipe | {r['bare_tok_s'][0]:,.0f} tok/s, peak memory "
                              f"{r['memory_gib']['bare']:.1f} GiB; **template / bare = {r['ratio']:.3f}** |")
             sync = r["sync_check"]
@@ -173,21 +183,13 @@ class Acceptance:
         return check
 
     def fsdp_throughput(self, title: str) -> None:
-        out = self.work / "fsdp.json"
         steps, warmup = (3, 1) if self.smoke else (8, 2)
-        args = [str(ROOT / "bench" / "train_throughput.py"), "--config", self.preset("gpt2-1.5b"), "--template-only",
-                "--steps", str(steps), "--warmup", str(warmup), "--repeats", "1", "--json", str(out), "--no-record",
-                "--overlay", str(ROOT / "configs" / "overlays" / "fsdp.yaml"), "--data.data_dir", self.data,
-                "--trainer.accumulate_grad_batches", "1", "--model.compile", "false", "--trainer.devices", "1"]
-        done = self.run("fsdp-gpt2-1.5b", args, timeout=240)
-        if done.returncode != 0 or not out.exists():
-            self.rows.append(f"| {title} | {self.failure(done)} |")
-            return
-        r = json.loads(out.read_text())
-        self.keep(out)
-        mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
-        self.rows.append(f"| {title} | {r['template_tok_s'][0]:,.0f} tok/s, {r['tflops']:.1f} TFLOP/s{mfu}, peak memory "
-                         f"{r['memory_gib']['template']:.1f} GiB (the preset's batch, no accumulation, no compile) |")
+        r = self.measure(title, "fsdp-gpt2-1.5b", self.preset("gpt2-1.5b"), steps, warmup, "--template-only",
+                         "--overlay", str(ROOT / "configs" / "overlays" / "fsdp.yaml"),
+                         "--trainer.accumulate_grad_batches", "1", "--model.compile", "false", "--trainer.devices", "1")
+        if r is not None:
+            self.rows.append(f"| {title} | {self.speed(r, 'template')} (the preset's batch, no accumulation, "
+                             f"no compile) |")
 
     def resume(self, name: str, overlay: list[str]):
         """Straight run vs killed + resumed run, then generate and export from the checkpoint."""

@@ -1,3 +1,4 @@
+import re
 import subprocess
 
 import pytest
@@ -15,9 +16,29 @@ def test_config_reference_is_up_to_date():
 
 def test_readme_commands_name_real_entry_points():
     readme = (ROOT / "README.md").read_text()
-    for module in ("prepare", "generate", "export", "sizes"):
-        assert f"python -m lm_pretrain.{module}" in readme and (ROOT / "lm_pretrain" / f"{module}.py").is_file()
-    for config in ("tiny", "tiny-llama", "gpt2-124m", "overlays/fsdp", "overlays/ddp"):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject[pyproject.index("[project.scripts]"):].split("\n\n")[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', section, re.M))
+    assert len(scripts) >= 5
+    for command, target in scripts.items():
+        module = target.split(":")[0]
+        assert command in readme and (ROOT / (module.replace(".", "/") + ".py")).is_file(), command
+    for config in ("tiny", "gpt2-124m", "gpt2-1.5b", "overlays/fsdp", "overlays/ddp", "overlays/csv"):
         assert f"configs/{config}.yaml" in readme and (ROOT / "configs" / f"{config}.yaml").is_file()
+    for doc in re.findall(r"\]\((docs/[^)]+)\)", readme):
+        assert (ROOT / doc).is_file(), doc
     assert "bash scripts/demo.sh" in readme and "bash scripts/test.sh" in readme
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()  # CI runs README's test command
+
+
+def test_readme_file_table_matches_the_tree():
+    """Every module and top-level folder is in README's file table, and everything in it exists."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| path | what it holds |"):]
+    table = table[:table.index("\n\n")]
+    listed = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
+    modules = {f"lm_pretrain/{p.name}" for p in (ROOT / "lm_pretrain").glob("*.py")}
+    folders = {f"{p.name}/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in ("lm_pretrain", "data", "runs") and not p.name.endswith(".egg-info")}
+    assert modules - listed == set() and folders - listed == set()
+    assert [p for p in listed if not (ROOT / p).exists()] == []

@@ -127,7 +127,7 @@ def test_mixture_arguments_are_checked(two_datasets, tmp_path):
 def fit_args(two_datasets, folder: Path, max_steps: int, val_every: int, *extra: str) -> list[str]:
     """train.py fit on the mixture, set in a YAML overlay (instead of --data.data_dir)."""
     overlay = folder / "mixture.yaml"
-    overlay.write_text(json.dumps({"data": {"mixture": mixture(two_datasets)}}))  # JSON is YAML
+    overlay.write_text(json.dumps({"data": {"data_dir": None, "mixture": mixture(two_datasets)}}))  # JSON is YAML
     args = train_args("unused", max_steps=max_steps, val_every=val_every)
     at = args.index("--data.data_dir")
     return [*args[:at], *args[at + 2:], "--config", str(overlay), *extra]
