@@ -18,9 +18,11 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from lm_pretrain import ranges
 from lm_pretrain.generate import sample
 from lm_pretrain.hardware import peak_flops
 from lm_pretrain.model import model_size
+from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 
 def step_ends_here(trainer, batch_idx: int) -> bool:
@@ -78,7 +80,8 @@ class HostSyncCheck(L.Callback):
     HOST_SIDE = (f"{os.sep}litdata{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}",
                  f"loops{os.sep}fetchers.py", f"torch{os.sep}optim{os.sep}optimizer.py")
 
-    def __init__(self, skip_steps: int = 2):
+    def __init__(self, skip_steps: NonNegativeInt = 2):
+        ranges.check(HostSyncCheck.__init__, {"skip_steps": skip_steps}, "trainer.callbacks")
         self.skip_steps = skip_steps
         self.checked_steps = 0  # optimizer steps watched in full
         self.syncs: list[str] = []  # CPU: where each counted call came from
@@ -146,8 +149,11 @@ class TextSamples(L.Callback):
     keeps them in step); only the first prints and logs.
     """
 
-    def __init__(self, prompts: list[str] = ("",), max_new_tokens: int = 100, temperature: float = 0.8,
-                 top_k: int | None = 200, every_n_steps: int = 0, seed: int = 1234):
+    def __init__(self, prompts: list[str] = ("",), max_new_tokens: NonNegativeInt = 100,
+                 temperature: NonNegativeFloat = 0.8, top_k: PositiveInt | None = 200, every_n_steps: NonNegativeInt = 0,
+                 seed: int = 1234):
+        ranges.check(TextSamples.__init__, {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                            "top_k": top_k, "every_n_steps": every_n_steps}, "trainer.callbacks")
         self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
         self.temperature, self.top_k, self.every_n_steps, self.seed = temperature, top_k, every_n_steps, seed
         self._last_logged_step = -1  # with gradient accumulation several batches share a step
@@ -206,7 +212,8 @@ class Preemption(L.Callback):
     anyway); a single process checks every step for free.
     """
 
-    def __init__(self, check_every_n_steps: int | None = None):
+    def __init__(self, check_every_n_steps: PositiveInt | None = None):
+        ranges.check(Preemption.__init__, {"check_every_n_steps": check_every_n_steps}, "trainer.callbacks")
         self.check_every_n_steps = check_every_n_steps
         self.requested: int | None = None  # the signal received
         self._previous_handlers: dict = {}
@@ -270,7 +277,8 @@ class Throughput(L.Callback):
     unknown GPUs it is left out.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None):
+    def __init__(self, log_every_n_steps: PositiveInt | None = None):
+        ranges.check(Throughput.__init__, {"log_every_n_steps": log_every_n_steps}, "trainer.callbacks")
         self.log_every_n_steps = log_every_n_steps
         self._tokens = 0
         self._start: float | None = None

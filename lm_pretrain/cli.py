@@ -13,12 +13,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lm_pretrain import checkpoints
+from lm_pretrain import checkpoints, ranges
 from lm_pretrain.callbacks import Preemption, ProgressBar, Throughput
 from lm_pretrain.commands import show_progress
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.files import check_can_create
 from lm_pretrain.module import LanguageModel
 
 
@@ -46,6 +48,7 @@ class PretrainCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            ranges.check_config(config)  # Lightning's settings, before the Trainer exists
             use_root_dir_for_runs(config)
             allow_mlflow_file_store(config)
             if subcommand == "fit":
@@ -67,10 +70,17 @@ def allow_mlflow_file_store(config) -> None:
 
 def use_root_dir_for_runs(config) -> None:
     """`--trainer.default_root_dir DIR`: the run (logs, config, checkpoints) goes under DIR. Lightning
-    alone ignores it when the logger has a save_dir of its own, as the configs' loggers do."""
+    alone ignores it when the logger has a save_dir of its own, as the configs' loggers do. Either
+    folder must be one that can be created: checked now, before any work."""
     root, logger = config.trainer.get("default_root_dir"), config.trainer.get("logger")
     if root and hasattr(logger, "init_args") and "save_dir" in logger.init_args:
         logger.init_args.save_dir = str(root)
+    if root:
+        check_can_create(root, "--trainer.default_root_dir")
+    if hasattr(logger, "init_args") and logger.init_args.get("save_dir"):
+        check_can_create(logger.init_args.save_dir, "--trainer.logger.init_args.save_dir")
+    if config.get("checkpoint.dirpath"):
+        check_can_create(config.checkpoint.dirpath, "--checkpoint.dirpath")
 
 
 def quiet_lightning() -> None:
@@ -119,4 +129,6 @@ def main(args: list[str] | None = None) -> None:
         run(args)  # None: LightningCLI reads sys.argv
     except ArgumentError as err:
         command = " ".join(["python train.py", *(args if args is not None else sys.argv[1:])[:1]])
-        raise UserError(f"{' '.join(str(err).split())} (see {command} --help)") from None
+        raise UserError(f"{ranges.describe(str(err))} (see {command} --help)") from None
+    except MisconfigurationException as err:  # Lightning refusing a combination of settings
+        raise UserError(" ".join(str(err).split())) from None

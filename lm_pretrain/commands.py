@@ -12,6 +12,7 @@ import sys
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from lm_pretrain.errors import UserError
+from lm_pretrain.ranges import describe
 
 
 def command_parser(prog: str, function, description: str | None = None) -> ArgumentParser:
@@ -28,7 +29,7 @@ def parse(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
     try:
         return parser.parse_args(argv)
     except ArgumentError as err:
-        raise UserError(f"{' '.join(str(err).split())} (see {parser.prog} --help)") from None
+        raise UserError(f"{describe(str(err))} (see {parser.prog} --help)") from None
 
 
 def call(parser: ArgumentParser, function, argv: list[str] | None):

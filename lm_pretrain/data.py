@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from litdata import CombinedStreamingDataset
 
-from lm_pretrain import storage
+from lm_pretrain import ranges, storage
 from lm_pretrain.errors import UserError
 from lm_pretrain.module import IGNORE_INDEX
+from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 from lm_pretrain.prepared import load_metadata, verify_shards
 
 log = logging.getLogger("lm_pretrain.data")
@@ -126,9 +127,9 @@ class TokenDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        batch_size: int = 8,
-        block_size: int | None = None,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 8,
+        block_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         seed: int = 42,
         verify: str = "sha256",
         mixture: list[dict] | None = None,
@@ -167,12 +168,8 @@ class TokenDataModule(L.LightningDataModule):
         super().__init__()
         # block_size stays out: Lightning merges these with the model's and refuses two values.
         self.save_hyperparameters(ignore=["block_size"])
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-        if block_size is not None and block_size < 1:
-            raise UserError(f"data.block_size must be at least 1, got {block_size}")
-        if num_workers < 0:
-            raise UserError(f"data.num_workers must be at least 0, got {num_workers}")
+        ranges.check(TokenDataModule.__init__, {"batch_size": batch_size, "block_size": block_size,
+                                                "num_workers": num_workers}, "data")
         if verify not in ("sha256", "size", "none"):
             raise UserError(f"data.verify must be sha256, size or none, got {verify!r}")
         if mixture is not None and data_dir is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
-from lm_pretrain.files import publish
+from lm_pretrain.files import check_can_create, publish
 from lm_pretrain.model import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
@@ -136,6 +136,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
+    check_can_create(output, "--output")
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -20,3 +20,20 @@ def publish(staged: Path, target: Path) -> None:
     os.replace(staged, target)
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def check_can_create(path: str | Path, what: str) -> None:
+    """UserError unless `path` is a folder, or one that can be created (before any work is done):
+    `what` names the setting in the message (e.g. "--output")."""
+    from lm_pretrain.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot be created, {existing} is not writable")

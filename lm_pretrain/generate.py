@@ -5,8 +5,10 @@ from pathlib import Path
 
 import torch
 
+from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
-from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.errors import exit_on_user_error
+from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
 from lm_pretrain.tokenizer import get_tokenizer
 
 
@@ -38,9 +40,9 @@ def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0
     return enc.decode(out)
 
 
-def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200,
-             top_p: float | None = None, stop_at_eot: bool = True, num_samples: int = 1, seed: int | None = None,
-             device: str | None = None) -> list[str]:
+def generate(ckpt_path: str, prompt: str = "", max_new_tokens: NonNegativeInt = 200, temperature: NonNegativeFloat = 0.8,
+             top_k: NonNegativeInt = 200, top_p: Probability | None = None, stop_at_eot: bool = True,
+             num_samples: PositiveInt = 1, seed: int | None = None, device: str | None = None) -> list[str]:
     """Sample text from a checkpoint, continuing a prompt.
 
     Args:
@@ -56,16 +58,7 @@ def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 200, temper
         seed: seed for reproducible samples (sample i uses seed + i).
         device: cpu or cuda; empty means cuda when there is a GPU.
     """
-    if max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be at least 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be at least 0, got {temperature}")
-    if top_k < 0:
-        raise UserError(f"--top_k must be at least 0, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    if num_samples < 1:
-        raise UserError(f"--num_samples must be at least 1, got {num_samples}")
+    ranges.check(generate, dict(locals()), "")
     model = load_model(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = []
     for i in range(num_samples):

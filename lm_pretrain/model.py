@@ -21,6 +21,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
+from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
+from lm_pretrain.ranges import check as check_ranges
+
 
 @dataclass
 class GPTConfig:
@@ -49,21 +52,21 @@ class GPTConfig:
             multiple of 256 for swiglu.
     """
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_kv_head: int | None = None
-    dropout: float = 0.0
+    vocab_size: PositiveInt = 50257
+    block_size: PositiveInt = 1024
+    n_layer: PositiveInt = 12
+    n_head: PositiveInt = 12
+    n_embd: PositiveInt = 768
+    n_kv_head: PositiveInt | None = None
+    dropout: Fraction = 0.0
     bias: bool = True
     tie_embeddings: bool = True
     position: str = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: PositiveFloat = 10000.0
     norm: str = "layernorm"
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     mlp: str = "gelu"
-    mlp_hidden: int | None = None
+    mlp_hidden: PositiveInt | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
@@ -71,9 +74,7 @@ class GPTConfig:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_ranges(GPTConfig, {name: getattr(self, name) for name in self.__dataclass_fields__}, "model")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_kv_head is None:
@@ -88,8 +89,6 @@ class GPTConfig:
                               ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from lm_pretrain import checkpoints
+from lm_pretrain import checkpoints, ranges
 from lm_pretrain.callbacks import step_ends_here
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size
+from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                                 PositiveInt)
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 
 
@@ -54,17 +56,17 @@ class LanguageModel(L.LightningModule):
     def __init__(
         self,
         tokenizer: str = DEFAULT_TOKENIZER,
-        learning_rate: float = 6e-4,
-        min_lr_ratio: float = 0.1,
-        warmup_steps: int = 100,
-        decay_steps: int | None = None,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
+        learning_rate: PositiveFloat = 6e-4,
+        min_lr_ratio: ClosedUnitInterval = 0.1,
+        warmup_steps: NonNegativeInt = 100,
+        decay_steps: PositiveInt | None = None,
+        weight_decay: NonNegativeFloat = 0.1,
+        betas: tuple[Fraction, Fraction] = (0.9, 0.95),
         compile: bool = False,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         nonfinite_loss: str = "stop",
-        nonfinite_check_every: int | None = None,
+        nonfinite_check_every: PositiveInt | None = None,
         **architecture,
     ):
         """
@@ -94,6 +96,7 @@ class LanguageModel(L.LightningModule):
                 n_layer, ...), each a flag of its own: `--model.n_layer 6`.
         """
         super().__init__()
+        ranges.check(LanguageModel.__init__, {k: v for k, v in locals().items() if k != "architecture"}, "model")
         try:
             self.config = GPTConfig(**architecture)
         except (TypeError, ValueError) as err:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -31,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_pretrain import assets, storage
+from lm_pretrain import assets, ranges, storage
 from lm_pretrain.commands import command_parser, parse, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
-from lm_pretrain.files import publish
+from lm_pretrain.files import check_can_create, publish
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
+from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
 from lm_pretrain.readers import find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
@@ -158,17 +160,17 @@ class Tokenize:
 # The whole job
 
 
-def prepare(inputs: list[Path], output: Path | str, val_fraction: float = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
-            workers: int | None = None, seed: int = 0, overwrite: bool = False, encoding_errors: str = "strict",
-            chunk_bytes: str = "64MB", storage_options: dict | None = None) -> dict:
+def prepare(inputs: list[Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
+            tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0, overwrite: bool = False,
+            encoding_errors: str = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None) -> dict:
     """Tokenize `inputs` into the prepared dataset `output` (a folder, or an s3://bucket/prefix, for
     which `storage_options` are boto3 client arguments); returns its metadata."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers}, "")
     if encoding_errors not in ("strict", "replace", "skip"):
         raise UserError(f"--encoding_errors must be strict, replace or skip, got {encoding_errors!r}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?B", chunk_bytes.strip(), re.IGNORECASE) or not float(
+            re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
+        raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
     options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers or os.cpu_count() or 1, seed=seed,
                    encoding_errors=encoding_errors, chunk_bytes=chunk_bytes)
     if storage.is_remote(output):
@@ -184,6 +186,7 @@ def prepare(inputs: list[Path], output: Path | str, val_fraction: float = 0.05, 
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
+    check_can_create(output, "--output")
     # Built in a hidden sibling folder and renamed into place at the end: `output` either does not
     # exist or is complete; with --overwrite the old one goes only once the new one is finished.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -283,8 +286,9 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
 # The command line
 
 
-def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | None = None, val_fraction: float = 0.05,
-                    tokenizer: str = DEFAULT_TOKENIZER, workers: int | None = None, seed: int = 0,
+def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | None = None,
+                    val_fraction: OpenUnitInterval = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
+                    workers: PositiveInt | None = None, seed: int = 0,
                     overwrite: bool = False, encoding_errors: str = "strict", chunk_bytes: str = "64MB",
                     storage_options: dict | None = None) -> dict:
     """Tokenize text files into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).

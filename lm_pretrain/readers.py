@@ -1,7 +1,10 @@
 """Reading documents out of input files: one reader per format, chosen by the file's suffix.
 
     .txt     the whole file is one document
-    .jsonl   one JSON object per line; its "text" field is a document (other fields are ignored)
+    .jsonl   one JSON object per line; its "text" field is a document (other fields are ignored);
+             blank lines are skipped, CRLF line ends are fine
+
+Text is UTF-8; a byte-order mark at the start of a file is dropped.
 
 A reader yields (byte offset, text) for each document that begins in bytes [start, end) of the
 file, and text None for one that is empty or undecodable under errors="skip", so that skipped
@@ -32,9 +35,12 @@ def decode(data: bytes, where: str, errors: str) -> str | None:
                         f"--encoding_errors replace|skip") from None
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
+
+
 def read_txt(path: Path, start: int, end: int | None, errors: str):
     with open(path, "rb") as f:
-        data = f.read()
+        data = f.read().removeprefix(BOM)
     if b"\x00" in data:
         raise UserError(f"{path}: binary file (NUL bytes); expected UTF-8 text")
     text = decode(data, str(path), errors)
@@ -49,6 +55,8 @@ def read_jsonl(path: Path, start: int, end: int | None, errors: str):
             if end is not None and offset >= end:
                 return
             here, offset = offset, offset + len(line)
+            if here == 0:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue  # blank lines separate nothing in JSON Lines
             # The scan reads from the start, so it can name lines; workers only re-read checked text.

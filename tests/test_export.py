@@ -65,6 +65,8 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "does not exist" in cli_error(main, ["--ckpt_path", str(tmp_path / "none.ckpt"), "--output",
                                                 str(tmp_path / "o")], capsys)
     assert not (tmp_path / "o").exists()
+    (tmp_path / "a-file").write_text("x")
+    assert "--output" in cli_error(main, ["--ckpt_path", "x", "--output", str(tmp_path / "a-file" / "hf")], capsys)
 
 
 @pytest.mark.parametrize("tokenizer,eot", [("gpt2", 50256), ("cl100k_base", 100257)])

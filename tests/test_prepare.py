@@ -123,10 +123,36 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     single = tmp_path / "single.txt"
     single.write_text("only one document")
     assert "at least 2" in cli_error(main, [str(single), "--output", out], capsys)
-    assert "between 0 and 1" in cli_error(main, [str(binary / "b.txt"), str(single), "--output", out, "--val_fraction", "1.5"], capsys)
+    assert "--val_fraction 1.5 is out of range: it must be > 0 and < 1" in cli_error(
+        main, [str(binary / "b.txt"), str(single), "--output", out, "--val_fraction", "1.5"], capsys)
     assert "either INPUTs or --corpus" in cli_error(main, [str(single), "--corpus", "shakespeare", "--output", out], capsys)
     assert not Path(out).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
+
+
+def test_byte_order_marks_crlf_and_blank_lines_are_plain_utf8(tmp_path):
+    """Files saved with a UTF-8 byte-order mark (Windows editors, some exporters) read as UTF-8."""
+    texts = ["Caf\u00e9 au lait.\nSecond line.", "first record", "second record"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"\xef\xbb\xbf" + texts[0].encode())
+    (src / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(['{"text": "first record"}', "", '{"text": "second record"}',
+                                                               ""]).encode())
+    out = tmp_path / "out"
+    metadata = prepare(find_inputs([str(src)]), out, workers=1, val_fraction=0.34)
+    assert metadata["splits"]["train"]["documents"] + metadata["splits"]["val"]["documents"] == 3
+    enc = get_tokenizer()
+    written = set(read_documents_back(out / "train")) | set(read_documents_back(out / "val"))
+    assert written == {tuple(enc.encode_ordinary(t)) + (enc.eot_token,) for t in texts}  # no U+FEFF anywhere
+
+
+def test_an_output_that_cannot_be_created_is_refused_at_once(corpus, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    line = cli_error(main, [str(corpus[0]), "--output", str(tmp_path / "a-file" / "data")], capsys)
+    assert "--output" in line and "a-file is a file" in line
+    assert "exists and is not a folder" in cli_error(main, [str(corpus[0]), "--output", str(tmp_path / "a-file"),
+                                                            "--overwrite", "true"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_encoding_error_policies(tmp_path):

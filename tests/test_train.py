@@ -92,7 +92,11 @@ def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
     assert "absent.yaml" in cli_error(train, ["fit", "--config", str(tmp_path / "absent.yaml")], capsys)
     assert "absent.ckpt does not exist" in cli_error(train, [*args, "--ckpt_path", str(tmp_path / "absent.ckpt")],
                                                       capsys)
-    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    (tmp_path / "a-file").write_text("x")
+    for flag in ("--trainer.default_root_dir", "--trainer.logger.init_args.save_dir", "--checkpoint.dirpath"):
+        assert f"{flag} a-file/runs: cannot be created, a-file is a file" in cli_error(
+            train, [*args, flag, "a-file/runs"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bad.ckpt", "bad.yaml"]  # refused before any work
 
 
 def test_help_documents_the_flags(capsys):

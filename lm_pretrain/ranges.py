@@ -1,0 +1,132 @@
+"""The allowed range of every numeric setting, declared once: as the type of its parameter.
+
+    def __init__(self, learning_rate: PositiveFloat = 6e-4, warmup_steps: NonNegativeInt = 100): ...
+
+The command line (jsonargparse, under every entry point) refuses a value outside the range as it
+parses, before any data is read or any file is written; `check` does the same for a call made from
+Python. `describe` turns jsonargparse's refusal into the one line a user sees, naming the flag, the
+value and the range. Settings of Lightning's own classes that the presets use are declared in
+TRAINER_RANGES and checked by the training command the same way.
+"""
+
+import operator
+import re
+import types
+import typing
+
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 restricted_number_type)
+
+from lm_pretrain.errors import UserError
+
+__all__ = ["ClosedUnitInterval", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
+           "PositiveInt", "Probability", "check", "check_config", "describe", "restrictions"]
+
+Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1): dropout, AdamW betas
+OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
+Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])  # (0, 1]: top_p
+AtLeastMinusOne = restricted_number_type("AtLeastMinusOne", int, (">=", -1))  # -1 means "no limit" in Lightning
+
+# Lightning's settings that the presets use (train.py flag -> type), checked before the Trainer is
+# made: Lightning itself accepts some of these values silently, or fails later with a traceback.
+TRAINER_RANGES = {
+    "trainer.max_steps": AtLeastMinusOne,
+    "trainer.accumulate_grad_batches": PositiveInt,
+    "trainer.log_every_n_steps": NonNegativeInt,
+    "trainer.gradient_clip_val": NonNegativeFloat | None,
+    "trainer.num_sanity_val_steps": AtLeastMinusOne,
+    "trainer.num_nodes": PositiveInt,
+    "trainer.check_val_every_n_epoch": PositiveInt | None,
+    "trainer.val_check_interval": PositiveFloat | None,
+    "trainer.limit_val_batches": NonNegativeFloat | None,
+    "checkpoint.every_n_train_steps": NonNegativeInt | None,
+    "checkpoint.save_top_k": AtLeastMinusOne,
+}
+
+_OPERATORS = {operator.gt: ">", operator.ge: ">=", operator.lt: "<", operator.le: "<=", operator.eq: "==",
+              operator.ne: "!="}
+
+
+def restrictions(annotation) -> list[tuple[str, float]] | None:
+    """[(">", 0), ...] of a restricted number type, else None."""
+    found = getattr(annotation, "_restrictions", None)
+    return [(_OPERATORS[op], bound) for op, bound in found] if found else None
+
+
+def _in_range(annotation, value) -> bool:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_in_range(a, value) for a in args)
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is tuple:
+        return isinstance(value, (tuple, list)) and len(value) == len(args) and all(map(_in_range, args, value))
+    if restrictions(annotation) is None:
+        return True  # no range declared
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        annotation(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def range_text(annotation) -> str:
+    """"> 0", ">= 0 and < 1", ...: the allowed values of `annotation`, for messages."""
+    limits = restrictions(_first(annotation))
+    text = " and ".join(f"{op} {bound:g}" for op, bound in limits) if limits else "a valid value"
+    if any(a is type(None) for a in typing.get_args(annotation)):
+        text += ", or null"
+    return text
+
+
+def check(function, values: dict, prefix: str) -> None:
+    """UserError naming the first of `values` outside the range its parameter of `function` declares
+    (`prefix` names the flags' group, e.g. "model"; empty for an entry point's own flags)."""
+    hints = typing.get_type_hints(function)
+    for name, value in values.items():
+        annotation = hints.get(name)
+        if annotation is not None and _has_restrictions(annotation) and not _in_range(annotation, value):
+            flag = f"--{prefix}.{name}" if prefix else f"--{name}"
+            raise UserError(f"{flag} {value!r} is out of range: it must be {range_text(annotation)}")
+
+
+def check_config(config, table: dict = TRAINER_RANGES) -> None:
+    """UserError for the first setting of `table` ("trainer.max_steps": type) outside its range in a
+    parsed train.py config (a jsonargparse Namespace)."""
+    for key, annotation in table.items():
+        value = config.get(key)
+        if value is not None and not isinstance(value, str) and not _in_range(annotation, value):
+            raise UserError(f"--{key} {value!r} is out of range: it must be {range_text(annotation)}")
+
+
+def _has_restrictions(annotation) -> bool:
+    return restrictions(annotation) is not None or any(_has_restrictions(a) for a in typing.get_args(annotation))
+
+
+def _first(annotation):
+    """The restricted type within `annotation` (for tuples, its first item's)."""
+    if restrictions(annotation) is not None:
+        return annotation
+    return next(_first(a) for a in typing.get_args(annotation) if _has_restrictions(a))
+
+
+def describe(message: str) -> str:
+    """jsonargparse's multi-line refusal of an out-of-range value as one line: the flag, the value,
+    the range. Other parse errors come back as they are, on one line."""
+    message = " ".join(message.split())
+    limit = re.search(r"Not of type \w+: (?:(\S+) )?does not conform to restriction (v[^-]*?)(?: - |$| Expected| Given)",
+                      message)
+    if not limit:
+        return message
+    # the keys down to the refused one, e.g. trainer.callbacks > (TextSamples) max_new_tokens
+    keys = re.findall(r'Parser key "([^"]+)"', message[:limit.start()])
+    owner = re.findall(r"class_path '[\w.]*?(\w+)'", message[:limit.start()])
+    flag = keys[0] + (f" ({owner[-1]}) {keys[-1]}" if len(keys) > 1 and owner else "")
+    value = limit.group(1)
+    if value is None:
+        given = re.search(r"Given value: (\S+)", message)
+        value = given.group(1) if given else "the value"
+    allowed = re.sub(r"v(>=|<=|!=|==|>|<)\s*", r"\1 ", limit.group(2)).strip()
+    return f"--{flag} {value} is out of range: it must be {allowed}"
