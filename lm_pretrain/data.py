@@ -168,6 +168,7 @@ class TokenDataModule(L.LightningDataModule):
         super().__init__()
         # block_size stays out: Lightning merges these with the model's and refuses two values.
         self.save_hyperparameters(ignore=["block_size"])
+        self.hparams.update(ranges.plain(dict(self.hparams)))
         ranges.check(TokenDataModule.__init__, {"batch_size": batch_size, "block_size": block_size,
                                                 "num_workers": num_workers}, "data")
         if verify not in ("sha256", "size", "none"):
@@ -182,7 +183,8 @@ class TokenDataModule(L.LightningDataModule):
             local = not storage.is_remote(source.location)
             if local and Path(source.location) != Path(DEFAULT_DATA_DIR) and not Path(source.location).is_dir():
                 raise UserError(f"data folder {source.location} does not exist; create it with lm-pretrain-prepare")
-        self.batch_size, self.block_size, self.num_workers, self.seed = batch_size, block_size, num_workers, seed
+        self.batch_size, self.block_size, self.num_workers, self.seed = ranges.plain((batch_size, block_size, num_workers,
+                                                                                     seed))
         self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
 
     def prepare_data(self) -> None:
@@ -208,6 +210,11 @@ class TokenDataModule(L.LightningDataModule):
             if self.verify != "none":  # every process: sizes are cheap to check
                 verify_shards(source.location, source.metadata, checksums=False, storage_options=self.storage_options)
         self.check_same_tokenizer()
+        val = [source.metadata["splits"]["val"] for source in self.sources]
+        # bytes of text per token of the val splits, for bits per byte (datasets prepared before
+        # metadata format 2 did not count bytes: no bpb for them)
+        self.val_bytes_per_token = sum(v["bytes"] for v in val) / sum(v["tokens"] for v in val) \
+            if all("bytes" in v for v in val) else None
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None:
             self.check_compatible(model.hparams.tokenizer, model.config.vocab_size, model.config.block_size)

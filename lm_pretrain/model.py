@@ -23,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
 from lm_pretrain.ranges import check as check_ranges
+from lm_pretrain.ranges import plain
 
 
 @dataclass
@@ -74,6 +75,8 @@ class GPTConfig:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def __post_init__(self):
+        for name in self.__dataclass_fields__:
+            setattr(self, name, plain(getattr(self, name)))
         check_ranges(GPTConfig, {name: getattr(self, name) for name in self.__dataclass_fields__}, "model")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

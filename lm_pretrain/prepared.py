@@ -4,9 +4,11 @@
 (or an s3://bucket/prefix holding the same files):
 
     train/, val/      litdata chunks of token ids (TokensLoader format: each split one long stream,
-                      documents separated by the end-of-text token) and litdata's index.json
-    metadata.json     format, tokenizer, vocab_size, eot_id, dtype; documents and tokens per split;
-                      every shard's name, size and sha256; the sources with their sha256
+                      documents in a seeded random order, each followed by the end-of-text token)
+                      and litdata's index.json
+    metadata.json     format, tokenizer, vocab_size, eot_id, dtype; documents, tokens and UTF-8 bytes
+                      of text per split; every shard's name, size and sha256; the sources with
+                      their sha256
 
 A folder appears only when complete (built in a hidden sibling and renamed into place); in object
 storage metadata.json is uploaded last, so a prefix without it is not a dataset.
@@ -22,7 +24,8 @@ from lm_pretrain.assets import sha256_file
 from lm_pretrain.errors import UserError
 
 METADATA_FILE = "metadata.json"
-METADATA_FORMAT = 1
+METADATA_FORMAT = 2  # 2 added each split's UTF-8 bytes (for bits per byte) and text_key
+READABLE_FORMATS = (1, 2)
 SPLITS = ("train", "val")
 
 
@@ -101,6 +104,6 @@ def parse_metadata(text: str | bytes, where: str) -> dict:
         metadata = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{where} is not valid JSON") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT or "shards" not in metadata:
+    if not isinstance(metadata, dict) or metadata.get("format") not in READABLE_FORMATS or "shards" not in metadata:
         raise UserError(f"{where} is not metadata this version of lm_pretrain understands")
     return metadata

@@ -20,7 +20,7 @@ from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegati
 from lm_pretrain.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "check", "check_config", "describe", "restrictions"]
+           "PositiveInt", "Probability", "check", "check_config", "describe", "plain", "restrictions"]
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1): dropout, AdamW betas
 OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
@@ -99,6 +99,22 @@ def check_config(config, table: dict = TRAINER_RANGES) -> None:
         value = config.get(key)
         if value is not None and not isinstance(value, str) and not _in_range(annotation, value):
             raise UserError(f"--{key} {value!r} is out of range: it must be {range_text(annotation)}")
+
+
+def plain(value):
+    """`value` with the restricted numbers the parser made (PositiveInt(8), ...) turned back into
+    plain ints and floats, so checkpoints hold only types torch.load(weights_only=True) accepts."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def _has_restrictions(annotation) -> bool:

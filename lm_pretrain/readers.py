@@ -1,25 +1,63 @@
-"""Reading documents out of input files: one reader per format, chosen by the file's suffix.
+"""Reading documents out of inputs: one reader per format.
 
-    .txt     the whole file is one document
-    .jsonl   one JSON object per line; its "text" field is a document (other fields are ignored);
-             blank lines are skipped, CRLF line ends are fine
+    .txt                        the whole file is one document
+    .jsonl, .jsonl.gz,          one JSON object per line; its text field ("text", or --text_key) is a
+    .jsonl.zst                  document, other fields are ignored; blank lines skipped, CRLF fine
+    .parquet                    one document per row, in the text column ("text", or --text_key)
+    a folder written by Hugging Face `datasets`' save_to_disk: one document per row, likewise
+    --hf_dataset NAME           a dataset of the Hugging Face hub (or a local one load_dataset reads),
+                                streamed: nothing is downloaded in full
 
-Text is UTF-8; a byte-order mark at the start of a file is dropped.
+Text is UTF-8; a byte-order mark at the start of a file is dropped. A reader yields the text of
+each document in order, None for one that is empty (or undecodable under errors="skip"), so that
+skipped documents keep their place in the count. The plain formats also give each document's byte
+offset, so `prepare` can read it again later by seeking (`read_at`); the others are copied into a
+plain JSON Lines file once, as they are read. Every problem is a UserError naming the file (and
+line or row).
 
-A reader yields (byte offset, text) for each document that begins in bytes [start, end) of the
-file, and text None for one that is empty or undecodable under errors="skip", so that skipped
-documents keep their place in the count: `prepare` scans every file once in the main process, then
-its workers re-read byte ranges, and both must number documents the same way. Every problem is a
-UserError naming the file (and line).
-
-A new format is one function here and one entry in READERS.
+A new format is one reader function here and one entry in READERS.
 """
 
 import glob
+import gzip
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from lm_pretrain.errors import UserError
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
+DEFAULT_TEXT_KEY = "text"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One thing to read documents from: a file or folder (`path`), or a hub dataset (`hf_name`)."""
+
+    path: Path | None = None
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+    @property
+    def format(self) -> str:
+        if self.hf_name is not None:
+            return "hub"
+        if self.path.is_dir():
+            return "hf-folder"
+        name = self.path.name
+        return next((suffix for suffix in READERS if name.endswith(suffix)), self.path.suffix)
+
+    @property
+    def seekable(self) -> bool:
+        """Documents can be read again from a byte offset (otherwise they are copied once)."""
+        return self.format in (".txt", ".jsonl")
+
+    def __str__(self) -> str:
+        if self.hf_name is not None:
+            return f"{self.hf_name}" + (f" ({self.hf_config})" if self.hf_config else "") + f" [{self.hf_split}]"
+        return str(self.path)
 
 
 def decode(data: bytes, where: str, errors: str) -> str | None:
@@ -35,81 +73,190 @@ def decode(data: bytes, where: str, errors: str) -> str | None:
                         f"--encoding_errors replace|skip") from None
 
 
-BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
+def _present(text: str | None) -> str | None:
+    return text if text and text.strip() else None
 
 
-def read_txt(path: Path, start: int, end: int | None, errors: str):
-    with open(path, "rb") as f:
-        data = f.read().removeprefix(BOM)
+# ---------------------------------------------------------------------------------------------
+# The readers: each yields (byte offset or None, text or None) per document
+
+
+def read_txt(source: Input, text_key: str, errors: str):
+    data = source.path.read_bytes().removeprefix(BOM)
     if b"\x00" in data:
-        raise UserError(f"{path}: binary file (NUL bytes); expected UTF-8 text")
-    text = decode(data, str(path), errors)
-    yield 0, (text if text and text.strip() else None)
+        raise UserError(f"{source}: binary file (NUL bytes); expected UTF-8 text")
+    yield 0, _present(decode(data, str(source), errors))
 
 
-def read_jsonl(path: Path, start: int, end: int | None, errors: str):
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset = start
-        for line_number, line in enumerate(f, start=1):
-            if end is not None and offset >= end:
-                return
-            here, offset = offset, offset + len(line)
-            if here == 0:
-                line = line.removeprefix(BOM)
-            if not line.strip():
-                continue  # blank lines separate nothing in JSON Lines
-            # The scan reads from the start, so it can name lines; workers only re-read checked text.
-            where = f"{path}:{line_number}" if start == 0 else f"{path} at byte {here}"
-            if b"\x00" in line:
-                raise UserError(f"{where}: binary data (NUL bytes); expected JSON Lines text")
-            raw = decode(line, where, errors)
-            if raw is None:
-                yield here, None
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f'{where}: each line must be a JSON object with a string "text" field')
-            text = record["text"]
-            yield here, (text if text.strip() else None)
+def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int = 0):
+    """(offset, text) of JSON Lines from an iterable of byte lines beginning at byte `start`."""
+    offset = start
+    for line_number, line in enumerate(lines, start=1):
+        here, offset = offset, offset + len(line)
+        if here == 0:
+            line = line.removeprefix(BOM)
+        if not line.strip():
+            continue  # blank lines separate nothing in JSON Lines
+        where = f"{where_prefix}:{line_number}" if start == 0 else f"{where_prefix} at byte {here}"
+        if b"\x00" in line:
+            raise UserError(f"{where}: binary data (NUL bytes); expected JSON Lines text")
+        raw = decode(line, where, errors)
+        if raw is None:
+            yield here, None
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+            raise UserError(f'{where}: each line must be a JSON object with a string "{text_key}" field '
+                            f'(--text_key chooses the field)')
+        yield here, _present(record[text_key])
 
 
-READERS = {".txt": read_txt, ".jsonl": read_jsonl}
-SUFFIXES = " or ".join(READERS)
+def read_jsonl(source: Input, text_key: str, errors: str):
+    with open(source.path, "rb") as f:
+        yield from _json_lines(f, str(source), text_key, errors)
 
 
-def read_documents(path: Path, start: int = 0, end: int | None = None, errors: str = "strict"):
-    """Yield (byte_offset, text) for each document of `path` that begins in [start, end); text None
-    for a skipped (empty or undecodable) one."""
+def _open_compressed(source: Input):
+    if source.format == ".jsonl.gz":
+        return gzip.open(source.path, "rb")
+    import zstandard
+
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), closefd=True))
+
+
+def read_compressed_jsonl(source: Input, text_key: str, errors: str):
     try:
-        yield from READERS[path.suffix](path, start, end, errors)
+        with _open_compressed(source) as f:
+            for _, text in _json_lines(f, str(source), text_key, errors):
+                yield None, text
+    except UserError:
+        raise
+    except Exception as err:  # gzip.BadGzipFile, zstd.ZstdError, EOFError: not an archive, or a truncated one
+        raise UserError(f"{source}: cannot decompress ({type(err).__name__}: {err})") from None
+
+
+def _rows(table_batches, source: Input, text_key: str):
+    """Texts of the `text_key` column of record batches (pyarrow), one document per row."""
+    row = 0
+    for batch in table_batches:
+        if text_key not in batch.schema.names:
+            raise UserError(f"{source}: no column {text_key!r} (columns: {', '.join(batch.schema.names)}); "
+                            f"--text_key chooses the column")
+        for text in batch.column(text_key).to_pylist():
+            row += 1
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{source}: row {row} of column {text_key!r} is not text")
+            yield None, _present(text)
+
+
+def read_parquet(source: Input, text_key: str, errors: str):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+        yield from _rows(parquet.iter_batches(batch_size=1024, columns=None), source, text_key)
+    except UserError:
+        raise
+    except Exception as err:  # pyarrow's ArrowInvalid and friends: not a parquet file, corrupt
+        raise UserError(f"{source}: not a readable parquet file ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def read_hf_folder(source: Input, text_key: str, errors: str):
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(source.path))
+    except Exception as err:
+        raise UserError(f"{source}: not a folder of text files nor a Hugging Face dataset saved with "
+                        f"save_to_disk ({type(err).__name__})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise UserError(f"{source} holds several splits ({', '.join(dataset)}); give the folder of one, "
+                        f"e.g. {source.path / next(iter(dataset))}")
+    yield from _rows(dataset.data.to_batches(max_chunksize=1024), source, text_key)
+
+
+def read_hf_hub(source: Input, text_key: str, errors: str):
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.hf_name, source.hf_config, split=source.hf_split, streaming=True)
+        first = True
+        for row_number, row in enumerate(dataset, start=1):
+            if first and text_key not in row:
+                raise UserError(f"{source}: no column {text_key!r} (columns: {', '.join(row)}); --text_key chooses it")
+            first = False
+            text = row.get(text_key)
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{source}: row {row_number} of column {text_key!r} is not text")
+            yield None, _present(text)
+    except UserError:
+        raise
+    except Exception as err:  # no network, no such dataset, config or split
+        raise UserError(f"--hf_dataset {source}: cannot be read ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]})") from None
+
+
+READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".jsonl.gz": read_compressed_jsonl,
+           ".jsonl.zst": read_compressed_jsonl, ".parquet": read_parquet, "hf-folder": read_hf_folder,
+           "hub": read_hf_hub}
+FILE_SUFFIXES = tuple(s for s in READERS if s.startswith("."))
+SUFFIXES = ", ".join(FILE_SUFFIXES)
+
+
+def read_documents(source: Input, text_key: str = DEFAULT_TEXT_KEY, errors: str = "strict"):
+    """Yield (byte offset or None, text or None) for each document of `source`."""
+    try:
+        yield from READERS[source.format](source, text_key, errors)
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise UserError(f"{source}: cannot read ({err.strerror or err})") from None
 
 
-def find_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, folders and globs, sorted and without repeats."""
-    files = set()
+def read_at(file, name: str, offset: int, text_key: str, errors: str) -> str | None:
+    """The document that begins at byte `offset` (found by the first read) of `file`, an open .txt or
+    .jsonl file called `name`."""
+    file.seek(0 if name.endswith(".txt") else offset)
+    if name.endswith(".txt"):
+        data = file.read().removeprefix(BOM)
+        return _present(decode(data, name, errors))
+    return next(_json_lines([file.readline()], name, text_key, errors, start=offset), (offset, None))[1]
+
+
+def _is_input_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(FILE_SUFFIXES)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def find_inputs(patterns: list[str]) -> list[Input]:
+    """The inputs named by paths, folders (searched recursively; a Hugging Face dataset folder is one
+    input) and globs, sorted and without repeats."""
+    found: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
-            if path.suffix not in READERS:
-                raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected {SUFFIXES}")
-            files.add(path.resolve())
+            if not _is_input_file(path):
+                raise UserError(f"{path}: unsupported file type; expected {SUFFIXES}, or a dataset folder")
+            found.add(path.resolve())
         elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix in READERS]
-            if not found:
+            if _is_hf_folder(path):
+                found.add(path.resolve())
+                continue
+            files = [p for p in path.rglob("*") if _is_input_file(p)]
+            if not files:
                 raise UserError(f"{path}: folder holds no {SUFFIXES} files")
-            files.update(p.resolve() for p in found)
+            found.update(p.resolve() for p in files)
         elif glob.has_magic(pattern):
-            found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-            found = [p for p in found if p.is_file() and p.suffix in READERS]
-            if not found:
+            files = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            files = [p for p in files if _is_input_file(p) or (p.is_dir() and _is_hf_folder(p))]
+            if not files:
                 raise UserError(f"{pattern}: pattern matches no {SUFFIXES} files")
-            files.update(p.resolve() for p in found)
+            found.update(p.resolve() for p in files)
         else:
             raise UserError(f"{pattern}: no such file or folder")
-    return sorted(files)
+    return [Input(path) for path in sorted(found)]

@@ -50,6 +50,21 @@ def write_corpus(folder: Path, n_txt: int = 12, n_jsonl: int = 12, sentences: in
     return docs
 
 
+GREEK = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma", "omega"]
+NUMBERS = ["seven", "eleven", "ninety", "twelve", "forty", "three"]
+
+
+def write_greek_corpus(folder: Path, documents: int = 24, sentences: int = 200) -> list[str]:
+    rng, texts = random.Random(1), []
+    folder.mkdir(parents=True)
+    for i in range(documents):
+        text = "\n".join(f"{rng.choice(GREEK).capitalize()} {rng.choice(NUMBERS)} {rng.choice(GREEK)} "
+                         f"{rng.choice(NUMBERS)}." for _ in range(sentences)) + "\n"
+        (folder / f"greek{i:02d}.txt").write_text(text)
+        texts.append(text)
+    return texts
+
+
 TINY_MODEL = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32",
               "--model.learning_rate", "0.01", "--model.warmup_steps", "5"]
 

@@ -4,34 +4,20 @@ Two corpora with disjoint words, so every window of tokens can be traced to the 
 """
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import attach, callback, read_records, ROOT, run_cli, train_args, write_corpus
+from helpers import attach, callback, read_records, ROOT, run_cli, train_args, write_corpus, write_greek_corpus
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError
 from lm_pretrain.prepare import prepare
 from lm_pretrain.readers import find_inputs
 from lm_pretrain.tokenizer import get_tokenizer
 
-GREEK = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma", "omega"]
-NUMBERS = ["seven", "eleven", "ninety", "twelve", "forty", "three"]
 WEIGHTS = (0.75, 0.25)
-
-
-def write_greek_corpus(folder: Path, documents: int = 24, sentences: int = 200) -> list[str]:
-    rng, texts = random.Random(1), []
-    folder.mkdir(parents=True)
-    for i in range(documents):
-        text = "\n".join(f"{rng.choice(GREEK).capitalize()} {rng.choice(NUMBERS)} {rng.choice(GREEK)} "
-                         f"{rng.choice(NUMBERS)}." for _ in range(sentences)) + "\n"
-        (folder / f"greek{i:02d}.txt").write_text(text)
-        texts.append(text)
-    return texts
 
 
 @pytest.fixture(scope="module")

