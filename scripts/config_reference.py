@@ -21,6 +21,7 @@ COMMANDS = [
     ("Sampling: `lm-pretrain-generate`", ["-m", "lm_pretrain.generate", "--help"]),
     ("Export: `lm-pretrain-export`", ["-m", "lm_pretrain.export", "--help"]),
     ("Sizes: `lm-pretrain-sizes`", ["-m", "lm_pretrain.sizes", "--help"]),
+    ("Evaluation: `lm-pretrain-evaluate`", ["-m", "lm_pretrain.evaluate", "--help"]),
 ]
 
 
@@ -35,6 +36,9 @@ def render() -> str:
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed: {done.stderr[-500:]}")
         text = done.stdout.replace(str(ROOT) + "/", "").rstrip()
+        # typing caches Optional[Union[...]] by equality, so whichever installed package spelled the union
+        # first decides its printed order: write it one way so the reference does not depend on the install
+        text = text.replace("Union[float, int", "Union[int, float")
         parts.append(f"## {title}\n\n```text\n{text}\n```\n")
     return "\n".join(parts)
 

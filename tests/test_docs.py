@@ -26,7 +26,11 @@ def test_readme_commands_name_real_entry_points():
     for config in ("tiny", "gpt2-124m", "gpt2-1.5b", "overlays/fsdp", "overlays/ddp", "overlays/csv"):
         assert f"configs/{config}.yaml" in readme and (ROOT / "configs" / f"{config}.yaml").is_file()
     for doc in re.findall(r"\]\((docs/[^)]+)\)", readme):
-        assert (ROOT / doc).is_file(), doc
+        path, _, anchor = doc.partition("#")
+        assert (ROOT / path).is_file(), doc
+        if anchor:  # a heading of that page, as GitHub spells its anchor
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            assert anchor in {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}, doc
     assert "bash scripts/demo.sh" in readme and "bash scripts/test.sh" in readme
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()  # CI runs README's test command
 

@@ -18,6 +18,7 @@ from helpers import ROOT, cli_error
 from lm_pretrain import ranges
 from lm_pretrain.callbacks import TextSamples
 from lm_pretrain.data import TokenDataModule
+from lm_pretrain.evaluate import evaluate
 from lm_pretrain.generate import generate
 from lm_pretrain.model import GPTConfig
 from lm_pretrain.module import LanguageModel
@@ -40,6 +41,7 @@ FLAGS = {
               **ranges.TRAINER_RANGES},
     "prepare": parameters(prepare_command),
     "generate": parameters(generate),
+    "evaluate": parameters(evaluate),
 }
 
 
@@ -80,6 +82,7 @@ CASES = [(entry, flag, value) for entry, flags in FLAGS.items() for flag, annota
 def test_out_of_range_values_are_refused_before_any_work(entry, flag, value, prepared, corpus, tmp_path, monkeypatch,
                                                           capsys):
     from lm_pretrain.cli import main as train
+    from lm_pretrain.evaluate import main as evaluate_main
     from lm_pretrain.generate import main as generate_main
     from lm_pretrain.prepare import main as prepare_main
 
@@ -89,6 +92,7 @@ def test_out_of_range_values_are_refused_before_any_work(entry, flag, value, pre
         "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared)]),
         "prepare": (prepare_main, [str(corpus[0]), "--output", str(tmp_path / "out")]),
         "generate": (generate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt")]),
+        "evaluate": (evaluate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt"), "--tasks", "x"]),
     }[entry]
     line = cli_error(main, [*argv, f"--{flag}", text], capsys)
     assert "out of range" in line and flag.rsplit(".", 1)[-1] in line, line
