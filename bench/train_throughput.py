@@ -34,7 +34,7 @@ import yaml
 from common import median, record
 from lm_pretrain.hardware import peak_flops
 from lm_pretrain.model import GPT, model_size
-from lm_pretrain.module import lr_multiplier
+from lm_pretrain.optim import lr_multiplier
 from lm_pretrain.sizes import config_from_yaml
 
 
@@ -130,8 +130,7 @@ def bare_run(config_path: str, warmup: int, steps: int, profile_steps: int = 0) 
         for micro in range(accumulate):
             x, y = tokens[micro, :, :-1], tokens[micro, :, 1:]
             with autocast:
-                logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+                loss = model(x, targets=y, fused_loss=model_cfg.get("fused_loss", False))
             (loss / accumulate).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -24,6 +24,9 @@ from lm_pretrain.tokenizer import eot_id
 
 def family(config: GPTConfig) -> str:
     """"gpt2" or "llama": which Hugging Face class can hold this architecture exactly."""
+    if config.qk_norm or config.logit_softcap is not None:
+        raise UserError("no Hugging Face GPT-2 or Llama class has QK-norm or logit soft-capping; "
+                        "this model cannot be exported")
     if (config.position, config.norm, config.mlp) == ("learned", "layernorm", "gelu"):
         if not config.bias or config.n_kv_head != config.n_head:
             raise UserError("GPT2LMHeadModel needs bias: true and n_kv_head = n_head; this model cannot be exported")

@@ -10,6 +10,10 @@ Tokens -> token embeddings (+ learned positions, for GPT-2) -> n_layer pre-norm 
     MLP          GELU, 4x wide                 SwiGLU (gated), ~8/3x wide
     attention    one K/V head per query head   n_kv_head shared K/V heads (grouped-query)
     bias, tying  biases, tied embeddings       no biases, untied (either is a flag)
+
+Three options of recent small-model recipes (e.g. modded-nanogpt) are flags too: QK-norm (queries and
+keys normalised per head, so attention logits stay bounded at high learning rates), the ReLU² MLP
+(relu(x)², 4x wide) and logit soft-capping (logits squashed smoothly into (-cap, cap)).
 """
 
 import math
@@ -20,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
+
+from lm_pretrain.loss import linear_cross_entropy
 
 from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
 from lm_pretrain.ranges import check as check_ranges
@@ -48,9 +54,12 @@ class GPTConfig:
             for longer contexts.
         norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
         norm_eps: epsilon of the norm layers.
-        mlp: "gelu" (GPT-2, 4x wide) or "swiglu" (Llama, gated).
-        mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu, 8/3 * n_embd rounded up to a
-            multiple of 256 for swiglu.
+        mlp: "gelu" (GPT-2, 4x wide), "swiglu" (Llama, gated) or "relu2" (relu(x) squared, 4x wide).
+        mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu and relu2, 8/3 * n_embd rounded up
+            to a multiple of 256 for swiglu.
+        qk_norm: RMS-normalise each head's queries and keys (no learned scale) before attention.
+        logit_softcap: squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2
+            uses 30); empty means no cap.
     """
 
     vocab_size: PositiveInt = 50257
@@ -68,6 +77,8 @@ class GPTConfig:
     norm_eps: PositiveFloat = 1e-5
     mlp: str = "gelu"
     mlp_hidden: PositiveInt | None = None
+    qk_norm: bool = False
+    logit_softcap: PositiveFloat | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
@@ -87,9 +98,9 @@ class GPTConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size, got n_embd / n_head = {self.head_dim}")
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
+            self.mlp_hidden = 256 * math.ceil(8 * self.n_embd / 3 / 256) if self.mlp == "swiglu" else 4 * self.n_embd
         for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu"))):
+                              ("mlp", ("gelu", "swiglu", "relu2"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -141,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        self.rope = config.position == "rope"
+        self.rope, self.qk_norm = config.position == "rope", config.qk_norm
         # one matmul for q, k, v; k and v are narrower with grouped-query attention
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -156,6 +167,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # unit RMS per head: q.k stays bounded however large the weights grow
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -178,6 +191,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
         # SwiGLU: silu(x W_gate) * (x W_up), one matmul for both halves
         self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.mlp_hidden, bias=config.bias)
@@ -189,6 +203,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.fc(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":  # sparse and cheap; learns faster than GELU in small models
+            h = F.relu(self.fc(x)).square()
         else:
             h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's GELU
         return self.dropout(self.proj(h))
@@ -251,9 +267,12 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                ignore_index: int = -100, reduction: str = "mean", fused_loss: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the
-        tokens already in it."""
+        tokens already in it. With targets (B, T), the cross-entropy loss instead (its mean or sum over
+        the targets that are not ignore_index); fused_loss computes it without materialising the
+        logits' autograd tensors (lm_pretrain.loss), not with logit_softcap."""
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -272,7 +291,16 @@ class GPT(nn.Module):
                 x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and fused_loss and self.config.logit_softcap is None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index, reduction)
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                               reduction=reduction)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from lm_pretrain import checkpoints, ranges
+from lm_pretrain import checkpoints, optim, ranges
 from lm_pretrain.callbacks import step_ends_here
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size
-from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                                 PositiveInt)
+from lm_pretrain.optim import lr_multiplier
+from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
+                                 PositiveFloat, PositiveInt)
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 
 
@@ -60,8 +61,15 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: ClosedUnitInterval = 0.1,
         warmup_steps: NonNegativeInt = 100,
         decay_steps: PositiveInt | None = None,
+        schedule: str = "cosine",
+        decay_fraction: OpenUnitInterval = 0.2,
         weight_decay: NonNegativeFloat = 0.1,
         betas: tuple[Fraction, Fraction] = (0.9, 0.95),
+        optimizer: str = "adamw",
+        muon_lr: PositiveFloat | None = None,
+        head_lr: PositiveFloat | None = None,
+        z_loss: NonNegativeFloat = 0.0,
+        fused_loss: bool = False,
         compile: bool = False,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
@@ -73,12 +81,27 @@ class LanguageModel(L.LightningModule):
         Args:
             tokenizer: tiktoken encoding the data was prepared with; used to decode samples.
             learning_rate: peak learning rate, reached after warmup.
-            min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
+            min_lr_ratio: the decay ends at learning_rate * min_lr_ratio.
             warmup_steps: optimizer steps of linear warmup from 0.
-            decay_steps: optimizer steps from the start to the end of the cosine decay; empty means
-                the Trainer's total (max_steps).
-            weight_decay: AdamW decay on matrices; never on norms, biases or embeddings.
+            decay_steps: optimizer steps from the start to the end of the decay; empty means the
+                Trainer's total (max_steps).
+            schedule: "cosine" (decay from the end of warmup) or "wsd" (warmup, stable, then a linear
+                decay over the last decay_fraction of the steps).
+            decay_fraction: with schedule wsd, the fraction of decay_steps spent decaying.
+            weight_decay: decay on matrices; never on norms, biases or embeddings.
             betas: AdamW betas.
+            optimizer: "adamw" for every parameter, or "muon": Muon (torch.optim.Muon) for the
+                blocks' matrices and AdamW for embeddings, head, norms and biases (lm_pretrain.optim).
+                Muon needs whole matrices: not with the FSDP overlay.
+            muon_lr: Muon's learning rate (its updates are scaled to AdamW's size); empty means
+                learning_rate.
+            head_lr: learning rate of an untied output layer (tie_embeddings false); empty means
+                learning_rate.
+            z_loss: weight of the z-loss (PaLM: 1e-4), the squared log of the softmax normaliser, which
+                keeps the output logits from drifting; 0 turns it off.
+            fused_loss: compute the output layer and the loss together (lm_pretrain.loss): the same
+                loss and gradients with one logits-sized tensor instead of four; a third faster per
+                step on CPUs. Not with z_loss or logit_softcap (those take the plain path).
             compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
             activation_checkpointing: recompute each block's activations in the backward pass
                 instead of keeping them (~1/3 more compute, much less memory); configs/overlays/fsdp.yaml
@@ -107,6 +130,11 @@ class LanguageModel(L.LightningModule):
         self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if nonfinite_loss not in ("stop", "skip"):
             raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
+        for name, value, allowed in (("optimizer", optimizer, optim.OPTIMIZERS), ("schedule", schedule, optim.SCHEDULES)):
+            if value not in allowed:
+                raise UserError(f"model.{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if head_lr is not None and self.config.tie_embeddings:
+            raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
         self.model = GPT(self.config)
         self.val_loss = MeanLoss()
         self._nonfinite: torch.Tensor | None = None  # on the device: set once a loss was NaN/inf
@@ -150,9 +178,14 @@ class LanguageModel(L.LightningModule):
         """Cross-entropy of the next-token predictions: their mean, or with reduction="sum" their sum
         (targets set to IGNORE_INDEX count in neither)."""
         x, y = batch
-        logits = self.model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
+        if not (self.hparams.z_loss and self.training):
+            return self.model(x, targets=y, ignore_index=IGNORE_INDEX, reduction=reduction,
+                              fused_loss=self.hparams.fused_loss)
+        logits = self.model(x).view(-1, self.config.vocab_size).float()
+        loss = F.cross_entropy(logits, y.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+        kept = y.reshape(-1) != IGNORE_INDEX
+        z = (torch.logsumexp(logits, dim=-1).square() * kept).sum()
+        return loss + self.hparams.z_loss * (z if reduction == "sum" else z / kept.sum())
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
@@ -232,22 +265,19 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Weight decay pulls matrices towards zero; on norms, biases and embeddings it only hurts.
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},  # names label the
-                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]  # logged learning rates
-        # One kernel for all parameters instead of many; not for FSDP2's sharded DTensor parameters on
-        # CPUs, nor with fp16's gradient scaler (Lightning must unscale before clipping: see below).
+        if hp.optimizer == "muon" and self.device_mesh is not None:
+            raise UserError("model.optimizer muon orthogonalises whole matrices, which FSDP shards: use adamw "
+                            "with the FSDP overlay, or DDP")
+        # One kernel for all AdamW parameters instead of many; not for FSDP2's sharded DTensor
+        # parameters on CPUs, nor with fp16's gradient scaler (Lightning must unscale before clipping).
         fused = (self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)) \
             and self._gradient_scaler() is None
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        optimizer = optim.build_optimizer(self.model, hp.optimizer, hp.learning_rate, hp.weight_decay, hp.betas,
+                                          head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio))
+            optimizer, lambda step: lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule,
+                                                  hp.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -266,13 +296,3 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at total_steps, flat after that."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= total_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

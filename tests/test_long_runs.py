@@ -138,7 +138,7 @@ def test_nan_loss_can_skip_the_batch(prepared, tmp_path):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
-    from lm_pretrain.module import lr_multiplier
+    from lm_pretrain.optim import lr_multiplier
 
     done = run_cli([*run_args(prepared, 4, tmp_path / "rec", every=100), "--trainer.accumulate_grad_batches", "2",
                     "--model.warmup_steps", "2"], cwd=tmp_path)

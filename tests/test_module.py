@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity as LogitsPerplexity
 
-from lm_pretrain.module import IGNORE_INDEX, LanguageModel, MeanLoss, lr_multiplier
+from lm_pretrain.module import IGNORE_INDEX, LanguageModel, MeanLoss
+from lm_pretrain.optim import lr_multiplier
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
 
@@ -37,13 +38,13 @@ def test_weight_decay_only_on_matrices():
     module = LanguageModel(**{**TINY, "tie_embeddings": False})
     module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
     config = module.configure_optimizers()
-    decay, no_decay = config["optimizer"].param_groups
+    decay, no_decay, head = config["optimizer"].param_groups  # an untied head has a group of its own
     names = {id(p): n for n, p in module.model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for group in (decay, head) for p in group["params"]}
+    assert decay["weight_decay"] == head["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
     assert not any(n.startswith(("wte", "wpe")) or "ln_" in n or n.endswith("bias") for n in decayed)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+    assert sum(len(g["params"]) for g in (decay, no_decay, head)) == len(list(module.model.parameters()))
 
 
 def test_overfits_one_batch():

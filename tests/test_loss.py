@@ -1,0 +1,62 @@
+"""lm_pretrain.loss: the fused output layer + cross-entropy gives the plain path's loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm_pretrain.loss import linear_cross_entropy
+from lm_pretrain.model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_same_loss_and_gradients_as_the_plain_path_padding_included(reduction):
+    torch.manual_seed(0)
+    x, weight = torch.randn(40, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    targets[[3, 17, 39]] = -100  # padding positions count nowhere
+    plain = F.cross_entropy(x @ weight.t(), targets, ignore_index=-100, reduction=reduction)
+    expected = torch.autograd.grad(plain, (x, weight))
+    fused = linear_cross_entropy(x, weight, targets, -100, reduction)
+    got = torch.autograd.grad(fused, (x, weight))
+    assert torch.allclose(fused, plain, rtol=1e-6)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert got[0][3].abs().sum() == 0  # a padding row gets no gradient
+
+
+def test_model_loss_is_the_same_fused_or_not_with_tied_embeddings():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=500, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    tokens = torch.randint(0, 500, (3, 17))
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:], fused_loss=fused)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert torch.allclose(plain, fused, rtol=1e-6)
+    for name, grad in plain_grads.items():  # wte.weight gets both the embedding's and the head's share
+        assert torch.allclose(grad, fused_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_without_gradients_it_only_scores():
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(8, 4), torch.randn(50, 4), torch.randint(0, 50, (8,))
+    with torch.no_grad():
+        fused = linear_cross_entropy(x, weight, targets, reduction="sum")
+    assert torch.allclose(fused, F.cross_entropy(x @ weight.t(), targets, reduction="sum"), rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(x, weight, targets, reduction="none")
+
+
+def test_bf16_autocast_gives_float32_loss_and_gradients_of_the_inputs_dtypes():
+    torch.manual_seed(0)
+    x, weight = torch.randn(12, 8, requires_grad=True), torch.randn(64, 8, requires_grad=True)
+    targets = torch.randint(0, 64, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(x, weight, targets)
+    fused.backward()
+    plain = F.cross_entropy(x @ weight.t(), targets)
+    assert fused.dtype == torch.float32 and x.grad.dtype == weight.grad.dtype == torch.float32
+    assert abs(fused.item() - plain.item()) < 0.05  # bf16 logits
