@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,9 +40,11 @@ def main() -> None:
     ax.plot(*zip(*curves["val/loss"]), "o-", label="validation loss", color="#c0392b")
     for step, value in curves["val/loss"]:
         ax.annotate(f"{value:.2f}", (step, value), textcoords="offset points", xytext=(0, 8), ha="center")
-    ax.set_xlabel("optimizer step (8 x 128 tokens each)")
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    batch, block = (config.get("data") or {}).get("batch_size"), (config.get("model") or {}).get("block_size")
+    ax.set_xlabel(f"optimizer step ({batch} x {block} tokens each)" if batch and block else "optimizer step")
     ax.set_ylabel("cross-entropy (nats per token)")
-    ax.set_title("bash scripts/demo.sh: the tiny GPT on Shakespeare, 2-core CPU")
+    ax.set_title("bash scripts/demo.sh: the tiny model on Shakespeare, 2-core CPU")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
