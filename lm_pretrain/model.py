@@ -191,16 +191,15 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.kind = config.mlp
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp  # gelu, swiglu or relu2
         # SwiGLU: silu(x W_gate) * (x W_up), one matmul for both halves
-        self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.mlp_hidden, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * config.mlp_hidden, bias=config.bias)
         self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = self.fc(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":  # sparse and cheap; learns faster than GELU in small models
@@ -268,11 +267,13 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                ignore_index: int = -100, reduction: str = "mean", fused_loss: bool = False) -> torch.Tensor:
+                ignore_index: int = -100, reduction: str = "mean", fused_loss: bool = False,
+                z_loss: float = 0.0) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the
         tokens already in it. With targets (B, T), the cross-entropy loss instead (its mean or sum over
         the targets that are not ignore_index); fused_loss computes it without materialising the
-        logits' autograd tensors (lm_pretrain.loss), not with logit_softcap."""
+        logits' autograd tensors (lm_pretrain.loss), not with logit_softcap or z_loss (the weight of
+        the squared log of the softmax normaliser, added per target)."""
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -292,15 +293,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        if targets is not None and fused_loss and self.config.logit_softcap is None:
+        if targets is not None and fused_loss and self.config.logit_softcap is None and not z_loss:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index, reduction)
         logits = self.lm_head(x)
         if self.config.logit_softcap is not None:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                               reduction=reduction)
+        logits, targets = logits.flatten(0, 1).float(), targets.flatten()
+        loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+        if z_loss:
+            kept = targets != ignore_index
+            z = (torch.logsumexp(logits, dim=-1).square() * kept).sum()
+            loss = loss + z_loss * (z if reduction == "sum" else z / kept.sum())
+        return loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

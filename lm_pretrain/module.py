@@ -13,14 +13,12 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 from lm_pretrain import checkpoints, optim, ranges
 from lm_pretrain.callbacks import step_ends_here
 from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size
-from lm_pretrain.optim import lr_multiplier
 from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
@@ -176,16 +174,11 @@ class LanguageModel(L.LightningModule):
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the next-token predictions: their mean, or with reduction="sum" their sum
-        (targets set to IGNORE_INDEX count in neither)."""
+        (targets set to IGNORE_INDEX count in neither); the z-loss is added in training only, so val
+        losses stay comparable across recipes."""
         x, y = batch
-        if not (self.hparams.z_loss and self.training):
-            return self.model(x, targets=y, ignore_index=IGNORE_INDEX, reduction=reduction,
-                              fused_loss=self.hparams.fused_loss)
-        logits = self.model(x).view(-1, self.config.vocab_size).float()
-        loss = F.cross_entropy(logits, y.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
-        kept = y.reshape(-1) != IGNORE_INDEX
-        z = (torch.logsumexp(logits, dim=-1).square() * kept).sum()
-        return loss + self.hparams.z_loss * (z if reduction == "sum" else z / kept.sum())
+        return self.model(x, targets=y, ignore_index=IGNORE_INDEX, reduction=reduction,
+                          fused_loss=self.hparams.fused_loss, z_loss=self.hparams.z_loss if self.training else 0.0)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
@@ -276,7 +269,7 @@ class LanguageModel(L.LightningModule):
                                           head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule,
+            optimizer, lambda step: optim.lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule,
                                                   hp.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
