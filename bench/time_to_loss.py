@@ -20,9 +20,10 @@ nothing of it enters this repository) as the yardstick: the same size as configs
 4 heads, width 128, context 128, 8 x 128 tokens per step, 300 steps, float32, no compile), its own
 AdamW recipe (lr 1e-3 -> 1e-4 cosine, warmup 30, biases), trained on the train split exported in
 stream order, its last checkpoint scored on the same windows. Runs alternate between the reference
-and the configs, repeat by repeat; figures are medians.
+and the configs, repeat by repeat; repeat r trains every run with seed 1337 + r (nanoGPT's too, in its
+temporary copy), since at this size the seed moves the val loss by up to ~0.2; figures are medians.
 
---second_corpus also scores each config's last checkpoint on text unlike its training data: the
+--second_corpus also scores every run's last checkpoint on text unlike its training data: the
 docstrings of Python's standard library, prepared with the same tokenizer (loss and bits per byte).
 Results are appended to BENCHMARKS.md.
 """
@@ -157,7 +158,7 @@ def stdlib_docstrings(folder: Path) -> int:
 # Runs
 
 
-def run_config(config: str, data_dir: Path, work: Path, extra: list[str]) -> dict:
+def run_config(config: str, data_dir: Path, work: Path, seed: int, extra: list[str]) -> dict:
     """Train one config; its wall time, validations, step times and last checkpoint."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -169,7 +170,7 @@ def run_config(config: str, data_dir: Path, work: Path, extra: list[str]) -> dic
     command = [sys.executable, "train.py", "fit", *[a for path in configs for a in ("--config", path)],
                "--data.data_dir", str(data_dir),
                "--trainer.limit_val_batches", str(WINDOWS // batch_size), "--trainer.default_root_dir", str(work),
-               "--trainer.callbacks+=time_to_loss.WallClock", *extra]
+               "--trainer.callbacks+=time_to_loss.WallClock", "--seed_everything", str(seed), *extra]
     env = {**os.environ, "TIME_TO_LOSS_LOG": str(log),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)])}
     start = time.time()
@@ -197,20 +198,26 @@ def export_for_reference(data_dir: Path, folder: Path) -> None:
         pickle.dump({"vocab_size": vocab}, f)
 
 
-def run_reference(reference: Path, data_dir: Path, work: Path, steps: int) -> dict:
+def run_reference(reference: Path, data_dir: Path, work: Path, steps: int, seed: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for name in ("train.py", "model.py", "configurator.py"):
+    for name in ("model.py", "configurator.py"):
         shutil.copy(reference / name, work / name)
+    script = (reference / "train.py").read_text()
+    seeding = "torch.manual_seed(1337 + seed_offset)"  # nanoGPT's seed is not a setting
+    if seeding not in script:
+        raise SystemExit(f"{reference / 'train.py'} has no line {seeding!r} to set the seed in")
+    (work / "train.py").write_text(script.replace(seeding, f"torch.manual_seed({seed} + seed_offset)"))
     export_for_reference(data_dir, work / "data" / "lmpretrain")
-    settings = {**REFERENCE_ARGS, "max_iters": steps, "lr_decay_iters": steps, "dataset": "lmpretrain", "out_dir": "out"}
+    interval = min(REFERENCE_ARGS["eval_interval"], steps)  # it saves a checkpoint only when it evaluates
+    settings = {**REFERENCE_ARGS, "max_iters": steps, "lr_decay_iters": steps, "eval_interval": interval,
+                "dataset": "lmpretrain", "out_dir": "out"}
     args = [f"--{k}={v}" for k, v in settings.items()]
     start = time.time()
     done = subprocess.run([sys.executable, "train.py", *args], cwd=work, capture_output=True, text=True)
     seconds = time.time() - start
     if done.returncode != 0:
         raise SystemExit(f"nanoGPT's train.py failed:\n{done.stderr[-3000:]}")
-    interval = REFERENCE_ARGS["eval_interval"]
     steps = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", done.stdout)
              if int(it) % interval and int(it) > 5]  # evaluation steps also time the evaluation
     return {"seconds": seconds, "step_ms": median(steps), "ckpt": work / "out" / "ckpt.pt",
@@ -236,23 +243,25 @@ def main() -> None:
     names = (["nanoGPT train.py"] if args.reference else []) + args.configs
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
+        second = second_corpus(Path(tmp)) if args.second_corpus else None
         for repeat in range(args.repeats):
+            seed = 1337 + repeat
             for name in names:
                 work = Path(tmp) / re.sub(r"\W", "_", name)
                 if name == "nanoGPT train.py":
-                    result = run_reference(args.reference.resolve(), data_dir, work, args.reference_steps)
+                    result = run_reference(args.reference.resolve(), data_dir, work, args.reference_steps, seed)
                     logits_of = reference_scorer(args.reference.resolve(), result["ckpt"])
                 else:
-                    result = run_config(name, data_dir, work, args.extra)
+                    result = run_config(name, data_dir, work, seed, args.extra)
                     logits_of = our_scorer(result["ckpt"])
-                result["val_loss"] = mean_loss(logits_of, scored)
-                if args.second_corpus and repeat == 0:
-                    result["second"] = logits_of
+                result["seed"], result["val_loss"] = seed, mean_loss(logits_of, scored)
+                if second:
+                    result["second_loss"] = mean_loss(logits_of, second["windows"])
                 results[name].append(result)
-                print(f"{name} #{repeat + 1}: val {result['val_loss']:.3f}, {result['seconds']:.0f} s, "
+                print(f"{name} #{repeat + 1} (seed {seed}): val {result['val_loss']:.3f}, {result['seconds']:.0f} s, "
                       f"{result['step_ms']:.0f} ms/step", file=sys.stderr)
-        second_rows = score_second_corpus(results, Path(tmp)) if args.second_corpus else []
-    rows = table(results, args.target, "nanoGPT train.py" if args.reference else None) + second_rows
+    rows = table(results, args.target, "nanoGPT train.py" if args.reference else None)
+    rows += second_corpus_table(results, second) if second else []
     command = "python bench/time_to_loss.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print("\n".join(rows) if args.no_record else record("Time to loss", command, rows))
 
@@ -274,6 +283,10 @@ def table(results: dict[str, list[dict]], target: float, reference: str | None) 
         rows.append(f"| {name} | {median([r['val_loss'] for r in runs]):.3f} | {seconds:.0f} s | "
                     f"{'not reached' if not math.isfinite(reach) else f'{reach:.0f} s'} {ratio} | {step_ms:.0f} | "
                     f"{base['step_ms'] / step_ms if base else 1:.2f} |")
+    rows += ["", "Val loss of each run, by seed:", "", "| run | " + " | ".join(
+        f"seed {r['seed']}" for r in next(iter(results.values()))) + " |",
+        "|---|" + "---:|" * len(next(iter(results.values())))]
+    rows += [f"| {name} | " + " | ".join(f"{r['val_loss']:.3f}" for r in runs) + " |" for name, runs in results.items()]
     rows += ["", "Val loss at each validation (first repeat; tokens = steps x tokens per step):", "",
              "| run | " + " | ".join(["tokens: val loss"] * 1) + " |", "|---|---|"]
     for name, runs in results.items():
@@ -284,22 +297,33 @@ def table(results: dict[str, list[dict]], target: float, reference: str | None) 
     return rows
 
 
-def score_second_corpus(results: dict[str, list[dict]], tmp: Path) -> list[str]:
+def second_corpus(tmp: Path) -> dict:
+    """The stdlib docstrings, prepared: their first windows and what scoring them needs."""
     corpus, prepared = tmp / "stdlib", tmp / "stdlib-prepared"
     corpus.mkdir()
     files = stdlib_docstrings(corpus)
     subprocess.run([sys.executable, "-m", "lm_pretrain.prepare", str(corpus), "--output", str(prepared),
                     "--val_fraction", "0.5"], cwd=ROOT, check=True, capture_output=True)
     split = json.loads((prepared / "metadata.json").read_text())["splits"]["val"]
-    data = windows(prepared / "val", WINDOW, WINDOWS)
-    rows = ["", f"On text unlike the training data: docstrings of Python's standard library ({files} modules; "
-                f"val split, {data.shape[0]} windows, {split['bytes'] / split['tokens']:.2f} bytes per token):", "",
-            "| run | val loss | bits per byte |", "|---|---:|---:|"]
-    for name, runs in results.items():
-        loss = mean_loss(runs[0]["second"], data)
-        rows.append(f"| {name} | {loss:.3f} | {loss / math.log(2) / (split['bytes'] / split['tokens']):.3f} |")
-    return rows
+    return {"files": files, "windows": windows(prepared / "val", WINDOW, WINDOWS),
+            "bytes_per_token": split["bytes"] / split["tokens"]}
 
+
+def second_corpus_table(results: dict[str, list[dict]], second: dict) -> list[str]:
+    def bpb(loss: float) -> float:
+        return loss / math.log(2) / second["bytes_per_token"]
+
+    runs_of_any = next(iter(results.values()))
+    rows = ["", f"On text unlike the training data: docstrings of Python's standard library ({second['files']} "
+                f"modules; val split, {second['windows'].shape[0]} windows, {second['bytes_per_token']:.2f} bytes "
+                f"per token); medians, and bits per byte by seed:", "",
+            "| run | val loss | bits per byte | " + " | ".join(f"seed {r['seed']}" for r in runs_of_any) + " |",
+            "|---|---:|---:|" + "---:|" * len(runs_of_any)]
+    for name, runs in results.items():
+        loss = median([r["second_loss"] for r in runs])
+        rows.append(f"| {name} | {loss:.3f} | {bpb(loss):.3f} | "
+                    + " | ".join(f"{bpb(r['second_loss']):.3f}" for r in runs) + " |")
+    return rows
 
 if __name__ == "__main__":
     main()
