@@ -26,7 +26,6 @@ import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from lm_pretrain.loss import linear_cross_entropy
-
 from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
 from lm_pretrain.ranges import check as check_ranges
 from lm_pretrain.ranges import plain
