@@ -1,11 +1,16 @@
 """Turn raw text into litdata token shards: `lm-pretrain-prepare INPUT ... --output DIR`.
 
 INPUT is a file, a folder (searched recursively) or a glob of files in a format of
-`lm_pretrain.readers` (.txt: one document per file; .jsonl: one per line, in its "text" field).
+`lm_pretrain.readers` (.txt, JSON Lines plain or compressed, parquet, Hugging Face datasets).
 Every document is tokenized and followed by the end-of-text token, so the model sees where
 documents stop. Documents, not tokens, are split into train and val, deterministically for a seed,
 so no text leaks from one to the other. The output is a prepared dataset (`lm_pretrain.prepared`):
 it appears only when complete; a killed run leaves no folder that looks finished.
+
+Two passes: the first reads and tokenizes every input (big files in pieces, all cores busy) into
+token files in the staging folder, and stops at the first bad input before any shard exists; the
+second shuffles the documents across inputs and writes them into litdata shards. At its peak the
+staging folder holds the tokens twice (token files and shards: about 2 bytes per GPT-2 token each).
 
 DIR may be `s3://bucket/prefix` (see `lm_pretrain.storage`): the dataset is built in a temporary
 folder ($TMPDIR), then uploaded with metadata.json last, so the prefix looks finished only once it
@@ -29,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lm_pretrain import assets, ranges, storage
 from lm_pretrain.commands import command_parser, parse, show_progress
@@ -37,12 +41,13 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create, publish
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
-from lm_pretrain.readers import DEFAULT_TEXT_KEY, Input, find_inputs, read_at, read_documents
+from lm_pretrain.readers import DEFAULT_TEXT_KEY, Input, find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 log = logging.getLogger("lm_pretrain.prepare")
 
-ITEM_BYTES = 1 << 20  # documents go to the tokenizing workers in groups of about this much text
+ITEM_BYTES = 1 << 20  # documents go to the writing workers in groups of about this much text
+PIECE_BYTES = 8 << 20  # the first read cuts big JSON Lines files into pieces of at most this size
 CORPORA = {"shakespeare": assets.shakespeare_texts}
 # Workers are forked on Linux: spawning re-imports torch and litdata in each (~2 s a worker, twice
 # per run), which for small corpora cost 10x the tokenizing. macOS and Windows must spawn.
@@ -50,70 +55,87 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 # ---------------------------------------------------------------------------------------------
-# The first read: every input read once (in parallel), before anything is written; each document
-# numbered and weighed. Inputs that cannot be read again by seeking (compressed, parquet, Hugging
-# Face datasets) are copied into a plain JSON Lines file as they are read.
+# The first read: every input read once, in pieces, several at a time, before any shard is written.
+# Each document is tokenized as it is read (so it is parsed once) and its tokens, end-of-text
+# included, are appended to its piece's token file in the staging folder. Nothing but these files
+# and a few numbers per document is kept; the shards are written from the token files afterwards.
 
 
 @dataclass
-class Source:
-    """One input after the first read."""
+class Piece:
+    """One piece of an input after the first read."""
 
-    name: str  # the file, folder or hub dataset, for metadata.json
-    sha256: str | None  # of a file's bytes (None for folders and hub datasets)
-    size: int  # bytes of input (files), or of the plain copy
-    readable: str  # the .txt or .jsonl file the documents are read back from
-    readable_key: str  # the field of its JSON lines that holds the text
-    offsets: np.ndarray  # byte offset in `readable` of each non-empty document
+    input: int  # which input it belongs to
+    tokens_file: str
+    tokens: np.ndarray  # tokens of each non-empty document, end-of-text included, in the order read
     text_bytes: np.ndarray  # UTF-8 bytes of each non-empty document's text
-    skipped: int = 0  # empty or undecodable documents
-
-    @property
-    def documents(self) -> int:
-        return len(self.offsets)
+    skipped: int  # empty or undecodable documents
 
 
-def scan_one(job: tuple) -> Source:
-    """Read one input through; `job` is (input, a path for its plain copy, text_key, errors)."""
-    source, copy_path, text_key, errors = job
-    offsets, text_bytes, skipped = [], [], 0
-    copy = None if source.seekable else open(copy_path, "wb")
-    try:
-        for offset, text in read_documents(source, text_key, errors):
-            if text is None:
-                skipped += 1
-                continue
-            if copy is not None:  # one {"text": ...} line per document
-                offset = copy.tell()
-                copy.write(json.dumps({DEFAULT_TEXT_KEY: text}, ensure_ascii=False).encode() + b"\n")
-            offsets.append(offset)
-            text_bytes.append(len(text.encode("utf-8")))
-    finally:
-        if copy is not None:
-            copy.close()
-    readable = source.path if source.seekable else Path(copy_path)
-    is_file = source.path is not None and source.path.is_file()
-    return Source(str(source), assets.sha256_file(source.path) if is_file else None,
-                  (source.path if is_file else readable).stat().st_size, str(readable),
-                  text_key if source.seekable else DEFAULT_TEXT_KEY, np.array(offsets, dtype=np.int64),
-                  np.array(text_bytes, dtype=np.int64), skipped)
+def read_piece(job: tuple) -> Piece:
+    """Read and tokenize one piece; `job` is (input index, piece, token file, text_key, errors, tokenizer)."""
+    number, piece, tokens_file, text_key, errors, tokenizer = job
+    enc = get_tokenizer(tokenizer)
+    dtype = token_dtype(enc.n_vocab)
+    tokens, text_bytes, skipped = [], [], 0
+    with open(tokens_file, "wb") as out:
+        for batch in text_batches(read_documents(piece, text_key, errors)):
+            # Parsed a batch at a time, then tokenized: interleaving the two per document evicts the
+            # tokenizer's tables from the CPU cache (3 % slower).
+            skipped += batch.count(None)
+            for text in filter(None, batch):
+                # Straight into a NumPy array (a third faster than a list of ints). With no special
+                # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
+                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+                document = np.empty(len(ids) + 1, dtype=dtype)
+                document[:-1], document[-1] = ids, enc.eot_token
+                out.write(document.data)
+                tokens.append(len(document))
+                text_bytes.append(len(text) if text.isascii() else len(text.encode("utf-8")))  # isascii is O(1)
+    return Piece(number, tokens_file, np.array(tokens, dtype=np.int64), np.array(text_bytes, dtype=np.int64), skipped)
 
 
-def scan(sources: list[Input], copies: Path, text_key: str, errors: str, workers: int) -> list[Source]:
-    """Read every input once, `workers` at a time; copies of unseekable inputs go into `copies`."""
-    copies.mkdir(parents=True, exist_ok=True)
-    jobs = [(source, copies / f"{i:06d}.jsonl", text_key, errors) for i, source in enumerate(sources)]
+def text_batches(texts, batch_chars: int = 4 << 20):
+    """Lists of consecutive `texts` (None included) of about `batch_chars` characters."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text) if text else 0
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def read_inputs(inputs: list[Input], folder: Path, text_key: str, errors: str, tokenizer: str,
+                workers: int) -> tuple[list[Piece], list[str | None]]:
+    """Read and tokenize every input, `workers` pieces at a time, into token files in `folder`;
+    returns the pieces in input order and each input's sha256 (None for folders and hub datasets)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = [(number, piece) for number, source in enumerate(inputs) for piece in source.pieces(PIECE_BYTES)]
+    jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), text_key, errors, tokenizer)
+            for i, (number, piece) in enumerate(pieces)]
+    files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
     if workers == 1 or len(jobs) == 1:
-        scanned = [scan_one(job) for job in jobs]
+        read = [read_piece(job) for job in jobs]
+        digests = [_sha256(f) for f in files]
     else:
         import multiprocessing
 
         with multiprocessing.get_context(START_METHOD).Pool(min(workers, len(jobs))) as pool:
-            scanned = pool.map(scan_one, jobs, chunksize=1)
-    for source in scanned:
-        if source.skipped:
-            log.warning("%s: skipped %d empty or undecodable document(s)", source.name, source.skipped)
-    return scanned
+            reading = pool.map_async(read_piece, jobs, chunksize=1)
+            digesting = pool.map_async(_sha256, files, chunksize=1)  # queued after the pieces: short, they fill the tail
+            read, digests = reading.get(), digesting.get()
+    for number, source in enumerate(inputs):
+        skipped = sum(p.skipped for p in read if p.input == number)
+        if skipped:
+            log.warning("%s: skipped %d empty or undecodable document(s)", source, skipped)
+    return read, digests
+
+
+def _sha256(path: Path | None) -> str | None:
+    return assets.sha256_file(path) if path else None
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -128,50 +150,56 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
-def work_items(sources: list[Source], numbers: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def work_items(pieces: list[Piece], numbers: np.ndarray, seed: int) -> list[tuple[np.ndarray, ...]]:
     """The documents `numbers` (global numbers) in a seeded random order, cut into groups of about
-    ITEM_BYTES of text: (source index, byte offset) arrays, one pair per group. Shuffling documents
-    across sources here, before they are written, is what makes every chunk of the shards a mix of
-    all sources (litdata shuffles whole chunks, then windows within a chunk)."""
-    which = np.repeat(np.arange(len(sources), dtype=np.int32), [s.documents for s in sources])  # source of each
-    offsets = np.concatenate([s.offsets for s in sources])
-    text_bytes = np.concatenate([s.text_bytes for s in sources])
+    ITEM_BYTES of text: (piece index, first token, tokens) arrays, one triple per group. Shuffling
+    documents across inputs here, before they are written, is what makes every chunk of the shards a
+    mix of all inputs (litdata shuffles whole chunks, then windows within a chunk)."""
+    which = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p.tokens) for p in pieces])
+    tokens = np.concatenate([p.tokens for p in pieces])
+    first = np.concatenate([np.cumsum(p.tokens) - p.tokens for p in pieces])  # within its piece's file
+    text_bytes = np.concatenate([p.text_bytes for p in pieces])
     order = numbers[np.random.default_rng(seed).permutation(len(numbers))]
     group = np.cumsum(text_bytes[order]) // ITEM_BYTES  # each document's group, in order
-    pieces = np.split(order, np.flatnonzero(np.diff(group)) + 1)
-    return [(which[piece], offsets[piece]) for piece in pieces if len(piece)]
+    groups = np.split(order, np.flatnonzero(np.diff(group)) + 1)
+    return [(which[g], first[g], tokens[g]) for g in groups if len(g)]
 
 
-class Tokenize:
-    """litdata `optimize` function: yields one token tensor per document of a work item, EOT appended.
+class WriteDocuments:
+    """litdata `optimize` function: yields the tokens of each document of a work item, read back
+    from the token files of the first read.
 
     A class (not a closure) so that litdata's worker processes can pickle it. Each worker keeps the
-    files it reads open, since consecutive documents come from anywhere in the corpus.
+    files it reads open, since consecutive documents come from anywhere in the corpus (up to
+    MAX_OPEN of them: a big corpus has thousands of pieces, more than a process may open).
     """
 
-    def __init__(self, sources: list[Source], tokenizer: str, errors: str):
-        self.readable = [(s.readable, s.readable_key) for s in sources]
-        self.tokenizer, self.errors = tokenizer, errors
+    MAX_OPEN = 256
+
+    def __init__(self, pieces: list[Piece], dtype: np.dtype):
+        self.files, self.dtype = [p.tokens_file for p in pieces], dtype
         self._open: dict[int, object] = {}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}  # open files stay in the process that opened them
 
-    def __call__(self, item: tuple[np.ndarray, np.ndarray]):
-        enc = get_tokenizer(self.tokenizer)
-        dtype = np.uint16 if token_dtype(enc.n_vocab) == torch.uint16 else np.int32
-        for source, offset in zip(*item):
-            source = int(source)
-            name, text_key = self.readable[source]
-            if source not in self._open:
-                self._open[source] = open(name, "rb")
-            text = read_at(self._open[source], name, int(offset), text_key, self.errors)
-            # Straight into a NumPy array (a third faster than a list of ints). With no special
-            # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
-            ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-            tokens = np.empty(len(ids) + 1, dtype=dtype)
-            tokens[:-1], tokens[-1] = ids, enc.eot_token
-            yield torch.from_numpy(tokens)
+    def __call__(self, item: tuple[np.ndarray, ...]):
+        import torch  # loaded already: litdata's workers start from a process that imported litdata
+
+        for piece, first, tokens in zip(*item):
+            piece = int(piece)
+            if piece not in self._open:
+                if len(self._open) == self.MAX_OPEN:
+                    self.close()
+                self._open[piece] = open(self.files[piece], "rb")
+            file = self._open[piece]
+            file.seek(int(first) * self.dtype.itemsize)
+            yield torch.from_numpy(np.fromfile(file, dtype=self.dtype, count=int(tokens)))
+
+    def close(self) -> None:
+        for file in self._open.values():
+            file.close()
+        self._open.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,62 +252,79 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
 def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str, workers: int, seed: int,
           encoding_errors: str, chunk_bytes: str, text_key: str) -> dict:
     """Tokenize `inputs` into `folder` (created; train/, val/, metadata.json); returns the metadata."""
-    from litdata import TokensLoader, optimize  # imported here: litdata's import costs seconds
-
     enc = get_tokenizer(tokenizer)
     started = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    sources = scan(inputs, folder / ".copies", text_key, encoding_errors, workers)
-    n_docs = sum(s.documents for s in sources)
-    if n_docs == 0:
-        raise UserError("the inputs hold no text (every document is empty or was skipped)")
-    is_val = split_documents(n_docs, val_fraction, seed)
-    text_bytes = np.concatenate([s.text_bytes for s in sources])
-    # litdata's default scratch folders ($TMPDIR/chunks, $TMPDIR/data) are wiped by every optimize
-    # on the machine; private ones keep parallel runs apart.
-    scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(folder / ".cache" / "chunks"),
-               "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(folder / ".cache" / "data")}
-    saved_env = {key: os.environ.get(key) for key in scratch}
-    os.environ.update(scratch)
     try:
-        splits = {}
-        for split, numbers in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
-            items = work_items(sources, numbers, seed)
-            optimize(fn=Tokenize(sources, tokenizer, encoding_errors), inputs=items,
-                     output_dir=str(folder / split), chunk_bytes=chunk_bytes, item_loader=TokensLoader(),
-                     num_workers=min(workers, len(items)), verbose=False, start_method=START_METHOD,
-                     keep_data_ordered=True)  # static work per worker: the same run gives the same shards
-            documents, tokens = read_index(folder / split)
-            if documents != len(numbers):  # a worker that died without raising would leave a short index
-                raise RuntimeError(f"{split}: wrote {documents} documents, expected {len(numbers)}")
-            splits[split] = {"documents": documents, "tokens": tokens, "bytes": int(text_bytes[numbers].sum())}
+        pieces, digests = read_inputs(inputs, folder / ".tokens", text_key, encoding_errors, tokenizer, workers)
+        # imported only now: litdata (and torch) take seconds to import, which a bad input need not wait
+        # for, and the reading workers start lighter without them
+        from litdata import TokensLoader, optimize
+        n_docs, read_seconds = sum(len(p.tokens) for p in pieces), time.perf_counter() - started
+        if n_docs == 0:
+            raise UserError("the inputs hold no text (every document is empty or was skipped)")
+        is_val = split_documents(n_docs, val_fraction, seed)
+        tokens = np.concatenate([p.tokens for p in pieces])
+        text_bytes = np.concatenate([p.text_bytes for p in pieces])
+        # litdata's default scratch folders ($TMPDIR/chunks, $TMPDIR/data) are wiped by every
+        # optimize on the machine; private ones keep parallel runs apart.
+        scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(folder / ".cache" / "chunks"),
+                   "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(folder / ".cache" / "data")}
+        saved_env = {key: os.environ.get(key) for key in scratch}
+        os.environ.update(scratch)
+        try:
+            splits = {}
+            for split, numbers in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
+                items = work_items(pieces, numbers, seed)
+                optimize(fn=WriteDocuments(pieces, token_dtype(enc.n_vocab)), inputs=items,
+                         output_dir=str(folder / split), chunk_bytes=chunk_bytes, item_loader=TokensLoader(),
+                         num_workers=min(workers, len(items)), verbose=False, start_method=START_METHOD,
+                         keep_data_ordered=True)  # static work per worker: the same run gives the same shards
+                # a worker that died without raising would leave a short index
+                written = read_index(folder / split)
+                if written != (len(numbers), int(tokens[numbers].sum())):
+                    raise RuntimeError(f"{split}: wrote {written} (documents, tokens), expected "
+                                       f"{(len(numbers), int(tokens[numbers].sum()))}")
+                splits[split] = {"documents": written[0], "tokens": written[1],
+                                 "bytes": int(text_bytes[numbers].sum())}
+        finally:
+            for key, value in saved_env.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     finally:
         shutil.rmtree(folder / ".cache", ignore_errors=True)
-        shutil.rmtree(folder / ".copies", ignore_errors=True)
-        for key, value in saved_env.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        shutil.rmtree(folder / ".tokens", ignore_errors=True)
     metadata = {
         "format": METADATA_FORMAT,
         "tokenizer": tokenizer,
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
-        "dtype": str(token_dtype(enc.n_vocab)).removeprefix("torch."),
+        "dtype": token_dtype(enc.n_vocab).name,
         "seed": seed,
         "val_fraction": val_fraction,
         "encoding_errors": encoding_errors,
         "text_key": text_key,
         "splits": splits,
         "shards": {split: shard_checksums(folder / split) for split in SPLITS},
-        "skipped_documents": sum(s.skipped for s in sources),
-        "sources": [{"path": s.name, "sha256": s.sha256, "bytes": s.size, "documents": s.documents} for s in sources],
+        "skipped_documents": sum(p.skipped for p in pieces),
+        "sources": [source_entry(number, source, digest, pieces) for number, (source, digest)
+                    in enumerate(zip(inputs, digests))],
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in splits.values())
-    log.info("prepared %d documents, %d tokens (train %d, val %d) in %.1f s (%.2fM tok/s)", n_docs, total,
-             splits["train"]["tokens"], splits["val"]["tokens"], seconds, total / seconds / 1e6)
+    log.info("prepared %d documents, %d tokens (train %d, val %d) in %.1f s (%.2fM tok/s): read and tokenized "
+             "in %.1f s, shards written in %.1f s", n_docs, total, splits["train"]["tokens"], splits["val"]["tokens"],
+             seconds, total / seconds / 1e6, read_seconds, seconds - read_seconds)
     return metadata
+
+
+def source_entry(number: int, source: Input, sha256: str | None, pieces: list[Piece]) -> dict:
+    """metadata.json's record of an input: its bytes are the file's size, or for folders and hub
+    datasets the UTF-8 bytes of their text."""
+    mine = [p for p in pieces if p.input == number]
+    size = source.path.stat().st_size if sha256 else sum(int(p.text_bytes.sum()) for p in mine)
+    return {"path": str(source), "sha256": sha256, "bytes": size, "documents": sum(len(p.tokens) for p in mine)}
 
 
 def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:

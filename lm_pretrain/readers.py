@@ -10,14 +10,14 @@
 
 Text is UTF-8; a byte-order mark at the start of a file is dropped. A reader yields the text of
 each document in order, None for one that is empty (or undecodable under errors="skip"), so that
-skipped documents keep their place in the count. The plain formats also give each document's byte
-offset, so `prepare` can read it again later by seeking (`read_at`); the others are copied into a
-plain JSON Lines file once, as they are read. Every problem is a UserError naming the file (and
-line or row).
+skipped documents are counted. A large JSON Lines file can be read in pieces (`Input.pieces`: byte
+ranges, each holding the lines that begin in it), so that one big file keeps several workers busy.
+Every problem is a UserError naming the file (and line, row or byte).
 
 A new format is one reader function here and one entry in READERS.
 """
 
+import dataclasses
 import glob
 import gzip
 import io
@@ -39,6 +39,8 @@ class Input:
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
+    start: int = 0  # a piece of a JSON Lines file: the lines that begin in bytes [start, end)
+    end: int | None = None
 
     @property
     def format(self) -> str:
@@ -49,10 +51,12 @@ class Input:
         name = self.path.name
         return next((suffix for suffix in READERS if name.endswith(suffix)), self.path.suffix)
 
-    @property
-    def seekable(self) -> bool:
-        """Documents can be read again from a byte offset (otherwise they are copied once)."""
-        return self.format in (".txt", ".jsonl")
+    def pieces(self, piece_bytes: int) -> list["Input"]:
+        """This input as pieces of about `piece_bytes` that can be read independently (a plain JSON
+        Lines file cut into byte ranges; any other input is one piece)."""
+        size = self.path.stat().st_size if self.format == ".jsonl" else 0
+        bounds = list(range(0, size, piece_bytes))[1:]
+        return [dataclasses.replace(self, start=a, end=b) for a, b in zip([0, *bounds], [*bounds, None])]
 
     def __str__(self) -> str:
         if self.hf_name is not None:
@@ -74,35 +78,38 @@ def decode(data: bytes, where: str, errors: str) -> str | None:
 
 
 def _present(text: str | None) -> str | None:
-    return text if text and text.strip() else None
+    return text if text and not text.isspace() else None  # isspace: no copy, unlike strip
 
 
 # ---------------------------------------------------------------------------------------------
-# The readers: each yields (byte offset or None, text or None) per document
+# The readers: each yields the text of each document, or None
 
 
 def read_txt(source: Input, text_key: str, errors: str):
     data = source.path.read_bytes().removeprefix(BOM)
     if b"\x00" in data:
         raise UserError(f"{source}: binary file (NUL bytes); expected UTF-8 text")
-    yield 0, _present(decode(data, str(source), errors))
+    yield _present(decode(data, str(source), errors))
 
 
-def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int = 0):
-    """(offset, text) of JSON Lines from an iterable of byte lines beginning at byte `start`."""
+def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int = 0, end: int | None = None):
+    """Texts of JSON Lines from an iterable of byte lines beginning at byte `start`, up to the last
+    line that begins before byte `end`."""
     offset = start
     for line_number, line in enumerate(lines, start=1):
         here, offset = offset, offset + len(line)
+        if end is not None and here >= end:
+            break
         if here == 0:
             line = line.removeprefix(BOM)
-        if not line.strip():
+        if not line or line.isspace():
             continue  # blank lines separate nothing in JSON Lines
         where = f"{where_prefix}:{line_number}" if start == 0 else f"{where_prefix} at byte {here}"
         if b"\x00" in line:
             raise UserError(f"{where}: binary data (NUL bytes); expected JSON Lines text")
         raw = decode(line, where, errors)
         if raw is None:
-            yield here, None
+            yield None
             continue
         try:
             record = json.loads(raw)
@@ -111,12 +118,17 @@ def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int
         if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
             raise UserError(f'{where}: each line must be a JSON object with a string "{text_key}" field '
                             f'(--text_key chooses the field)')
-        yield here, _present(record[text_key])
+        yield _present(record[text_key])
 
 
 def read_jsonl(source: Input, text_key: str, errors: str):
     with open(source.path, "rb") as f:
-        yield from _json_lines(f, str(source), text_key, errors)
+        start = source.start
+        if start:  # the line that began before `start` belongs to the piece before
+            f.seek(start - 1)
+            f.readline()
+            start = f.tell()
+        yield from _json_lines(f, str(source), text_key, errors, start, source.end)
 
 
 def _open_compressed(source: Input):
@@ -130,8 +142,7 @@ def _open_compressed(source: Input):
 def read_compressed_jsonl(source: Input, text_key: str, errors: str):
     try:
         with _open_compressed(source) as f:
-            for _, text in _json_lines(f, str(source), text_key, errors):
-                yield None, text
+            yield from _json_lines(f, str(source), text_key, errors)
     except UserError:
         raise
     except Exception as err:  # gzip.BadGzipFile, zstd.ZstdError, EOFError: not an archive, or a truncated one
@@ -149,7 +160,7 @@ def _rows(table_batches, source: Input, text_key: str):
             row += 1
             if text is not None and not isinstance(text, str):
                 raise UserError(f"{source}: row {row} of column {text_key!r} is not text")
-            yield None, _present(text)
+            yield _present(text)
 
 
 def read_parquet(source: Input, text_key: str, errors: str):
@@ -192,7 +203,7 @@ def read_hf_hub(source: Input, text_key: str, errors: str):
             text = row.get(text_key)
             if text is not None and not isinstance(text, str):
                 raise UserError(f"{source}: row {row_number} of column {text_key!r} is not text")
-            yield None, _present(text)
+            yield _present(text)
     except UserError:
         raise
     except Exception as err:  # no network, no such dataset, config or split
@@ -208,21 +219,11 @@ SUFFIXES = ", ".join(FILE_SUFFIXES)
 
 
 def read_documents(source: Input, text_key: str = DEFAULT_TEXT_KEY, errors: str = "strict"):
-    """Yield (byte offset or None, text or None) for each document of `source`."""
+    """Yield the text (or None) of each document of `source`."""
     try:
         yield from READERS[source.format](source, text_key, errors)
     except OSError as err:
         raise UserError(f"{source}: cannot read ({err.strerror or err})") from None
-
-
-def read_at(file, name: str, offset: int, text_key: str, errors: str) -> str | None:
-    """The document that begins at byte `offset` (found by the first read) of `file`, an open .txt or
-    .jsonl file called `name`."""
-    file.seek(0 if name.endswith(".txt") else offset)
-    if name.endswith(".txt"):
-        data = file.read().removeprefix(BOM)
-        return _present(decode(data, name, errors))
-    return next(_json_lines([file.readline()], name, text_key, errors, start=offset), (offset, None))[1]
 
 
 def _is_input_file(path: Path) -> bool:

@@ -351,3 +351,28 @@ def test_documents_of_all_sources_are_mixed_throughout(tmp_path):
     resumed = dm2.train_dataloader()
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(again, [b for _, b in zip(range(5), resumed)], strict=True))
+
+
+def test_big_files_are_read_in_pieces_with_the_same_result(tmp_path, monkeypatch, capsys):
+    """A JSON Lines file cut into byte ranges (every boundary inside a line, on a blank line or
+    just after a CRLF) gives the same shards and metadata as read whole, whatever the number of
+    files the writing workers may keep open."""
+    texts = [f"record {i} " + "word " * (i % 7) for i in range(60)] + ["", "  "]  # two empty ones: skipped
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    data = ("\ufeff" + "\r\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:]) + "\n").encode()
+    source = tmp_path / "big.jsonl"
+    source.write_bytes(data)
+    whole = prepare([source], tmp_path / "whole", val_fraction=0.2, workers=2)
+    monkeypatch.setattr(prepare_module, "PIECE_BYTES", 37)
+    monkeypatch.setattr(prepare_module.WriteDocuments, "MAX_OPEN", 3)
+    assert len(find_inputs([str(source)])[0].pieces(37)) == -(-len(data) // 37)
+    pieces = prepare([source], tmp_path / "pieces", val_fraction=0.2, workers=2)
+    assert pieces["splits"] == whole["splits"] and pieces["sources"] == whole["sources"]
+    assert pieces["skipped_documents"] == whole["skipped_documents"] == 2
+    for split in ("train", "val"):
+        assert read_documents_back(tmp_path / "pieces" / split) == read_documents_back(tmp_path / "whole" / split)
+    # a bad line in a later piece is named by its byte offset
+    bad = data + b'{"text": 3}\n'
+    source.write_bytes(bad)
+    line = cli_error(main, [str(source), "--output", str(tmp_path / "bad")], capsys)
+    assert line.startswith(f"error: {source} at byte {len(data)}:") and "string \"text\" field" in line, line
