@@ -258,10 +258,10 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
     folder.mkdir(parents=True)
     try:
         pieces, digests = read_inputs(inputs, folder / ".tokens", text_key, encoding_errors, tokenizer, workers)
+        n_docs, read_seconds = sum(len(p.tokens) for p in pieces), time.perf_counter() - started
         # imported only now: litdata (and torch) take seconds to import, which a bad input need not wait
         # for, and the reading workers start lighter without them
         from litdata import TokensLoader, optimize
-        n_docs, read_seconds = sum(len(p.tokens) for p in pieces), time.perf_counter() - started
         if n_docs == 0:
             raise UserError("the inputs hold no text (every document is empty or was skipped)")
         is_val = split_documents(n_docs, val_fraction, seed)
