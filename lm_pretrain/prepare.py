@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,29 +109,53 @@ def text_batches(texts, batch_chars: int = 4 << 20):
         yield batch
 
 
+def copy_as_jsonl(job: tuple) -> int:
+    """Write the documents of an input into a plain JSON Lines file ({text_key: text} per line), which
+    can be cut into pieces; `job` is (input, path, text_key, errors). Returns the documents skipped."""
+    source, path, text_key, errors = job
+    skipped = 0
+    with open(path, "wb") as out:
+        for text in read_documents(source, text_key, errors):
+            if text is None:
+                skipped += 1
+            else:
+                out.write(json.dumps({text_key: text}, ensure_ascii=False).encode() + b"\n")
+    return skipped
+
+
 def read_inputs(inputs: list[Input], folder: Path, text_key: str, errors: str, tokenizer: str,
                 workers: int) -> tuple[list[Piece], list[str | None]]:
     """Read and tokenize every input, `workers` pieces at a time, into token files in `folder`;
     returns the pieces in input order and each input's sha256 (None for folders and hub datasets)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = [(number, piece) for number, source in enumerate(inputs) for piece in source.pieces(PIECE_BYTES)]
-    jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), text_key, errors, tokenizer)
-            for i, (number, piece) in enumerate(pieces)]
-    files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
-    if workers == 1 or len(jobs) == 1:
-        read = [read_piece(job) for job in jobs]
-        digests = [_sha256(f) for f in files]
-    else:
-        import multiprocessing
+    import multiprocessing
 
-        with multiprocessing.get_context(START_METHOD).Pool(min(workers, len(jobs))) as pool:
-            reading = pool.map_async(read_piece, jobs, chunksize=1)
-            digesting = pool.map_async(_sha256, files, chunksize=1)  # queued after the pieces: short, they fill the tail
-            read, digests = reading.get(), digesting.get()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
+    readable, skipped = list(inputs), [0] * len(inputs)
+    with multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else nullcontext() as pool:
+        def run(fn, jobs: list) -> list:  # in order; on the workers when there are several
+            return pool.map(fn, jobs, chunksize=1) if pool else [fn(job) for job in jobs]
+
+        # An input that cannot be cut (compressed, parquet, datasets, hub) is one piece, tokenized by
+        # one worker. When that would leave workers idle, such inputs are first copied into plain
+        # JSON Lines (one worker each), which is cut into pieces like any other.
+        uncut = [number for number, source in enumerate(inputs) if source.format not in (".jsonl", ".txt")]
+        if uncut and sum(len(source.pieces(PIECE_BYTES)) for source in inputs) < workers:
+            copies = [folder / f"copy-{number:06d}.jsonl" for number in uncut]
+            for number, copy, count in zip(uncut, copies, run(copy_as_jsonl, [
+                    (inputs[number], copy, text_key, errors) for number, copy in zip(uncut, copies)])):
+                readable[number], skipped[number] = Input(copy), count
+        pieces = [(number, piece) for number, source in enumerate(readable) for piece in source.pieces(PIECE_BYTES)]
+        jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), text_key, errors, tokenizer)
+                for i, (number, piece) in enumerate(pieces)]
+        digesting = pool.map_async(_sha256, files, chunksize=1) if pool else None  # queued after the pieces
+        read = run(read_piece, jobs)
+        digests = digesting.get() if pool else [_sha256(f) for f in files]
     for number, source in enumerate(inputs):
-        skipped = sum(p.skipped for p in read if p.input == number)
-        if skipped:
-            log.warning("%s: skipped %d empty or undecodable document(s)", source, skipped)
+        mine = [p for p in read if p.input == number]
+        mine[0].skipped += skipped[number]  # those left out of its plain copy
+        if sum(p.skipped for p in mine):
+            log.warning("%s: skipped %d empty or undecodable document(s)", source, sum(p.skipped for p in mine))
     return read, digests
 
 

@@ -376,3 +376,21 @@ def test_big_files_are_read_in_pieces_with_the_same_result(tmp_path, monkeypatch
     source.write_bytes(bad)
     line = cli_error(main, [str(source), "--output", str(tmp_path / "bad")], capsys)
     assert line.startswith(f"error: {source} at byte {len(data)}:") and "string \"text\" field" in line, line
+
+
+def test_an_input_that_cannot_be_cut_is_copied_then_cut_when_workers_would_idle(tmp_path, monkeypatch):
+    """One compressed file is one piece: with more workers than pieces it is first copied into plain
+    JSON Lines and cut; shards, counts and the source's record come out as with one worker."""
+    import gzip
+
+    monkeypatch.setattr(prepare_module, "PIECE_BYTES", 300)
+    lines = "".join(json.dumps({"body": t}) + "\n" for t in [*FORMAT_TEXTS * 3, " "]).encode()  # " ": skipped
+    source = tmp_path / "docs.jsonl.gz"
+    source.write_bytes(gzip.compress(lines))
+    alone = prepare([source], tmp_path / "one", val_fraction=0.25, workers=1, text_key="body")
+    copied = prepare([source], tmp_path / "three", val_fraction=0.25, workers=3, text_key="body")
+    assert alone["splits"] == copied["splits"] and alone["sources"] == copied["sources"]
+    assert alone["skipped_documents"] == copied["skipped_documents"] == 1
+    assert copied["sources"][0]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    for split in ("train", "val"):
+        assert read_documents_back(tmp_path / "one" / split) == read_documents_back(tmp_path / "three" / split)
