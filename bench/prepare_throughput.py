@@ -12,8 +12,8 @@ processes over texts already in memory, with nothing read or written (for the la
 `--ceiling_mb` of documents: the ceiling is a rate, and the whole corpus would not fit the memory
 budget being measured). `encode_ordinary_batch` (threads) is not the ceiling: it builds Python lists
 of ints, and on a 2-core machine it is slower than prepare itself. `prepare` runs as its own process (`python -m
-lm_pretrain.prepare`), timed end to end: start-up, the first read (parsing, checksums), tokenizing in
-litdata workers, writing shards, checksums of the shards. Its first pass (reading, parsing and
+lm_pretrain.prepare`), timed end to end: start-up, the first pass (reading, parsing, tokenizing,
+checksums of the inputs), writing the shuffled shards in litdata workers, checksums of the shards. Its first pass (reading, parsing and
 tokenizing every input, from prepare's log) is also reported against the ceiling: it is the part
 that tokenizes; the rest is start-up and writing the shuffled shards. Its peak memory is the
 largest sum of resident memory over its process tree, sampled every 0.1 s (pages shared between

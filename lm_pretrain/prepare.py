@@ -133,30 +133,37 @@ def read_inputs(inputs: list[Input], folder: Path, text_key: str, errors: str, t
     files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
     readable, skipped = list(inputs), [0] * len(inputs)
     with multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else nullcontext() as pool:
-        def run(fn, jobs: list) -> list:  # in order; on the workers when there are several
-            return pool.map(fn, jobs, chunksize=1) if pool else [fn(job) for job in jobs]
-
         # An input that cannot be cut (compressed, parquet, datasets, hub) is one piece, tokenized by
         # one worker. When that would leave workers idle, such inputs are first copied into plain
         # JSON Lines (one worker each), which is cut into pieces like any other.
         uncut = [number for number, source in enumerate(inputs) if source.format not in (".jsonl", ".txt")]
         if uncut and sum(len(source.pieces(PIECE_BYTES)) for source in inputs) < workers:
-            copies = [folder / f"copy-{number:06d}.jsonl" for number in uncut]
-            for number, copy, count in zip(uncut, copies, run(copy_as_jsonl, [
-                    (inputs[number], copy, text_key, errors) for number, copy in zip(uncut, copies)])):
+            copies = [(inputs[number], folder / f"copy-{number:06d}.jsonl", text_key, errors) for number in uncut]
+            counts = pool.map(copy_as_jsonl, copies, chunksize=1) if pool else [copy_as_jsonl(c) for c in copies]
+            for number, (_, copy, _, _), count in zip(uncut, copies, counts):
                 readable[number], skipped[number] = Input(copy), count
         pieces = [(number, piece) for number, source in enumerate(readable) for piece in source.pieces(PIECE_BYTES)]
         jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), text_key, errors, tokenizer)
                 for i, (number, piece) in enumerate(pieces)]
-        digesting = pool.map_async(_sha256, files, chunksize=1) if pool else None  # queued after the pieces
-        read = run(read_piece, jobs)
-        digests = digesting.get() if pool else [_sha256(f) for f in files]
-    for number, source in enumerate(inputs):
-        mine = [p for p in read if p.input == number]
-        mine[0].skipped += skipped[number]  # those left out of its plain copy
+        if pool:
+            reading = pool.map_async(read_piece, jobs, chunksize=1)
+            digesting = pool.map_async(_sha256, files, chunksize=1)  # after the pieces: short jobs fill the tail
+            read, digests = reading.get(), digesting.get()
+        else:
+            read, digests = [read_piece(job) for job in jobs], [_sha256(f) for f in files]
+    for source, mine, copy_skipped in zip(inputs, by_input(read, len(inputs)), skipped):
+        mine[0].skipped += copy_skipped  # those left out of its plain copy
         if sum(p.skipped for p in mine):
             log.warning("%s: skipped %d empty or undecodable document(s)", source, sum(p.skipped for p in mine))
     return read, digests
+
+
+def by_input(pieces: list[Piece], n_inputs: int) -> list[list[Piece]]:
+    """The pieces of each input (every input has at least one)."""
+    grouped = [[] for _ in range(n_inputs)]
+    for piece in pieces:
+        grouped[piece.input].append(piece)
+    return grouped
 
 
 def _sha256(path: Path | None) -> str | None:
@@ -284,11 +291,11 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
     try:
         pieces, digests = read_inputs(inputs, folder / ".tokens", text_key, encoding_errors, tokenizer, workers)
         n_docs, read_seconds = sum(len(p.tokens) for p in pieces), time.perf_counter() - started
+        if n_docs == 0:
+            raise UserError("the inputs hold no text (every document is empty or was skipped)")
         # imported only now: litdata (and torch) take seconds to import, which a bad input need not wait
         # for, and the reading workers start lighter without them
         from litdata import TokensLoader, optimize
-        if n_docs == 0:
-            raise UserError("the inputs hold no text (every document is empty or was skipped)")
         is_val = split_documents(n_docs, val_fraction, seed)
         tokens = np.concatenate([p.tokens for p in pieces])
         text_bytes = np.concatenate([p.text_bytes for p in pieces])
@@ -307,10 +314,9 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
                          num_workers=min(workers, len(items)), verbose=False, start_method=START_METHOD,
                          keep_data_ordered=True)  # static work per worker: the same run gives the same shards
                 # a worker that died without raising would leave a short index
-                written = read_index(folder / split)
-                if written != (len(numbers), int(tokens[numbers].sum())):
-                    raise RuntimeError(f"{split}: wrote {written} (documents, tokens), expected "
-                                       f"{(len(numbers), int(tokens[numbers].sum()))}")
+                written, expected = read_index(folder / split), (len(numbers), int(tokens[numbers].sum()))
+                if written != expected:
+                    raise RuntimeError(f"{split}: wrote {written} (documents, tokens), expected {expected}")
                 splits[split] = {"documents": written[0], "tokens": written[1],
                                  "bytes": int(text_bytes[numbers].sum())}
         finally:
@@ -332,8 +338,8 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
         "splits": splits,
         "shards": {split: shard_checksums(folder / split) for split in SPLITS},
         "skipped_documents": sum(p.skipped for p in pieces),
-        "sources": [source_entry(number, source, digest, pieces) for number, (source, digest)
-                    in enumerate(zip(inputs, digests))],
+        "sources": [source_entry(source, digest, mine)
+                    for source, digest, mine in zip(inputs, digests, by_input(pieces, len(inputs)))],
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started
@@ -344,10 +350,9 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
     return metadata
 
 
-def source_entry(number: int, source: Input, sha256: str | None, pieces: list[Piece]) -> dict:
-    """metadata.json's record of an input: its bytes are the file's size, or for folders and hub
-    datasets the UTF-8 bytes of their text."""
-    mine = [p for p in pieces if p.input == number]
+def source_entry(source: Input, sha256: str | None, mine: list[Piece]) -> dict:
+    """metadata.json's record of an input (`mine`: its pieces): its bytes are the file's size, or for
+    folders and hub datasets the UTF-8 bytes of their text."""
     size = source.path.stat().st_size if sha256 else sum(int(p.text_bytes.sum()) for p in mine)
     return {"path": str(source), "sha256": sha256, "bytes": size, "documents": sum(len(p.tokens) for p in mine)}
 
