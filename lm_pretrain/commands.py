@@ -1,14 +1,19 @@
 """The command line of every entry point: one flag style, the one train.py has (LightningCLI's).
 
-Flags are `--name value` with underscores (`--max_new_tokens 50`, `--overwrite true`); every entry
-point has `--help` and `--config FILE`, a YAML file of the same keys (`max_new_tokens: 50`), and
-`--print_config`. Options are declared once, as the parameters of a documented function, whose
+Flags are `--name value` with underscores (`--max_new_tokens 50`); a yes/no option is a switch,
+`--overwrite` alone meaning `--overwrite true` (`--overwrite false` works too). Every entry point has
+`--help` and `--config FILE`, a YAML file of the same keys (`max_new_tokens: 50`, `overwrite: true`),
+and `--print_config`. Options are declared once, as the parameters of a documented function, whose
 docstring becomes the help text. A wrong flag or value ends in one `error: ...` line, exit status 2.
 """
 
+import inspect
+import itertools
 import logging
 import sys
+import typing
 
+import docstring_parser
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from lm_pretrain.errors import UserError
@@ -20,7 +25,19 @@ def command_parser(prog: str, function, description: str | None = None) -> Argum
     parser = ArgumentParser(prog=prog, description=description or function.__doc__.splitlines()[0],
                             exit_on_error=False)
     parser.add_argument("--config", action="config", help="a YAML file of these options")
-    parser.add_function_arguments(function, fail_untyped=True, as_group=False)
+    # In the order of the signature: runs of other parameters as jsonargparse declares them, each
+    # `bool` one as a switch (jsonargparse's bool type with an optional value: alone it means true).
+    hints, params = typing.get_type_hints(function), inspect.signature(function).parameters
+    helps = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
+    for is_switch, run in itertools.groupby(params, key=lambda name: hints.get(name) is bool):
+        run = list(run)
+        if not is_switch:
+            parser.add_function_arguments(function, fail_untyped=True, as_group=False,
+                                          skip={name for name in params if name not in run})
+        for name in run if is_switch else ():
+            default, required = params[name].default, params[name].default is inspect.Parameter.empty
+            parser.add_argument(f"--{name}", type=bool, nargs="?", const=True, metavar="{true,false}",
+                                required=required, default=None if required else default, help=helps.get(name))
     return parser
 
 

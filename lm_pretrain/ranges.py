@@ -1,14 +1,19 @@
-"""The allowed range of every numeric setting, declared once: as the type of its parameter.
+"""The allowed values of every setting, declared once: as the type of its parameter. A numeric
+setting's range is a restricted number type; a setting that takes one of a fixed set of strings is a
+`Literal`:
 
-    def __init__(self, learning_rate: PositiveFloat = 6e-4, warmup_steps: NonNegativeInt = 100): ...
+    def __init__(self, learning_rate: PositiveFloat = 6e-4, warmup_steps: NonNegativeInt = 100,
+                 verify: Literal["sha256", "size", "none"] = "sha256"): ...
 
-The command line (jsonargparse, under every entry point) refuses a value outside the range as it
-parses, before any data is read or any file is written; `check` does the same for a call made from
-Python. `describe` turns jsonargparse's refusal into the one line a user sees, naming the flag, the
-value and the range. Settings of Lightning's own classes that the presets use are declared in
-TRAINER_RANGES and checked by the training command the same way.
+The command line (jsonargparse, under every entry point) refuses a value outside the range, or not
+among the choices, as it parses, before any data is read or any file is written; `--help` lists the
+choices. `check` does the same for a call made from Python. `describe` turns jsonargparse's refusal
+into the one line a user sees, naming the flag, the value and the range or the choices. Settings of
+Lightning's own classes that the presets use are declared in TRAINER_RANGES and checked by the
+training command the same way.
 """
 
+import ast
 import operator
 import re
 import types
@@ -20,7 +25,7 @@ from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegati
 from lm_pretrain.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "check", "check_config", "describe", "plain", "restrictions"]
+           "PositiveInt", "Probability", "check", "check_config", "choices", "describe", "plain", "restrictions"]
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1): dropout, AdamW betas
 OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
@@ -53,8 +58,20 @@ def restrictions(annotation) -> list[tuple[str, float]] | None:
     return [(_OPERATORS[op], bound) for op, bound in found] if found else None
 
 
+def choices(annotation) -> tuple | None:
+    """("sha256", "size", "none") of Literal["sha256", "size", "none"] (also inside `... | None`), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [c for a in typing.get_args(annotation) for c in choices(a) or ()]
+        return tuple(found) or None
+    return None
+
+
 def _in_range(annotation, value) -> bool:
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return any(value == c and type(value) is type(c) for c in args)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_in_range(a, value) for a in args)
     if annotation is type(None):
@@ -81,15 +98,26 @@ def range_text(annotation) -> str:
     return text
 
 
+def refusal(flag: str, value, annotation) -> str:
+    """The one line refusing `value` for `flag`: not among its choices, or out of its range."""
+    allowed = choices(annotation)
+    if allowed is None:
+        return f"{flag} {value!r} is out of range: it must be {range_text(annotation)}"
+    text = ", ".join(map(str, allowed))
+    if any(a is type(None) for a in typing.get_args(annotation)):
+        text += ", or null"
+    return f"{flag} {value!r} is not one of {text}"
+
+
 def check(function, values: dict, prefix: str) -> None:
-    """UserError naming the first of `values` outside the range its parameter of `function` declares
-    (`prefix` names the flags' group, e.g. "model"; empty for an entry point's own flags)."""
+    """UserError naming the first of `values` outside the range, or not among the choices (Literal),
+    that its parameter of `function` declares (`prefix` names the flags' group, e.g. "model"; empty
+    for an entry point's own flags)."""
     hints = typing.get_type_hints(function)
     for name, value in values.items():
         annotation = hints.get(name)
-        if annotation is not None and _has_restrictions(annotation) and not _in_range(annotation, value):
-            flag = f"--{prefix}.{name}" if prefix else f"--{name}"
-            raise UserError(f"{flag} {value!r} is out of range: it must be {range_text(annotation)}")
+        if annotation is not None and _is_checked(annotation) and not _in_range(annotation, value):
+            raise UserError(refusal(f"--{prefix}.{name}" if prefix else f"--{name}", value, annotation))
 
 
 def check_config(config, table: dict = TRAINER_RANGES) -> None:
@@ -98,7 +126,7 @@ def check_config(config, table: dict = TRAINER_RANGES) -> None:
     for key, annotation in table.items():
         value = config.get(key)
         if value is not None and not isinstance(value, str) and not _in_range(annotation, value):
-            raise UserError(f"--{key} {value!r} is out of range: it must be {range_text(annotation)}")
+            raise UserError(refusal(f"--{key}", value, annotation))
 
 
 def plain(value):
@@ -118,7 +146,13 @@ def plain(value):
 
 
 def _has_restrictions(annotation) -> bool:
+    """Whether `annotation` declares a numeric range (within a union or tuple too)."""
     return restrictions(annotation) is not None or any(_has_restrictions(a) for a in typing.get_args(annotation))
+
+
+def _is_checked(annotation) -> bool:
+    """Whether `check` has something to enforce: a numeric range, or a Literal's choices."""
+    return _has_restrictions(annotation) or choices(annotation) is not None
 
 
 def _first(annotation):
@@ -129,20 +163,47 @@ def _first(annotation):
 
 
 def describe(message: str) -> str:
-    """jsonargparse's multi-line refusal of an out-of-range value as one line: the flag, the value,
-    the range. Other parse errors come back as they are, on one line."""
+    """jsonargparse's multi-line refusal of an out-of-range value, or of a value that is not one of a
+    Literal's choices (or not true or false), as one line: the flag, the value, the range or the
+    choices. Other parse errors come back as they are, on one line."""
     message = " ".join(message.split())
+    choice = _refused_choice(message)
+    if choice:
+        return choice
     limit = re.search(r"Not of type \w+: (?:(\S+) )?does not conform to restriction (v[^-]*?)(?: - |$| Expected| Given)",
                       message)
     if not limit:
         return message
-    # the keys down to the refused one, e.g. trainer.callbacks > (TextSamples) max_new_tokens
-    keys = re.findall(r'Parser key "([^"]+)"', message[:limit.start()])
-    owner = re.findall(r"class_path '[\w.]*?(\w+)'", message[:limit.start()])
-    flag = keys[0] + (f" ({owner[-1]}) {keys[-1]}" if len(keys) > 1 and owner else "")
     value = limit.group(1)
     if value is None:
         given = re.search(r"Given value: (\S+)", message)
         value = given.group(1) if given else "the value"
     allowed = re.sub(r"v(>=|<=|!=|==|>|<)\s*", r"\1 ", limit.group(2)).strip()
-    return f"--{flag} {value} is out of range: it must be {allowed}"
+    return f"--{_flag(message[:limit.start()])} {value} is out of range: it must be {allowed}"
+
+
+def _refused_choice(message: str) -> str | None:
+    """The one line for a value refused by a setting typed Literal[...] or bool (or either | None);
+    None for any other refusal, e.g. of a setting that also takes a class or a number."""
+    expected = re.findall(r"Expected a (typing\.Literal\[[^\]]*\]|<class '[\w.]+'>|\S+)", message)
+    kinds = [e if e.startswith("typing.Literal[") else e.removeprefix("<class '").removesuffix("'>") for e in expected]
+    if not all(k.startswith("typing.Literal[") or k in ("bool", "NoneType") for k in kinds) or \
+            set(kinds) <= {"NoneType"}:
+        return None
+    allowed = [str(c) for k in kinds if k.startswith("typing.Literal[") for c in ast.literal_eval(f"[{k[15:-1]}]")]
+    allowed += ["true", "false"] if "bool" in kinds else []
+    first = message.index("Expected a ")
+    given = re.search(r"(?:Got|Given) value: (.*?)(?: - |$)", message[first:])
+    value = repr(given.group(1)) if given else "the value"
+    return (f"--{_flag(message[:first])} {value} is not one of {', '.join(allowed)}"
+            f"{', or null' if 'NoneType' in kinds else ''}")
+
+
+def _flag(message: str) -> str:
+    """The flag a refusal is about, from the keys named before it in `message`: e.g. data.verify,
+    or trainer.callbacks (TextSamples) max_new_tokens for a setting of a class in a list."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    owner = re.findall(r"class_path '[\w.]*?(\w+)'", message)
+    if not keys:
+        return "the value"
+    return keys[0] + (f" ({owner[-1]}) {keys[-1]}" if len(keys) > 1 and owner else "")

@@ -1,10 +1,11 @@
-"""Every numeric flag of every entry point is range-checked before any work, in one line.
+"""Every numeric flag of every entry point is range-checked before any work, in one line, and so
+is every flag that takes one of a fixed set of strings (typed `Literal[...]`).
 
 The flags are not listed here: they are read from the entry points' own signatures (and, for
 Lightning's settings, from `ranges.TRAINER_RANGES`). A numeric flag without a declared range fails
 the first test; every declared range is tried just outside its bounds (zero included where it is
-out) and must end in one `error:` line naming the flag and the value, exit status 2, no traceback,
-and nothing written.
+out), and every Literal flag with a value not among its choices; each must end in one `error:` line
+naming the flag and the value (and the choices), exit status 2, no traceback, and nothing written.
 """
 
 import dataclasses
@@ -21,8 +22,9 @@ from lm_pretrain.data import TokenDataModule
 from lm_pretrain.evaluate import evaluate
 from lm_pretrain.generate import generate
 from lm_pretrain.model import GPTConfig
+from lm_pretrain.errors import UserError
 from lm_pretrain.module import LanguageModel
-from lm_pretrain.prepare import prepare_command
+from lm_pretrain.prepare import CORPORA, Corpus, prepare, prepare_command
 
 UNRESTRICTED = {"seed"}  # any integer is a seed
 
@@ -81,19 +83,89 @@ CASES = [(entry, flag, value) for entry, flags in FLAGS.items() for flag, annota
 @pytest.mark.parametrize("entry,flag,value", CASES, ids=[f"{e}--{f}={v}" for e, f, v in CASES])
 def test_out_of_range_values_are_refused_before_any_work(entry, flag, value, prepared, corpus, tmp_path, monkeypatch,
                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    text = str(value).replace(" ", "") if not isinstance(value, list) else "[" + ",".join(map(str, value)) + "]"
+    main, argv = entry_point(entry, prepared, corpus, tmp_path)
+    line = cli_error(main, [*argv, f"--{flag}", text], capsys)
+    assert "out of range" in line and flag.rsplit(".", 1)[-1] in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run folder, no output
+
+
+def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
+    """(main, the arguments of a run that would otherwise start work) of an entry point."""
     from lm_pretrain.cli import main as train
     from lm_pretrain.evaluate import main as evaluate_main
     from lm_pretrain.generate import main as generate_main
     from lm_pretrain.prepare import main as prepare_main
 
-    monkeypatch.chdir(tmp_path)
-    text = str(value).replace(" ", "") if not isinstance(value, list) else "[" + ",".join(map(str, value)) + "]"
-    main, argv = {
+    return {
         "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared)]),
         "prepare": (prepare_main, [str(corpus[0]), "--output", str(tmp_path / "out")]),
         "generate": (generate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt")]),
         "evaluate": (evaluate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt"), "--tasks", "x"]),
     }[entry]
-    line = cli_error(main, [*argv, f"--{flag}", text], capsys)
-    assert "out of range" in line and flag.rsplit(".", 1)[-1] in line, line
+
+
+# every flag typed Literal[...] (or Literal[...] | None): (entry point, flag, its choices)
+CHOICES = [(entry, flag, ranges.choices(annotation)) for entry, flags in FLAGS.items()
+           for flag, annotation in flags.items() if ranges.choices(annotation)]
+
+
+def test_flags_with_fixed_choices_are_literals():
+    flags = {(entry, flag) for entry, flag, _ in CHOICES}
+    assert {("train", "data.verify"), ("prepare", "encoding_errors"), ("prepare", "corpus")} <= flags
+    assert typing.get_args(Corpus) == tuple(CORPORA)  # the names of the built-in corpora, declared once
+
+
+@pytest.mark.parametrize("entry,flag,allowed", CHOICES, ids=[f"{e}--{f}" for e, f, _ in CHOICES])
+def test_a_value_not_among_the_choices_is_refused_before_any_work(entry, flag, allowed, prepared, corpus, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main, argv = entry_point(entry, prepared, corpus, tmp_path)
+    line = cli_error(main, [*argv, f"--{flag}", "nope"], capsys)
+    optional = type(None) in typing.get_args(FLAGS[entry][flag])
+    choices = ", ".join(allowed) + (", or null" if optional else "")
+    named = flag.replace("trainer.callbacks.init_args.", "trainer.callbacks (TextSamples) ")
+    assert line.startswith(f"error: --{named} 'nope' is not one of {choices} (see ") and line.endswith("--help)"), line
     assert list(tmp_path.iterdir()) == []  # nothing written: no run folder, no output
+
+
+def test_one_line_for_a_refused_yes_or_no(prepared, corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train, argv = entry_point("train", prepared, corpus, tmp_path)
+    assert cli_error(train, [*argv, "--model.compile", "maybe"], capsys).startswith(
+        "error: --model.compile 'maybe' is not one of true, false (see python train.py fit --help)")
+    assert cli_error(train, [*argv, "--trainer.enable_progress_bar", "maybe"], capsys).startswith(
+        "error: --trainer.enable_progress_bar 'maybe' is not one of true, false, or null (see ")
+    prepare_main, argv = entry_point("prepare", prepared, corpus, tmp_path)
+    assert cli_error(prepare_main, [*argv, "--overwrite", "maybe"], capsys) == \
+        "error: --overwrite 'maybe' is not one of true, false (see lm-pretrain-prepare --help)"
+    # a setting that takes a class too (or false) keeps jsonargparse's own message, on one line
+    assert 'Parser key "trainer.logger"' in cli_error(train, ["fit", "--trainer.logger", "maybe"], capsys)
+
+
+def test_python_calls_refuse_a_value_not_among_the_choices(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^--data.verify 'md5' is not one of sha256, size, none$"):
+        TokenDataModule(data_dir=str(prepared), verify="md5")
+    with pytest.raises(UserError, match=r"^--encoding_errors 'latin-1' is not one of strict, replace, skip$"):
+        prepare([], tmp_path / "out", encoding_errors="latin-1")
+    with pytest.raises(UserError, match=r"^--corpus 'wikipedia' is not one of shakespeare, or null$"):
+        prepare_command(str(tmp_path / "out"), corpus="wikipedia")
+    assert list(tmp_path.iterdir()) == []
+    TokenDataModule(data_dir=str(prepared), verify="size")  # each choice is accepted as it is
+    ranges.check(prepare_command, {"corpus": None, "encoding_errors": "skip"}, "")
+
+
+def test_help_lists_the_choices(capsys):
+    from lm_pretrain.cli import main as train
+    from lm_pretrain.prepare import main as prepare_main
+
+    for main, argv in ((prepare_main, ["--help"]), (train, ["fit", "--help"])):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code in (0, None)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "--encoding_errors {strict,replace,skip}" in printed
+    assert "Optional[Literal['shakespeare']]" in printed  # --corpus: one of them, or none
+    assert "--data.verify {sha256,size,none}" in printed
