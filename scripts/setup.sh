@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv, install requirements.txt and this package (editable) into it. Safe to re-run: it
-# does nothing when nothing it installs has changed since the last time.
+# Create .venv, install requirements.txt into it: this package (editable) with every extra, as the
+# tests and notebooks need (pyproject.toml declares them). Safe to re-run: it does nothing when
+# nothing it installs has changed since the last time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,15 +30,13 @@ if ! $PY -m pip show torch > /dev/null 2>&1; then
 fi
 # Pin the torch that is there, so no other package swaps it for a different (multi-GB CUDA) build.
 torch_version=$($PY -m pip show torch | awk '/^Version:/ {print $2}')
-echo "  installing requirements.txt (torch $torch_version kept) ..."
+echo "  installing lm_pretrain with all its extras (requirements.txt; torch $torch_version kept) ..."
 pip_install -r requirements.txt "torch==$torch_version"
 # litdata asks for torchvision without a version. A torchvision built for another torch (e.g. a
 # CUDA wheel beside a CPU torch) breaks `import lightning`; litdata itself only needs it for images.
 if ! $PY -c "import torchvision" > /dev/null 2>&1; then
   $PY -m pip uninstall --yes torchvision >> .venv/pip.log 2>&1
 fi
-echo "  installing lm_pretrain (editable: the lm-pretrain-* commands) ..."
-pip_install --no-deps -e .
 $PY -c "import lightning, litdata, tiktoken, torchmetrics, lm_pretrain"
 echo "$want" > "$stamp"
 echo "set-up done"
