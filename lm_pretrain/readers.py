@@ -24,11 +24,25 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lm_pretrain.errors import UserError
+from lm_pretrain.extras import require
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
 DEFAULT_TEXT_KEY = "text"
+# What to do with bytes that are not UTF-8: fail naming the file and byte, write U+FFFD for them, or
+# skip the document that holds them (--encoding_errors of lm-pretrain-prepare).
+EncodingErrors = Literal["strict", "replace", "skip"]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How documents are read out of any input: one object for every reader, each using what applies
+    to its format."""
+
+    text_key: str = DEFAULT_TEXT_KEY  # the JSON field or table column that holds each document's text
+    errors: EncodingErrors = "strict"  # bytes that are not UTF-8 (in .txt and JSON Lines files)
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class Input:
         return str(self.path)
 
 
-def decode(data: bytes, where: str, errors: str) -> str | None:
+def decode(data: bytes, where: str, errors: EncodingErrors) -> str | None:
     """UTF-8 text of `data`; None when the policy is to skip it. `where` names it in errors."""
     try:
         return data.decode("utf-8")
@@ -85,14 +99,14 @@ def _present(text: str | None) -> str | None:
 # The readers: each yields the text of each document, or None
 
 
-def read_txt(source: Input, text_key: str, errors: str):
+def read_txt(source: Input, options: ReadOptions):
     data = source.path.read_bytes().removeprefix(BOM)
     if b"\x00" in data:
         raise UserError(f"{source}: binary file (NUL bytes); expected UTF-8 text")
-    yield _present(decode(data, str(source), errors))
+    yield _present(decode(data, str(source), options.errors))
 
 
-def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int = 0, end: int | None = None):
+def _json_lines(lines, where_prefix: str, options: ReadOptions, start: int = 0, end: int | None = None):
     """Texts of JSON Lines from an iterable of byte lines beginning at byte `start`, up to the last
     line that begins before byte `end`."""
     offset = start
@@ -107,7 +121,7 @@ def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int
         where = f"{where_prefix}:{line_number}" if start == 0 else f"{where_prefix} at byte {here}"
         if b"\x00" in line:
             raise UserError(f"{where}: binary data (NUL bytes); expected JSON Lines text")
-        raw = decode(line, where, errors)
+        raw = decode(line, where, options.errors)
         if raw is None:
             yield None
             continue
@@ -115,20 +129,20 @@ def _json_lines(lines, where_prefix: str, text_key: str, errors: str, start: int
             record = json.loads(raw)
         except json.JSONDecodeError as err:
             raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            raise UserError(f'{where}: each line must be a JSON object with a string "{text_key}" field '
+        if not isinstance(record, dict) or not isinstance(record.get(options.text_key), str):
+            raise UserError(f'{where}: each line must be a JSON object with a string "{options.text_key}" field '
                             f'(--text_key chooses the field)')
-        yield _present(record[text_key])
+        yield _present(record[options.text_key])
 
 
-def read_jsonl(source: Input, text_key: str, errors: str):
+def read_jsonl(source: Input, options: ReadOptions):
     with open(source.path, "rb") as f:
         start = source.start
         if start:  # the line that began before `start` belongs to the piece before
             f.seek(start - 1)
             f.readline()
             start = f.tell()
-        yield from _json_lines(f, str(source), text_key, errors, start, source.end)
+        yield from _json_lines(f, str(source), options, start, source.end)
 
 
 def _open_compressed(source: Input):
@@ -139,10 +153,10 @@ def _open_compressed(source: Input):
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), closefd=True))
 
 
-def read_compressed_jsonl(source: Input, text_key: str, errors: str):
+def read_compressed_jsonl(source: Input, options: ReadOptions):
     try:
         with _open_compressed(source) as f:
-            yield from _json_lines(f, str(source), text_key, errors)
+            yield from _json_lines(f, str(source), options)
     except UserError:
         raise
     except Exception as err:  # gzip.BadGzipFile, zstd.ZstdError, EOFError: not an archive, or a truncated one
@@ -163,12 +177,12 @@ def _rows(table_batches, source: Input, text_key: str):
             yield _present(text)
 
 
-def read_parquet(source: Input, text_key: str, errors: str):
-    import pyarrow.parquet as pq
+def read_parquet(source: Input, options: ReadOptions):
+    pq = require("pyarrow.parquet", "data", "reading .parquet files", "pyarrow")
 
     try:
         parquet = pq.ParquetFile(source.path)
-        yield from _rows(parquet.iter_batches(batch_size=1024, columns=None), source, text_key)
+        yield from _rows(parquet.iter_batches(batch_size=1024, columns=None), source, options.text_key)
     except UserError:
         raise
     except Exception as err:  # pyarrow's ArrowInvalid and friends: not a parquet file, corrupt
@@ -176,8 +190,8 @@ def read_parquet(source: Input, text_key: str, errors: str):
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def read_hf_folder(source: Input, text_key: str, errors: str):
-    import datasets
+def read_hf_folder(source: Input, options: ReadOptions):
+    datasets = require("datasets", "data", "reading a Hugging Face dataset folder")
 
     try:
         dataset = datasets.load_from_disk(str(source.path))
@@ -187,12 +201,13 @@ def read_hf_folder(source: Input, text_key: str, errors: str):
     if isinstance(dataset, datasets.DatasetDict):
         raise UserError(f"{source} holds several splits ({', '.join(dataset)}); give the folder of one, "
                         f"e.g. {source.path / next(iter(dataset))}")
-    yield from _rows(dataset.data.to_batches(max_chunksize=1024), source, text_key)
+    yield from _rows(dataset.data.to_batches(max_chunksize=1024), source, options.text_key)
 
 
-def read_hf_hub(source: Input, text_key: str, errors: str):
-    import datasets
+def read_hf_hub(source: Input, options: ReadOptions):
+    datasets = require("datasets", "data", "--hf_dataset")
 
+    text_key = options.text_key
     try:
         dataset = datasets.load_dataset(source.hf_name, source.hf_config, split=source.hf_split, streaming=True)
         first = True
@@ -218,10 +233,10 @@ FILE_SUFFIXES = tuple(s for s in READERS if s.startswith("."))
 SUFFIXES = ", ".join(FILE_SUFFIXES)
 
 
-def read_documents(source: Input, text_key: str = DEFAULT_TEXT_KEY, errors: str = "strict"):
+def read_documents(source: Input, options: ReadOptions = ReadOptions()):
     """Yield the text (or None) of each document of `source`."""
     try:
-        yield from READERS[source.format](source, text_key, errors)
+        yield from READERS[source.format](source, options)
     except OSError as err:
         raise UserError(f"{source}: cannot read ({err.strerror or err})") from None
 
