@@ -33,6 +33,22 @@ def versions() -> str:
             f"litdata {litdata_version}, tiktoken {tiktoken.__version__}")
 
 
+def preset_values(path: str | Path) -> dict:
+    """A preset as train.py reads it: lm_pretrain/defaults.yaml with the preset's YAML over it (for
+    scripts that take settings such as gradient clipping from a preset without the CLI)."""
+    import yaml
+
+    from lm_pretrain.cli import DEFAULTS_FILE
+
+    def merged(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return out
+
+    return merged(yaml.safe_load(DEFAULTS_FILE.read_text()), yaml.safe_load(Path(path).read_text()) or {})
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

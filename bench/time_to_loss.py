@@ -117,9 +117,9 @@ def mean_loss(logits_of, data: torch.Tensor, batch_size: int = 25) -> float:
 
 
 def our_scorer(ckpt: Path):
-    from lm_pretrain.checkpoints import load_module
+    from lm_pretrain.module import LanguageModel
 
-    module = load_module(str(ckpt)).eval()
+    module = LanguageModel.from_checkpoint(str(ckpt)).eval()
     return module.model
 
 

@@ -12,7 +12,7 @@ medians are compared. Results are appended to BENCHMARKS.md.
 Arguments it does not know go to train.py for the template path (e.g. `--data.data_dir DIR`, or
 `--trainer.devices 2`). Also:
   --overlay YAML add a config to the template path only (e.g. configs/overlays/fsdp.yaml, with --template-only)
-  --sync-check   then run a few more template steps under callbacks.HostSyncCheck (on a GPU,
+  --sync-check   then run a few more template steps under debug.HostSyncCheck (on a GPU,
                  torch.cuda.set_sync_debug_mode("error") between log steps) and report the result
   --profile N    then profile N steps of the bare loop and list the top kernels by device time
   --json PATH    write every figure to PATH as well (bench/gpu_acceptance.py reads it)
@@ -29,10 +29,10 @@ import time
 
 import lightning as L
 import torch
-import yaml
 
-from common import median, record
+from common import median, preset_values, record
 from lm_pretrain.hardware import peak_flops
+from lm_pretrain.loss import next_token_loss, pick_loss
 from lm_pretrain.model import GPT, model_size
 from lm_pretrain.optim import lr_multiplier
 from lm_pretrain.sizes import config_from_yaml
@@ -82,7 +82,7 @@ def template_run(config: str, warmup: int, steps: int, extra: list[str]) -> floa
 
 def sync_check(config: str, extra: list[str]) -> dict:
     """A short template run under HostSyncCheck: {"passed": bool, "checked_steps": n, "error": text}."""
-    from lm_pretrain.callbacks import HostSyncCheck
+    from lm_pretrain.debug import HostSyncCheck
     from lm_pretrain.cli import run
 
     with tempfile.TemporaryDirectory() as logs:
@@ -90,7 +90,7 @@ def sync_check(config: str, extra: list[str]) -> dict:
             cli = run(["fit", "--config", config, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "5",
                        "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "0",
                        "--trainer.logger.init_args.save_dir", logs, "--checkpoint.save_last", "false", *extra,
-                       "--trainer.callbacks+=lm_pretrain.callbacks.HostSyncCheck"])
+                       "--trainer.callbacks+=lm_pretrain.debug.HostSyncCheck"])
         except Exception as err:  # set_sync_debug_mode("error") raises RuntimeError at the culprit
             return {"passed": False, "checked_steps": None, "error": f"{type(err).__name__}: {err}"[-2000:]}
         finally:
@@ -103,14 +103,15 @@ def sync_check(config: str, extra: list[str]) -> dict:
 def bare_run(config_path: str, warmup: int, steps: int, profile_steps: int = 0) -> tuple[float, list[dict]]:
     """A hand-written loop with the same recipe as the template: (seconds for the timed steps, and the
     top kernels of `profile_steps` more steps, profiled)."""
-    raw = yaml.safe_load(open(config_path))
+    raw = preset_values(config_path)
     trainer_cfg, model_cfg, data_cfg = raw.get("trainer", {}), raw.get("model", {}), raw.get("data", {})
     config = config_from_yaml(config_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if model_cfg.get("compile"):
-        model.compile()
+    compiled = bool(model_cfg.get("compile"))
+    fused = pick_loss(model_cfg.get("loss", "auto"), compiled, model_cfg.get("z_loss", 0.0), config.logit_softcap) == "fused"
+    loss_fn = torch.compile(next_token_loss) if compiled else next_token_loss  # model and loss in one graph
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in embeddings)]
@@ -130,7 +131,7 @@ def bare_run(config_path: str, warmup: int, steps: int, profile_steps: int = 0) 
         for micro in range(accumulate):
             x, y = tokens[micro, :, :-1], tokens[micro, :, 1:]
             with autocast:
-                loss = model(x, targets=y, fused_loss=model_cfg.get("fused_loss", False))
+                loss = loss_fn(model, x, y, fused=fused)
             (loss / accumulate).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -192,7 +193,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args, extra = parser.parse_known_args()
     extra = [*(a for overlay in args.overlay for a in ("--config", overlay)), *extra]
-    raw = yaml.safe_load(open(args.config))
+    raw = preset_values(args.config)
     config = config_from_yaml(args.config)
     tokens_per_step = raw["data"]["batch_size"] * config.block_size * raw["trainer"].get("accumulate_grad_batches", 1)
     flops = model_size(config)["flops_per_token"]

@@ -1,16 +1,19 @@
-"""Callbacks the template adds to the Trainer.
+"""Callbacks: what the template adds to Lightning's training loop.
+
+The training command adds ProgressBar, Preemption and Throughput (lm_pretrain.cli); the presets add
+TextSamples; every run of LanguageModel gets NonFiniteGuard and RestoreRNG (its configure_callbacks),
+however its Trainer was made.
 
 Anything that reads a value back from the GPU (printing the loss, checking for NaN, agreeing on a
 stop between processes) waits for the GPU to finish the queued work, which stalls a fast training
 loop. Here all of that happens on log steps (every `trainer.log_every_n_steps` optimizer steps) and
-nowhere else; `HostSyncCheck` proves it.
+nowhere else; lm_pretrain.debug.HostSyncCheck proves it.
 """
 
 import os
 import signal
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
@@ -18,21 +21,13 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from lm_pretrain import ranges
-from lm_pretrain.generate import sample
+from lm_pretrain import checkpoints, ranges
+from lm_pretrain.errors import UserError
 from lm_pretrain.hardware import peak_flops
-from lm_pretrain.model import model_size
+from lm_pretrain.config import model_size
 from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt
-
-
-def step_ends_here(trainer, batch_idx: int) -> bool:
-    """Whether this training batch completes an optimizer step (the last of its accumulated batches)."""
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-
-
-def logged_step(trainer) -> bool:
-    """In on_train_batch_end: whether the optimizer step just taken is one Lightning logs."""
-    return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+from lm_pretrain.sampling import sample
+from lm_pretrain.steps import due, ends_optimizer_step, every_or_log_steps, is_log_step
 
 
 class ProgressBar(TQDMProgressBar):
@@ -55,90 +50,10 @@ class ProgressBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer, module) -> dict:
-        if not trainer.training or (step_ends_here(trainer, self._batch_idx) and logged_step(trainer)):
+        if not trainer.training or (ends_optimizer_step(trainer, self._batch_idx) and is_log_step(trainer)):
             logged = trainer.callback_metrics
             self._shown = {short: f"{float(logged[name]):.4g}" for name, short in self.SHOWN.items() if name in logged}
         return {**super().get_metrics(trainer, module), **self._shown}
-
-
-class HostSyncCheck(L.Callback):
-    """Fails the run if a training step that does not log makes the host wait for the GPU.
-
-    On CUDA this is PyTorch's own detector (`torch.cuda.set_sync_debug_mode("error")`), switched on
-    between log steps: the first synchronising call raises, with its stack. On CPUs (tests) it counts
-    the calls that would synchronise on a GPU (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
-    `bool()`, `int()`, `float()` of a tensor) in the same places, except on tensors that stay on the
-    host on a GPU machine too (see HOST_SIDE), and raises at the end of training if there were any. Log steps, validation,
-    checkpoint saves and the first `skip_steps` steps (compilation, optimizer state) are exempt.
-
-        python train.py fit ... --trainer.callbacks+=lm_pretrain.callbacks.HostSyncCheck
-    """
-
-    SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
-    # Calls from these work on tensors that stay on the host on a GPU machine too: data loading, and
-    # optimizer step counters (kept on the host unless the optimizer is fused or capturable).
-    HOST_SIDE = (f"{os.sep}litdata{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}",
-                 f"loops{os.sep}fetchers.py", f"torch{os.sep}optim{os.sep}optimizer.py")
-
-    def __init__(self, skip_steps: NonNegativeInt = 2):
-        ranges.check(HostSyncCheck.__init__, {"skip_steps": skip_steps}, "trainer.callbacks")
-        self.skip_steps = skip_steps
-        self.checked_steps = 0  # optimizer steps watched in full
-        self.syncs: list[str] = []  # CPU: where each counted call came from
-        self._active, self._originals, self._cuda = False, {}, False
-
-    def on_fit_start(self, trainer, module) -> None:
-        self._cuda = trainer.strategy.root_device.type == "cuda"
-        if not self._cuda:
-            for name in self.SYNCING:
-                self._originals[name] = original = getattr(torch.Tensor, name)
-                setattr(torch.Tensor, name, self._counting(original))
-
-    def _counting(self, original):
-        def method(tensor, *args, **kwargs):
-            if self._active:
-                stack = traceback.extract_stack()[:-1]
-                if not any(part in frame.filename for frame in stack for part in self.HOST_SIDE):
-                    self.syncs.append("".join(traceback.format_list(stack[-6:])))
-            return original(tensor, *args, **kwargs)
-
-        return method
-
-    def _watch(self, active: bool) -> None:
-        if active != self._active and self._cuda:
-            torch.cuda.set_sync_debug_mode("error" if active else "default")
-        self._active = active
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        step = trainer.global_step + 1  # the optimizer step this batch belongs to
-        quiet = (step > self.skip_steps and (trainer.log_every_n_steps == 0 or step % trainer.log_every_n_steps)
-                 and (trainer.max_steps < 0 or step < trainer.max_steps))
-        if quiet and step_ends_here(trainer, batch_idx):
-            self.checked_steps += 1
-        self._watch(bool(quiet))
-
-    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
-        self._watch(False)
-
-    def on_validation_start(self, trainer, module) -> None:
-        self._watch(False)
-
-    def on_exception(self, trainer, module, exception) -> None:
-        self._stop()
-
-    def on_train_end(self, trainer, module) -> None:
-        self._stop()
-        if self.syncs:
-            raise RuntimeError(f"{len(self.syncs)} host syncs in training steps that do not log; the first:\n"
-                               f"{self.syncs[0]}")
-        rank_zero_info(f"HostSyncCheck: {self.checked_steps} optimizer steps without a log step checked, "
-                       f"no host sync in them")
-
-    def _stop(self) -> None:
-        self._watch(False)
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
-        self._originals.clear()
 
 
 class TextSamples(L.Callback):
@@ -169,7 +84,7 @@ class TextSamples(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_logged_step:
+        if due(step, self.every_n_steps) and step != self._last_logged_step:
             self._last_logged_step = step
             texts = self._samples(module)
             if trainer.is_global_zero and trainer.logger is not None:
@@ -229,7 +144,8 @@ class Preemption(L.Callback):
                 self._previous_handlers[signum] = signal.signal(signum, self._request)
             # Lightning's own SIGTERM flag (which these handlers replace) is broadcast from the first
             # process and read back on every step of a multi-process run: a host sync per step, for
-            # a flag that can no longer be set.
+            # a flag that can no longer be set. (A private method: tests/test_callbacks.py fails if
+            # Lightning renames it.)
             loop = trainer.fit_loop.epoch_loop
             if hasattr(loop, "_broadcast_sigterm_tensor"):
                 loop._broadcast_sigterm_tensor = lambda: None
@@ -246,11 +162,10 @@ class Preemption(L.Callback):
         self._restore_handlers()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if not step_ends_here(trainer, batch_idx):
+        if not ends_optimizer_step(trainer, batch_idx):
             return  # mid-accumulation: the gradients so far would be lost
         if trainer.world_size > 1:
-            every = self.check_every_n_steps or trainer.log_every_n_steps or 1
-            if trainer.global_step % every:
+            if not due(trainer.global_step, every_or_log_steps(self.check_every_n_steps, trainer)):
                 return
             stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         else:
@@ -284,7 +199,7 @@ class Throughput(L.Callback):
         self._start: float | None = None
 
     def on_train_start(self, trainer, module) -> None:
-        self.every = self.log_every_n_steps or trainer.log_every_n_steps
+        self.every = every_or_log_steps(self.log_every_n_steps, trainer)
         self.flops_per_token = model_size(module.config)["flops_per_token"]
         device = trainer.strategy.root_device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -293,7 +208,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[0].numel()  # a shape: no sync
-        if not step_ends_here(trainer, batch_idx) or trainer.global_step % self.every:
+        if not ends_optimizer_step(trainer, batch_idx) or not due(trainer.global_step, self.every):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
@@ -306,3 +221,76 @@ class Throughput(L.Callback):
                 metrics["perf/mfu"] = per_device * self.flops_per_token / self.peak
             module.log_dict(metrics, on_step=True, on_epoch=False)
         self._start, self._tokens = now, 0
+
+
+class NonFiniteGuard(L.Callback):
+    """What a NaN or infinite training loss does (`--model.nonfinite_loss`).
+
+    "stop" ends the run with an error naming the last good checkpoint, and no checkpoint is written
+    after such a loss. Each step's verdict stays on the device; it is read back every
+    `check_every_n_steps` optimizer steps (default: on log steps, which wait for the GPU anyway) and
+    before every checkpoint save, so other steps never wait for the GPU.
+    "skip" drops that batch's update and goes on; it must decide before the backward pass, so it
+    reads the loss back on every step (a host sync), and all processes agree (DDP would otherwise
+    wait forever for the gradients of a rank that skipped).
+
+    LanguageModel adds one to every run (configure_callbacks) and asks it in training_step.
+    """
+
+    def __init__(self, mode: str = "stop", check_every_n_steps: int | None = None):
+        self.mode, self.check_every_n_steps = mode, check_every_n_steps
+        self.skipped_batches = 0
+        self._seen: torch.Tensor | None = None  # on the device: whether any loss so far was NaN/inf
+
+    def skip_batch(self, trainer, loss: torch.Tensor) -> bool:
+        """Whether training_step should drop this batch (mode "skip" and a NaN/inf loss on any process)."""
+        nonfinite = ~torch.isfinite(loss.detach())
+        if self.mode == "stop":
+            self._seen = nonfinite if self._seen is None else self._seen | nonfinite
+            return False
+        if not trainer.strategy.reduce_boolean_decision(bool(nonfinite), all=False):
+            return False
+        self.skipped_batches += 1
+        rank_zero_info(f"warning: NaN/inf loss at step {trainer.global_step}, batch skipped "
+                       f"({self.skipped_batches} so far)")
+        return True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if ends_optimizer_step(trainer, batch_idx) and due(trainer.global_step,
+                                                           every_or_log_steps(self.check_every_n_steps, trainer)):
+            self.stop_if_nonfinite(trainer)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.stop_if_nonfinite(trainer)  # never write a checkpoint of a diverged model
+
+    def stop_if_nonfinite(self, trainer) -> None:
+        seen = self._seen is not None and bool(self._seen)
+        if trainer.strategy.reduce_boolean_decision(seen, all=False):
+            last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "none yet")
+            raise UserError(f"the training loss became NaN or infinite at or before step {trainer.global_step}; "
+                            f"stopped without saving (last good checkpoint: {last}). Lower model.learning_rate "
+                            f"or set model.nonfinite_loss skip")
+
+
+class RestoreRNG(L.Callback):
+    """Saves the Python, NumPy and torch random number generators in every checkpoint, and restores
+    them when a run resumes, so a resumed run draws the same random numbers (dropout, sampling) as
+    one that never stopped. LanguageModel adds one to every run (configure_callbacks).
+
+    The states are applied at the first training batch, not when the checkpoint is read: Lightning
+    restores checkpoints before it makes the data loader's iterator, and making it draws a number.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        checkpoint["rng_states"] = checkpoints.rng_states()
+
+    def on_load_checkpoint(self, trainer, module, checkpoint) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            checkpoints.set_rng_states(self._pending)
+            self._pending = None

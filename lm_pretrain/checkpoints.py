@@ -6,7 +6,6 @@ and `init_from` read either kind on one process: a folder's shards are put toget
 """
 
 import dataclasses
-import inspect
 import logging
 import random
 from pathlib import Path
@@ -90,22 +89,6 @@ def _gather_shards(path: Path, hparams: dict) -> dict:
 def model_weights(checkpoint: dict) -> dict:
     """The GPT's own state dict (keys without the LightningModule's "model." prefix)."""
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-
-
-def load_module(path: str | Path, device: str = "cpu"):
-    """The LanguageModel saved at `path` (a file or a sharded folder), in eval mode on `device`."""
-    from lm_pretrain.module import LanguageModel
-
-    checkpoint = read(path)
-    accepted = inspect.signature(LanguageModel).parameters
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
-               if k in accepted or k in GPTConfig.__dataclass_fields__}
-    try:
-        module = LanguageModel(**{**hparams, "compile": False, "init_from": None})
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as err:
-        raise UserError(f"{path} does not hold this project's model ({' '.join(str(err).split())[:300]})") from None
-    return module.to(device).eval()
 
 
 def load_weights(path: str, config: GPTConfig) -> dict:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
@@ -20,8 +21,15 @@ from lm_pretrain.callbacks import Preemption, ProgressBar, Throughput
 from lm_pretrain.commands import show_progress
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.extras import require
 from lm_pretrain.files import check_can_create
 from lm_pretrain.module import LanguageModel
+
+
+# The settings every run starts from (seed, clipping, validation, logger, text samples), read by each
+# subcommand before any --config: the presets hold only what differs. It lives in the package,
+# beside this module, so that a clone, an editable install and a wheel all read it.
+DEFAULTS_FILE = Path(__file__).resolve().with_name("defaults.yaml")
 
 
 class PretrainCLI(LightningCLI):
@@ -42,21 +50,23 @@ class PretrainCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI rebuilds the model from the hyperparameters saved in --ckpt_path, silently
-        # overriding the model flags; refuse a checkpoint whose architecture differs from them instead.
+    def parse_arguments(self, parser, args) -> None:
+        """After parsing, before anything is built: our checks of the config. Done here, before
+        LightningCLI reads the hyperparameters saved in --ckpt_path over the model flags, so that a
+        checkpoint whose architecture differs from the flags is refused instead of silently winning."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
             ranges.check_config(config)  # Lightning's settings, before the Trainer exists
             use_root_dir_for_runs(config)
             allow_mlflow_file_store(config)
+            require_logger_packages(config)
             if subcommand == "fit":
                 checkpoints.resolve_last(config)
             ckpt = config.get("ckpt_path")
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
                 checkpoints.check_resumable(ckpt, config.model.as_dict())
-        super()._parse_ckpt_path()
 
 
 def allow_mlflow_file_store(config) -> None:
@@ -66,6 +76,18 @@ def allow_mlflow_file_store(config) -> None:
     if str(getattr(logger, "class_path", "")).endswith("MLFlowLogger") and \
             str(logger.init_args.get("tracking_uri") or "file:").startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def require_logger_packages(config) -> None:
+    """The wandb and MLflow loggers (configs/overlays/) need the [loggers] extra: without it, one line
+    saying so, before any work (Lightning would raise ModuleNotFoundError when building the Trainer)."""
+    packages = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}
+    loggers = config.trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        name = str(getattr(logger, "class_path", "")).rpartition(".")[2]
+        if name in packages:
+            require(packages[name], "loggers", f"--trainer.logger {name}",
+                    "mlflow-skinny" if name == "MLFlowLogger" else None)
 
 
 def use_root_dir_for_runs(config) -> None:
@@ -96,15 +118,16 @@ def quiet_lightning() -> None:
 def run(args: list[str] | None = None) -> PretrainCLI:
     quiet_lightning()
     show_progress()  # e.g. "preparing the default corpus ..."
+    # jsonargparse would silently skip a missing defaults file, and the presets would quietly change.
+    if not DEFAULTS_FILE.is_file():
+        raise UserError(f"{DEFAULTS_FILE} is missing: reinstall lm-pretrain (the file is package data)")
+    defaults = str(DEFAULTS_FILE)
     return PretrainCLI(
         LanguageModel,
         TokenDataModule,
         trainer_defaults={
-            # Lightning's summary table counts FLOPs only with an example input (it says 0); the
-            # module prints parameters and FLOPs per token itself.
-            "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": "runs", "name": "default"}},
+            # Always added after the config's callbacks (LightningCLI appends these): a config that
+            # sets trainer.callbacks cannot drop them. Everything else is in defaults.yaml.
             "callbacks": [
                 ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1, filename="best-step{step:06d}",
                                 auto_insert_metric_name=False),
@@ -119,7 +142,8 @@ def run(args: list[str] | None = None) -> PretrainCLI:
         save_config_kwargs={"overwrite": True},
         # Raise parse errors (unknown keys, wrong types, bad YAML) instead of printing the whole usage
         # text: `main` reports them in one line.
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False,
+                       **{subcommand: {"default_config_files": [defaults]} for subcommand in PretrainCLI.subcommands()}},
     )
 
 

@@ -13,17 +13,19 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from litdata import CombinedStreamingDataset
 
-from lm_pretrain import ranges, storage
+from lm_pretrain import assets, ranges, storage
 from lm_pretrain.errors import UserError
-from lm_pretrain.module import IGNORE_INDEX
-from lm_pretrain.ranges import NonNegativeInt, PositiveInt
+from lm_pretrain.loss import IGNORE_INDEX
+from lm_pretrain.prepare import prepare
 from lm_pretrain.prepared import load_metadata, verify_shards
+from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 
 log = logging.getLogger("lm_pretrain.data")
 
@@ -131,7 +133,7 @@ class TokenDataModule(L.LightningDataModule):
         block_size: PositiveInt | None = None,
         num_workers: NonNegativeInt = 0,
         seed: int = 42,
-        verify: str = "sha256",
+        verify: Literal["sha256", "size", "none"] = "sha256",
         mixture: list[dict] | None = None,
         storage_options: dict | None = None,
         cache_dir: str | None = None,
@@ -170,9 +172,7 @@ class TokenDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["block_size"])
         self.hparams.update(ranges.plain(dict(self.hparams)))
         ranges.check(TokenDataModule.__init__, {"batch_size": batch_size, "block_size": block_size,
-                                                "num_workers": num_workers}, "data")
-        if verify not in ("sha256", "size", "none"):
-            raise UserError(f"data.verify must be sha256, size or none, got {verify!r}")
+                                                "num_workers": num_workers, "verify": verify}, "data")
         if mixture is not None and data_dir is not None:
             raise UserError("give data.data_dir or data.mixture, not both")
         if mixture is None and data_dir is None:
@@ -193,9 +193,6 @@ class TokenDataModule(L.LightningDataModule):
         default = Path(DEFAULT_DATA_DIR)
         wanted = [Path(s.location) for s in self.sources if not storage.is_remote(s.location)]
         if default in wanted and not default.exists():
-            from lm_pretrain import assets
-            from lm_pretrain.prepare import prepare
-
             log.info("preparing the default corpus (%s) into %s", DEFAULT_CORPUS, default)
             prepare(assets.shakespeare_texts(), default)
         for source in self.sources:  # hashing is slow: once per machine, here

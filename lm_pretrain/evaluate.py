@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.extras import require
 from lm_pretrain.files import check_can_create
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 from lm_pretrain.tokenizer import get_tokenizer
@@ -28,7 +29,7 @@ from lm_pretrain.tokenizer import get_tokenizer
 
 def harness_model(module, batch_size: int = 16):
     """A lm_eval `TemplateLM` over a LanguageModel (built here: lm_eval is imported only when used)."""
-    from lm_eval.api.model import TemplateLM
+    TemplateLM = require("lm_eval.api.model", "eval", "lm-pretrain-evaluate", "lm-eval").TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class HarnessModel(TemplateLM):
@@ -121,7 +122,7 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
         device: cpu or cuda; empty means cuda when there is a GPU.
         output: the JSON file to write; empty means NAME-eval.json beside the checkpoint.
     """
-    from lm_pretrain.checkpoints import load_module
+    from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
     ranges.check(evaluate, {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}, "")
     tasks = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in item.split(",") if t.strip()]
@@ -132,18 +133,15 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
     check_can_create(output.parent, "--output")
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include_path {include_path} is not a folder")
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-        from lm_eval.utils import make_table
-    except ImportError:
-        raise UserError("evaluation needs EleutherAI's harness: pip install lm-eval") from None
+    lm_eval = require("lm_eval", "eval", "lm-pretrain-evaluate", "lm-eval")
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; see lm-eval --tasks list, or give your own task "
                         f"YAML with --include_path")
-    module = load_module(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = LanguageModel.from_checkpoint(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = lm_eval.simple_evaluate(model=harness_model(module, batch_size), tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, task_manager=manager, log_samples=False)
     print(make_table(results))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.extras import require
 from lm_pretrain.files import check_can_create, publish
-from lm_pretrain.model import GPTConfig
+from lm_pretrain.config import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
 
@@ -88,7 +89,7 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
 
 def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
     """A transformers model holding the same weights (float32, eval mode)."""
-    import transformers
+    transformers = require("transformers", "export", "exporting to Hugging Face")
 
     kind = family(config)
     kwargs, hf_state = (gpt2_state if kind == "gpt2" else llama_state)(config, state)
@@ -134,17 +135,15 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
         output: the folder to create.
         overwrite: replace OUTPUT if it exists (only once the new one is complete).
     """
-    from lm_pretrain.checkpoints import load_module
+    from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
     output = Path(output)
     if output.exists() and not overwrite:
-        raise UserError(f"output {output} already exists; pass --overwrite true to replace it")
+        raise UserError(f"output {output} already exists; pass --overwrite to replace it")
     check_can_create(output, "--output")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError("export needs the transformers package: pip install transformers safetensors") from None
-    module = load_module(ckpt_path)
+    for name in ("transformers", "safetensors"):  # before the checkpoint is loaded
+        require(name, "export", "lm-pretrain-export")
+    module = LanguageModel.from_checkpoint(ckpt_path)
     model = to_hf(module.config, module.model.state_dict(), module.hparams.tokenizer)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,8 @@ import os
 import shutil
 from pathlib import Path
 
+from lm_pretrain.errors import UserError
+
 
 def publish(staged: Path, target: Path) -> None:
     """Put the finished folder `staged` at `target`, replacing what is there.
@@ -25,8 +27,6 @@ def publish(staged: Path, target: Path) -> None:
 def check_can_create(path: str | Path, what: str) -> None:
     """UserError unless `path` is a folder, or one that can be created (before any work is done):
     `what` names the setting in the message (e.g. "--output")."""
-    from lm_pretrain.errors import UserError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path}: exists and is not a folder")

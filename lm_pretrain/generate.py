@@ -9,35 +9,15 @@ from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import exit_on_user_error
 from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.sampling import sample
 
 
 def load_model(ckpt: str | Path, device: str = "cpu"):
     """The LanguageModel saved in a checkpoint (a file, or the folder of a sharded run), in eval mode
     on `device`."""
-    from lm_pretrain.checkpoints import load_module
+    from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
-    return load_module(ckpt, device)
-
-
-def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 200,
-           seed: int | None = None, top_p: float | None = None, stop_at_eot: bool = True) -> str:
-    """The prompt followed by up to `max_new_tokens` sampled tokens, decoded; sampling stops at the
-    end-of-text token when stop_at_eot."""
-    enc = get_tokenizer(model.hparams.tokenizer)
-    ids = enc.encode_ordinary(prompt) or [enc.eot_token]  # an empty prompt starts a new document
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, vocab_limit=enc.n_vocab,
-                               stop_token=enc.eot_token if stop_at_eot else None)[0].tolist()
-    if not prompt:
-        out = out[1:]
-    if stop_at_eot and out and out[-1] == enc.eot_token and len(out) > len(ids):
-        out = out[:-1]
-    return enc.decode(out)
+    return LanguageModel.from_checkpoint(ckpt, device)
 
 
 def generate(ckpt_path: str, prompt: str = "", max_new_tokens: NonNegativeInt = 200, temperature: NonNegativeFloat = 0.8,

@@ -1,13 +1,13 @@
 """Accelerator peaks and rough training costs: for MFU, and for sizing a run before buying it.
 
 Peaks are dense (no sparsity) tensor-core FLOP/s from the vendors' data sheets, for the precision
-a config trains in. MFU = achieved training FLOP/s (model.model_size's flops_per_token x tok/s) /
+a config trains in. MFU = achieved training FLOP/s (config.model_size's flops_per_token x tok/s) /
 peak; 40-50 % is good for a GPT on one GPU.
 """
 
 import math
 
-from lm_pretrain.model import GPTConfig, model_size
+from lm_pretrain.config import GPTConfig, model_size
 
 # name fragment (as torch.cuda.get_device_name reports it) -> {precision: dense peak FLOP/s}. The
 # first fragment found in the name wins: PCIe and NVL cards come before the SXM parts ("NVIDIA H100

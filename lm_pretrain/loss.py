@@ -1,16 +1,34 @@
-"""The output layer and the cross-entropy in one step, without the tensors autograd would keep.
+"""The training objective: cross-entropy of next-token predictions, computed one of two ways.
 
-With a 50k-token vocabulary the logits are the largest tensor of a small model by far (8 x 128
-positions x 50,257 floats = 206 MB), and the plain path, `F.cross_entropy(x @ W.T, targets)`, makes
-four of that size each step: the logits, their log-softmax, a zero-filled gradient that the loss
-scatters into, and the gradient of the log-softmax. Here the logits are turned into their
-log-softmax in place, the loss is read off it, and the same buffer becomes the gradient with
-respect to the logits (softmax minus one-hot); the backward pass only multiplies it into the two
-small gradients. One large tensor instead of four: a third less time per step for the tiny CPU
-presets (bench/time_to_loss.py) and far less memory for the logits on any device.
+    plain   logits = model(idx); F.cross_entropy(logits.float(), targets) (+ the z-loss)
+    fused   hidden = model(idx, return_hidden=True); the output layer and the loss in one step
+            (LinearCrossEntropy below), without the tensors autograd would keep
+
+The model (lm_pretrain.model) only maps tokens to logits or hidden states; which way the loss goes is
+picked here, once, by `pick_loss`: "auto" takes the one that is best where the run is (fused when
+the model runs eagerly, plain under torch.compile, which fuses the plain path itself), and a
+combination that cannot work (fused with the z-loss or logit soft-capping) is an error, never
+silently changed.
+
+Why fused: with a 50k-token vocabulary the logits are the largest tensor of a small model by far
+(8 x 128 positions x 50,257 floats = 206 MB), and the plain path makes four of that size each step:
+the logits, their log-softmax, a zero-filled gradient that the loss scatters into, and the gradient
+of the log-softmax. Here the logits are turned into their log-softmax in place, the loss is read off
+it, and the same buffer becomes the gradient with respect to the logits (softmax minus one-hot); the
+backward pass only multiplies it into the two small gradients. One large tensor instead of four: a
+third less time per step for the tiny CPU presets (bench/time_to_loss.py). Under torch.compile it
+keeps four logits-sized buffers where the compiled plain path keeps one, so "auto" leaves it out.
 """
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
+
+from lm_pretrain.errors import UserError
+
+IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (see data.EvenSplit)
+LossKind = Literal["auto", "plain", "fused"]
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -51,3 +69,33 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction)
     return LinearCrossEntropy.forward(None, x, weight, targets, ignore_index, reduction)  # scoring: no gradient
+
+
+def pick_loss(kind: LossKind, compile: bool = False, z_loss: float = 0.0, logit_softcap: float | None = None) -> str:
+    """"plain" or "fused": the loss path of a run (see the module docstring); UserError for a
+    combination that cannot work."""
+    if kind == "fused" and (z_loss or logit_softcap is not None):
+        raise UserError("model.loss fused computes the output layer itself, so it cannot add the z-loss or "
+                        "soft-cap the logits: set model.loss plain (or auto), or drop model.z_loss / model.logit_softcap")
+    if kind == "auto":
+        return "plain" if compile or z_loss or logit_softcap is not None else "fused"
+    return kind
+
+
+def next_token_loss(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, fused: bool = False,
+                    z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `model`'s predictions for idx (B, T) against targets (B, T): the mean, or with
+    reduction "sum" the sum, over targets that are not IGNORE_INDEX. z_loss adds that weight times
+    the squared log of the softmax normaliser per target (PaLM), which keeps the logits from
+    drifting. The model is always called as a module (model(...)), so hooks such as FSDP's run."""
+    if fused:
+        hidden = model(idx, return_hidden=True)
+        return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), IGNORE_INDEX,
+                                    reduction)
+    logits, targets = model(idx).flatten(0, 1).float(), targets.flatten()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if z_loss:
+        kept = targets != IGNORE_INDEX
+        z = (torch.logsumexp(logits, dim=-1).square() * kept).sum()
+        loss = loss + z_loss * (z if reduction == "sum" else z / kept.sum())
+    return loss

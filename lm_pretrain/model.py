@@ -1,4 +1,5 @@
-"""A decoder-only transformer, in one readable file: GPT-2 and Llama-style blocks are two settings.
+"""A decoder-only transformer, in one readable file: GPT-2 and Llama-style blocks are two settings
+of its configuration (lm_pretrain.config.GPTConfig).
 
 Tokens -> token embeddings (+ learned positions, for GPT-2) -> n_layer pre-norm blocks
 (causal self-attention, then an MLP, each added back to the residual stream) -> final norm
@@ -17,7 +18,6 @@ keys normalised per head, so attention logits stay bounded at high learning rate
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,87 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
-from lm_pretrain.loss import linear_cross_entropy
-from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
-from lm_pretrain.ranges import check as check_ranges
-from lm_pretrain.ranges import plain
-
-
-@dataclass
-class GPTConfig:
-    """The model's architecture: the one place it is declared and documented. Its fields are also
-    the `--model.*` flags of train.py (LanguageModel takes them as **architecture).
-
-    Args:
-        vocab_size: size of the embedding and output layers; at least the tokenizer's (GPT-2: 50257;
-            round up, e.g. to 50304, for faster matmuls on GPUs).
-        block_size: longest sequence (context) the model takes.
-        n_layer: transformer blocks.
-        n_head: attention heads per block (must divide n_embd).
-        n_embd: width of the residual stream.
-        n_kv_head: key/value heads for grouped-query attention (must divide n_head); empty means
-            n_head (multi-head attention), 1 is multi-query attention.
-        dropout: dropout probability (0 for pre-training: one pass over the data rarely overfits).
-        bias: biases in linear and norm layers.
-        tie_embeddings: share the token embedding with the output layer.
-        position: "learned" position embeddings (GPT-2) or "rope" rotary embeddings (Llama).
-        rope_theta: RoPE base frequency (10000 in Llama 2, 500000 in Llama 3): larger turns slower,
-            for longer contexts.
-        norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
-        norm_eps: epsilon of the norm layers.
-        mlp: "gelu" (GPT-2, 4x wide), "swiglu" (Llama, gated) or "relu2" (relu(x) squared, 4x wide).
-        mlp_hidden: MLP hidden width; empty means 4 * n_embd for gelu and relu2, 8/3 * n_embd rounded up
-            to a multiple of 256 for swiglu.
-        qk_norm: RMS-normalise each head's queries and keys (no learned scale) before attention.
-        logit_softcap: squash the output logits into (-cap, cap) with cap * tanh(logits / cap) (Gemma 2
-            uses 30); empty means no cap.
-    """
-
-    vocab_size: PositiveInt = 50257
-    block_size: PositiveInt = 1024
-    n_layer: PositiveInt = 12
-    n_head: PositiveInt = 12
-    n_embd: PositiveInt = 768
-    n_kv_head: PositiveInt | None = None
-    dropout: Fraction = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
-    position: str = "learned"
-    rope_theta: PositiveFloat = 10000.0
-    norm: str = "layernorm"
-    norm_eps: PositiveFloat = 1e-5
-    mlp: str = "gelu"
-    mlp_hidden: PositiveInt | None = None
-    qk_norm: bool = False
-    logit_softcap: PositiveFloat | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "GPTConfig":
-        """The config that a dict holding these fields among others (hyperparameters, YAML) describes."""
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
-
-    def __post_init__(self):
-        for name in self.__dataclass_fields__:
-            setattr(self, name, plain(getattr(self, name)))
-        check_ranges(GPTConfig, {name: getattr(self, name) for name in self.__dataclass_fields__}, "model")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head size, got n_embd / n_head = {self.head_dim}")
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 256 * math.ceil(8 * self.n_embd / 3 / 256) if self.mlp == "swiglu" else 4 * self.n_embd
-        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu", "relu2"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+from lm_pretrain.config import GPTConfig, model_size  # noqa: F401  (model_size: importable from here too)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -236,7 +156,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
-        self.checkpoint_blocks = False  # activation checkpointing: see LanguageModel
+        self.checkpoint_blocks = False  # activation checkpointing: see strategies.parallelize
         if config.position == "rope":  # not parameters: recomputed, never saved
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -265,14 +185,10 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                ignore_index: int = -100, reduction: str = "mean", fused_loss: bool = False,
-                z_loss: float = 0.0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the
-        tokens already in it. With targets (B, T), the cross-entropy loss instead (its mean or sum over
-        the targets that are not ignore_index); fused_loss computes it without materialising the
-        logits' autograd tensors (lm_pretrain.loss), not with logit_softcap or z_loss (the weight of
-        the squared log of the softmax normaliser, added per target)."""
+        tokens already in it. return_hidden gives the final norm's output (B, T, n_embd) instead, for
+        a loss that applies the output layer itself (lm_pretrain.loss, fused)."""
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -292,20 +208,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        if targets is not None and fused_loss and self.config.logit_softcap is None and not z_loss:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index, reduction)
+        if return_hidden:
+            return x
         logits = self.lm_head(x)
-        if self.config.logit_softcap is not None:
+        if self.config.logit_softcap is not None:  # smooth, so gradients never vanish at the cap
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
-        if targets is None:
-            return logits
-        logits, targets = logits.flatten(0, 1).float(), targets.flatten()
-        loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-        if z_loss:
-            kept = targets != ignore_index
-            z = (torch.logsumexp(logits, dim=-1).square() * kept).sum()
-            loss = loss + z_loss * (z if reduction == "sum" else z / kept.sum())
-        return loss
+        return logits
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -355,28 +263,3 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until p is reached
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
-def model_size(config: GPTConfig) -> dict[str, int]:
-    """Parameter counts and training FLOPs per token, from the config alone (no weights needed).
-
-    flops_per_token counts the matmuls of forward + backward (2 + 4 FLOPs per weight per token,
-    the LM head included) plus attention's scores and weighted sums over a full block_size context:
-    6 * N + 12 * n_layer * n_head * head_dim * block_size (PaLM's estimate, as used for MFU).
-    """
-    c = config
-    d, kv, hidden, b = c.n_embd, c.n_kv_head * c.head_dim, c.mlp_hidden, int(c.bias)
-    norm = d + (b * d if c.norm == "layernorm" else 0)
-    attention = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
-    mlp = d * hidden * (2 if c.mlp == "swiglu" else 1) + b * hidden * (2 if c.mlp == "swiglu" else 1) + hidden * d + b * d
-    blocks = c.n_layer * (2 * norm + attention + mlp)
-    token_table = c.vocab_size * d
-    position_table = c.block_size * d if c.position == "learned" else 0
-    head = 0 if c.tie_embeddings else c.vocab_size * d
-    non_embedding = blocks + norm + head
-    matmul_params = non_embedding + (token_table if c.tie_embeddings else 0)  # the head's matmul either way
-    return {
-        "params": token_table + position_table + non_embedding,
-        "non_embedding_params": non_embedding,
-        "flops_per_token": 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size,
-    }

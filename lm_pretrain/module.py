@@ -3,28 +3,38 @@
 The loss is the mean cross-entropy of predicting token t+1 from tokens <= t; perplexity is exp of
 that mean (the number of equally likely tokens the model is, on average, choosing between).
 
+What is where: the architecture is lm_pretrain.config (GPTConfig) and lm_pretrain.model (GPT maps
+tokens to logits), the objective
+lm_pretrain.loss, optimizers and schedules lm_pretrain.optim, sharding and activation checkpointing
+lm_pretrain.strategies, and the training policy (NaN/inf losses, RNG states on resume) two
+callbacks of lm_pretrain.callbacks that every run gets. This module ties them to Lightning.
+
 A training step that does not log never waits for the GPU: no value is read back to the host
 (`.item()`, `bool(tensor)`, ...) outside log steps, so the CPU can queue the next step's kernels
 while the GPU runs this one (tests/test_sync_free.py counts them).
 """
 
 import dataclasses
+import inspect
 import math
+from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torchmetrics import Metric
 
 from lm_pretrain import checkpoints, optim, ranges
-from lm_pretrain.callbacks import step_ends_here
+from lm_pretrain.callbacks import NonFiniteGuard, RestoreRNG
 from lm_pretrain.errors import UserError
-from lm_pretrain.model import GPT, GPTConfig, model_size
+from lm_pretrain.loss import IGNORE_INDEX, LossKind, next_token_loss, pick_loss
+from lm_pretrain.config import GPTConfig, model_size
+from lm_pretrain.model import GPT
 from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt)
+from lm_pretrain.steps import is_log_step
+from lm_pretrain.strategies import parallelize
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
-
-
-IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (see data.EvenSplit)
 
 
 class MeanLoss(Metric):
@@ -59,19 +69,19 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: ClosedUnitInterval = 0.1,
         warmup_steps: NonNegativeInt = 100,
         decay_steps: PositiveInt | None = None,
-        schedule: str = "cosine",
+        schedule: optim.Schedule = "cosine",
         decay_fraction: OpenUnitInterval = 0.2,
         weight_decay: NonNegativeFloat = 0.1,
         betas: tuple[Fraction, Fraction] = (0.9, 0.95),
-        optimizer: str = "adamw",
+        optimizer: optim.OptimizerName = "adamw",
         muon_lr: PositiveFloat | None = None,
         head_lr: PositiveFloat | None = None,
         z_loss: NonNegativeFloat = 0.0,
-        fused_loss: bool = False,
+        loss: LossKind = "auto",
         compile: bool = False,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
-        nonfinite_loss: str = "stop",
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         nonfinite_check_every: PositiveInt | None = None,
         **architecture,
     ):
@@ -97,10 +107,13 @@ class LanguageModel(L.LightningModule):
                 learning_rate.
             z_loss: weight of the z-loss (PaLM: 1e-4), the squared log of the softmax normaliser, which
                 keeps the output logits from drifting; 0 turns it off.
-            fused_loss: compute the output layer and the loss together (lm_pretrain.loss): the same
-                loss and gradients with one logits-sized tensor instead of four; a third faster per
-                step on CPUs. Not with z_loss or logit_softcap (those take the plain path).
-            compile: torch.compile the model (worth it on GPUs; costs time and gains nothing on CPUs).
+            loss: how the loss is computed (lm_pretrain.loss): "fused" (the output layer and the loss
+                in one step: the same loss and gradients with one logits-sized tensor instead of four, a
+                third faster per step on CPUs; not with z_loss or logit_softcap), "plain", or "auto":
+                fused when the model runs eagerly, plain under compile (which fuses it itself) or with
+                z_loss or logit_softcap.
+            compile: torch.compile the training and validation steps (worth it on GPUs; costs time and
+                gains nothing on CPUs). Sampling always runs eagerly.
             activation_checkpointing: recompute each block's activations in the backward pass
                 instead of keeping them (~1/3 more compute, much less memory); configs/overlays/fsdp.yaml
                 turns it on.
@@ -126,34 +139,39 @@ class LanguageModel(L.LightningModule):
         # checkpoint alone rebuilds the model.
         self.save_hyperparameters(ignore=list(architecture))
         self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
-        if nonfinite_loss not in ("stop", "skip"):
-            raise UserError(f"model.nonfinite_loss must be stop or skip, got {nonfinite_loss!r}")
-        for name, value, allowed in (("optimizer", optimizer, optim.OPTIMIZERS), ("schedule", schedule, optim.SCHEDULES)):
-            if value not in allowed:
-                raise UserError(f"model.{name} must be one of {', '.join(allowed)}, got {value!r}")
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
+        self.fused_loss = pick_loss(loss, compile, z_loss, self.config.logit_softcap) == "fused"
         self.model = GPT(self.config)
         self.val_loss = MeanLoss()
-        self._nonfinite: torch.Tensor | None = None  # on the device: set once a loss was NaN/inf
-        self.skipped_batches = 0
-        self._rng_states_to_restore: dict | None = None
+        self.nonfinite = NonFiniteGuard(nonfinite_loss, nonfinite_check_every)
+        self._loss_fn = next_token_loss
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "LanguageModel":
+        """The LanguageModel saved at `path` (a file or a sharded folder), in eval mode on `device`,
+        uncompiled (for sampling, export and evaluation)."""
+        checkpoint = checkpoints.read(path)
+        accepted = inspect.signature(cls).parameters
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
+                   if k in accepted or k in GPTConfig.__dataclass_fields__}
+        try:
+            module = cls(**{**hparams, "compile": False, "init_from": None})
+            module.load_state_dict(checkpoint["state_dict"])
+        except (TypeError, RuntimeError) as err:
+            raise UserError(f"{path} does not hold this project's model ({' '.join(str(err).split())[:300]})") from None
+        return module.to(device).eval()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.nonfinite, RestoreRNG()]
 
     def configure_model(self) -> None:
-        self.model.checkpoint_blocks = self.hparams.activation_checkpointing
-        if self.device_mesh is not None and not getattr(self, "_sharded", False):
-            # ModelParallelStrategy: FSDP2 with one shard unit per block, then the rest (embeddings,
-            # final norm, head) at the root; each unit's parameters are gathered only while it runs.
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-            self._sharded = True
-        # nn.Module.compile compiles in place, so state_dict keys stay free of "_orig_mod." prefixes.
+        parallelize(self.model, self.device_mesh, self.hparams.activation_checkpointing)
         if self.hparams.compile:
-            self.model.compile()
+            # The loss step is compiled, model and loss together (inductor fuses the cross-entropy
+            # into the output layer's kernels); calls of the model itself, as in sampling, stay
+            # eager and never recompile the training graph.
+            self._loss_fn = torch.compile(next_token_loss)
 
     def setup(self, stage: str) -> None:
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
@@ -177,21 +195,13 @@ class LanguageModel(L.LightningModule):
         (targets set to IGNORE_INDEX count in neither); the z-loss is added in training only, so val
         losses stay comparable across recipes."""
         x, y = batch
-        return self.model(x, targets=y, ignore_index=IGNORE_INDEX, reduction=reduction,
-                          fused_loss=self.hparams.fused_loss, z_loss=self.hparams.z_loss if self.training else 0.0)
+        return self._loss_fn(self.model, x, y, fused=self.fused_loss,
+                             z_loss=self.hparams.z_loss if self.training else 0.0, reduction=reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
-        nonfinite = ~torch.isfinite(loss.detach())
-        if self.hparams.nonfinite_loss == "skip":
-            # every rank must agree, or DDP would wait forever for the gradients of a skipped rank
-            if self.trainer.strategy.reduce_boolean_decision(bool(nonfinite), all=False):
-                self.skipped_batches += 1
-                self.print(f"warning: NaN/inf loss at step {self.global_step}, batch skipped "
-                           f"({self.skipped_batches} so far)")
-                return None
-        else:  # remembered on the device; looked at every nonfinite_check_every steps
-            self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
+        if self.nonfinite.skip_batch(self.trainer, loss):
+            return None  # no backward, no optimizer step for this batch
         # Tensors go to the logger as they are; Lightning turns them into numbers only when it
         # writes (every log_every_n_steps), so logging adds no host sync to the step. Not prog_bar:
         # Lightning reads those back after every batch (callbacks.ProgressBar shows the loss instead).
@@ -199,15 +209,9 @@ class LanguageModel(L.LightningModule):
         self.log("train/ppl", loss.detach().exp())
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if not step_ends_here(self.trainer, batch_idx):
-            return  # mid-accumulation: check once per optimizer step, not once per batch
-        if self.global_step % (self.hparams.nonfinite_check_every or self.trainer.log_every_n_steps or 1) == 0:
-            self._stop_if_nonfinite()
-
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping, only on steps that are logged (it costs a reduction).
-        if self._trainer is None or (self.global_step + 1) % self.trainer.log_every_n_steps:
+        if not is_log_step(self.trainer, self.global_step + 1):
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
@@ -215,29 +219,8 @@ class LanguageModel(L.LightningModule):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: shards -> whole
             self.log("train/grad_norm", norm)
 
-    def _stop_if_nonfinite(self) -> None:
-        seen = self._nonfinite is not None and bool(self._nonfinite)
-        if self._trainer is not None and self.trainer.strategy.reduce_boolean_decision(seen, all=False):
-            last = next((c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path), "none yet")
-            raise UserError(f"the training loss became NaN or infinite at or before step {self.global_step}; "
-                            f"stopped without saving (last good checkpoint: {last}). Lower model.learning_rate "
-                            f"or set model.nonfinite_loss skip")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._stop_if_nonfinite()  # never write a checkpoint of a diverged model
-        checkpoint["rng_states"] = checkpoints.rng_states()  # a resumed run draws the same random numbers
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
-        if self._trainer is not None and "rng_states" in checkpoint:
-            # applied at the first batch: restoring happens before the data loader's iterator is
-            # made, and making it draws a random number
-            self._rng_states_to_restore = checkpoint["rng_states"]
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._rng_states_to_restore is not None:
-            checkpoints.set_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self._loss(batch, reduction="sum"), (batch[1] != IGNORE_INDEX).sum())
@@ -250,7 +233,7 @@ class LanguageModel(L.LightningModule):
         metrics = {"val/loss": loss, "val/ppl": loss.exp()}
         # Bits per byte: the loss per UTF-8 byte of text rather than per token, so that models with
         # different tokenizers compare (the val split's bytes per token come from its metadata).
-        bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None) if self._trainer else None
+        bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None)
         if bytes_per_token:
             metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
         # (the same on every process already; sync_dist only keeps Lightning from warning that it is not)
@@ -273,10 +256,9 @@ class LanguageModel(L.LightningModule):
                                                   hp.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-
     def _gradient_scaler(self):
         """fp16's GradScaler when training in 16-mixed, else None (bf16 and fp32 need none)."""
-        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, since with fp16 a

@@ -19,11 +19,12 @@ decay_fraction of the steps: a run can be continued from before the decay).
 """
 
 import math
+from typing import Literal
 
 import torch
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
+OptimizerName = Literal["adamw", "muon"]
+Schedule = Literal["cosine", "wsd"]
 
 
 def parameter_roles(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -75,7 +76,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._link()
 
 
-def build_optimizer(model: torch.nn.Module, optimizer: str, learning_rate: float, weight_decay: float,
+def build_optimizer(model: torch.nn.Module, optimizer: OptimizerName, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], head_lr: float | None = None, muon_lr: float | None = None,
                     fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer of a recipe, its groups named (the names label the logged learning rates)."""
@@ -93,7 +94,7 @@ def build_optimizer(model: torch.nn.Module, optimizer: str, learning_rate: float
                          adamw=adamw)
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str = "cosine",
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: Schedule = "cosine",
                   decay_fraction: float = 0.2) -> float:
     """The learning rate at `step` as a fraction of the peak: linear warmup to 1, then "cosine" decay to
     min_ratio at total_steps, or "wsd": 1 until the last decay_fraction of total_steps, then a linear

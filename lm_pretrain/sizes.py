@@ -1,17 +1,16 @@
 """Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
 
-Prints a Markdown table computed from each config's `model:` section by `model.model_size`,
-without building the model.
+Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
+without building the model (and without torch, so it takes a moment, not seconds).
 """
 
 import sys
 from pathlib import Path
-
 import yaml
 
 from lm_pretrain.commands import command_parser, parse
+from lm_pretrain.config import GPTConfig, model_size
 from lm_pretrain.errors import UserError, exit_on_user_error
-from lm_pretrain.model import GPTConfig, model_size
 
 
 def config_from_yaml(path: str | Path) -> GPTConfig:

@@ -1,10 +1,13 @@
-"""Sharded training: FSDP2 (PyTorch's `fully_shard`), one shard unit per transformer block.
+"""How the model is laid out over devices: sharding (FSDP2) and activation checkpointing, in one place.
 
-Parameters, gradients and optimizer state are split across all processes; each block's parameters
+`parallelize` is what `LanguageModel.configure_model` applies, as torchtitan's parallelize.py does
+for its models: activation checkpointing when asked, and under the FSDP strategy below PyTorch's
+`fully_shard` with one shard unit per transformer block.
+
+FSDP splits parameters, gradients and optimizer state across all processes; each block's parameters
 are gathered only while that block runs. It is Lightning's ModelParallelStrategy with every process
 in one data-parallel group, so it runs the same way on GPUs (nccl) and on CPUs (gloo, which is how
-the tests cover it). `LanguageModel.configure_model` applies `fully_shard` per block. Chosen in YAML
-with configs/overlays/fsdp.yaml:
+the tests cover it). Chosen in YAML with configs/overlays/fsdp.yaml:
 
     trainer:
       strategy:
@@ -15,8 +18,28 @@ import shutil
 from pathlib import Path
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lm_pretrain.files import publish
+from lm_pretrain.model import GPT
+
+
+def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False) -> None:
+    """Lay `model` out for training, in place: recompute each block's activations in the backward
+    pass (activation_checkpointing), and with a device mesh (ModelParallelStrategy's) shard it with
+    FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root. Safe to call
+    again (Lightning calls configure_model for each of fit, validate, ...)."""
+    model.checkpoint_blocks = activation_checkpointing
+    if mesh is None or isinstance(model, FSDPModule):
+        return
+    mesh = mesh["data_parallel"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    # The root unit is not resharded after the forward pass (FSDP2 keeps the root's parameters for
+    # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused
+    # loss) sees the whole matrix.
+    fully_shard(model, mesh=mesh)
 
 
 class FSDP(ModelParallelStrategy):
@@ -30,16 +53,18 @@ class FSDP(ModelParallelStrategy):
         """
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.distributed_checkpoint = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
         # ModelParallelStrategy's "auto" shards across nodes only; shard across every process instead.
+        # (It reads the size from this private attribute: tests/test_strategies.py fails if that changes.)
         self._data_parallel_size = self.num_processes * self.num_nodes
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """Write a sharded checkpoint into a hidden folder, then swap it in: a run killed while saving
         keeps its previous checkpoint (Lightning would overwrite the shards in place)."""
-        if not self._save_distributed_checkpoint:
+        if not self.distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(f".{path.name}.partial")

@@ -1,20 +1,21 @@
 """What the tests share: a synthetic corpus, running the entry points as a user would, and
-callbacks that tests add to train.py runs with --trainer.callbacks+=... (tests/ is on PYTHONPATH).
+callbacks that tests add to train.py runs with --trainer.callbacks+=... (tests/ is on PYTHONPATH;
+the probes that bench/ uses too, RecordBatches and SignalAt, are in lm_pretrain/debug.py).
 
 Fixtures live in conftest.py; everything else a test file needs from another lives here.
 """
 
-import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from lm_pretrain import debug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,10 @@ def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config:
 
 
 def callback(name: str, **init_args) -> str:
-    return "--trainer.callbacks+=" + json.dumps({"class_path": f"helpers.{name}", "init_args": init_args})
+    """The train.py flag that adds callback `name`: lm_pretrain.debug's (RecordBatches, SignalAt) or
+    one of this file's."""
+    module = "lm_pretrain.debug" if hasattr(debug, name) else "helpers"
+    return "--trainer.callbacks+=" + json.dumps({"class_path": f"{module}.{name}", "init_args": init_args})
 
 
 def run_args(data: Path, steps: int, record: Path, every: int = 4, extra: tuple = ()) -> list[str]:
@@ -129,6 +133,24 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def tiny_checkpoint(path: Path, steps: int = 2, seed: int = 0, **model_args):
+    """(module, path): a small LanguageModel trained `steps` steps on fixed random tokens (so no weight
+    is at its initial value) and saved by Lightning at `path`, as train.py saves one."""
+    from torch.utils.data import DataLoader
+
+    from lm_pretrain.module import LanguageModel
+
+    L.seed_everything(seed)
+    module = LanguageModel(**{"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "warmup_steps": 1,
+                              **model_args})
+    tokens = torch.randint(0, module.config.vocab_size, (4, module.config.block_size + 1))
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader([(tokens[:, :-1], tokens[:, 1:])] * steps, batch_size=None))
+    trainer.save_checkpoint(path)
+    return module, Path(path)
+
+
 def attach(dm, **model_args):
     """A TokenDataModule wired to a Trainer and a small model, as Lightning would before setup."""
     from lm_pretrain.module import LanguageModel
@@ -142,32 +164,6 @@ def attach(dm, **model_args):
 
 # ---------------------------------------------------------------------------------------------
 # Callbacks for train.py runs
-
-
-class RecordBatches(L.Callback):
-    """Append {rank, step, loss, batch sha} per training batch to a JSON Lines file (one per rank)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        x, _ = batch
-        loss = float(outputs["loss"]) if outputs else None  # None: the batch was skipped
-        row = {"rank": trainer.global_rank, "step": trainer.global_step, "loss": loss,
-               "rows": [hashlib.sha1(r.cpu().numpy().tobytes()).hexdigest()[:16] for r in x]}
-        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-class SignalAt(L.Callback):
-    """Send `signal_name` to this process after optimizer step `step` (every rank does the same)."""
-
-    def __init__(self, step: int, signal_name: str = "SIGKILL"):
-        self.step, self.signum = step, getattr(signal, signal_name)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 class PoisonAt(L.Callback):
@@ -188,18 +184,6 @@ class PoisonAt(L.Callback):
             with torch.no_grad():
                 module.model.ln_f.weight.copy_(self.saved)
             self.restore = False
-
-
-def read_records(path) -> list[dict]:
-    """Every rank's records, the later entry for a (rank, step) winning (a resumed run repeats steps)."""
-    from pathlib import Path
-
-    rows = {}
-    for f in sorted(Path(path).parent.glob(Path(path).name + ".rank*")):
-        for line in f.read_text().splitlines():
-            row = json.loads(line)
-            rows[(row["rank"], row["step"])] = row
-    return [rows[k] for k in sorted(rows)]
 
 
 class ReadLossEveryStep(L.Callback):

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from helpers import ROOT, cli_error
+from helpers import ROOT, cli_error, tiny_checkpoint
+from lm_pretrain.module import LanguageModel
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -25,20 +26,7 @@ def task_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from lm_pretrain.module import LanguageModel
-
-    L.seed_everything(0)
-    module = LanguageModel(block_size=32, n_layer=2, n_head=2, n_embd=32, warmup_steps=1)
-    tokens = torch.randint(0, 50257, (4, 33))
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(module, DataLoader([(tokens[:, :-1], tokens[:, 1:])] * 2, batch_size=None))
-    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt")[1]
 
 
 def own_loglikelihood(module, context: str, continuation: str) -> float:
@@ -55,7 +43,6 @@ def own_loglikelihood(module, context: str, continuation: str) -> float:
 
 @pytest.mark.slow
 def test_a_task_runs_end_to_end_and_scores_with_the_models_own_logprobs(checkpoint, task_folder, monkeypatch, capsys):
-    from lm_pretrain.checkpoints import load_module
     from lm_pretrain.evaluate import evaluate, harness_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -69,7 +56,7 @@ def test_a_task_runs_end_to_end_and_scores_with_the_models_own_logprobs(checkpoi
     # every choice of every question, through the adapter in batches, against the model itself
     from lm_eval.api.instance import Instance
 
-    module = load_module(checkpoint)
+    module = LanguageModel.from_checkpoint(checkpoint)
     lm = harness_model(module, batch_size=4)
     docs = [json.loads(line) for line in (ROOT / "tests" / "eval_task" / "tiny_mc.jsonl").read_text().splitlines()]
     pairs = [(doc["question"], " " + choice) for doc in docs for choice in doc["choices"]]
@@ -92,11 +79,10 @@ def test_rolling_loglikelihood_scores_every_token_once(checkpoint):
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from lm_pretrain.checkpoints import load_module
     from lm_pretrain.evaluate import harness_model
     from lm_pretrain.tokenizer import get_tokenizer
 
-    module = load_module(checkpoint)
+    module = LanguageModel.from_checkpoint(checkpoint)
     text = " ".join(["The king loves the crown and the sea."] * 12)  # ~100 tokens, block_size 32
     (total,) = harness_model(module).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     enc = get_tokenizer()
@@ -126,11 +112,10 @@ def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys)
 def test_generation_is_the_models_greedy_continuation_cut_at_a_stop_string(checkpoint):
     from lm_eval.api.instance import Instance
 
-    from lm_pretrain.checkpoints import load_module
     from lm_pretrain.evaluate import harness_model
     from lm_pretrain.tokenizer import get_tokenizer
 
-    module, enc = load_module(checkpoint), get_tokenizer()
+    module, enc = LanguageModel.from_checkpoint(checkpoint), get_tokenizer()
     prompt = enc.encode_ordinary("The king")
     greedy = module.model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
     full = enc.decode(greedy)

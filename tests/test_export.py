@@ -1,13 +1,10 @@
 """Hugging Face export: the exported model gives the same logits as ours, for both families."""
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from helpers import cli_error
+from helpers import cli_error, tiny_checkpoint
 from lm_pretrain.errors import UserError
-from lm_pretrain.module import LanguageModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,15 +18,7 @@ FAMILIES = {
 
 def checkpoint(tmp_path, **hparams):
     """A checkpoint of a model trained for a few steps (so no weight is at its initial value)."""
-    L.seed_everything(0)
-    module = LanguageModel(**{**TINY, **hparams})
-    tokens = torch.randint(0, 50257, (4, 33))
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(module, DataLoader([(tokens[:, :-1], tokens[:, 1:])] * 3, batch_size=None))
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return module, path
+    return tiny_checkpoint(tmp_path / "model.ckpt", steps=3, **{**TINY, **hparams})
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from helpers import callback, read_records, ROOT, run_cli, train_args
+from helpers import callback, ROOT, run_cli, train_args
+from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 

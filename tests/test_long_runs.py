@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import callback, last_line, read_records, ROOT, run_args, run_cli, scalars
+from helpers import callback, cli_error, last_line, ROOT, run_args, run_cli, scalars, tiny_checkpoint
+from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
@@ -104,7 +105,7 @@ TorchCheckpointIO().save_checkpoint({"global_step": 99, "state_dict": {"w": torc
 """
 
 
-def test_a_save_killed_midway_leaves_the_previous_checkpoint(straight, tmp_path):
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     path = tmp_path / "last.ckpt"
@@ -149,13 +150,14 @@ def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
     assert all(lrs[step] == pytest.approx(0.01 * lr_multiplier(step, 2, 4, 0.1)) for step in lrs)
 
 
-def test_resume_refuses_another_architecture(prepared, straight, tmp_path):
-    first = run_cli(run_args(prepared, 2, tmp_path / "rec", every=2), cwd=tmp_path)
-    assert first.returncode == 0
-    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    other = run_cli([*run_args(prepared, 4, tmp_path / "rec2"), "--model.n_layer", "3", "--ckpt_path", str(ckpt)],
-                    cwd=tmp_path)
-    assert other.returncode == 2 and "another architecture: n_layer=2 (config: 3)" in last_line(other)
+def test_resume_refuses_another_architecture(prepared, tmp_path, capsys, monkeypatch):
+    from lm_pretrain.cli import main as train
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path / "last.ckpt", steps=1, block_size=32, n_layer=2, n_head=2, n_embd=32)[1]
+    args = [*run_args(prepared, 4, tmp_path / "rec")[1:], "--model.n_layer", "3", "--ckpt_path", str(ckpt)]
+    assert "another architecture: n_layer=2 (config: 3)" in cli_error(train, args, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # refused before any run folder exists
 
 
 def test_corrupted_or_truncated_shards_are_refused(prepared, tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_pretrain.loss import linear_cross_entropy
+from lm_pretrain.errors import UserError
+from lm_pretrain.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, pick_loss
 from lm_pretrain.model import GPT, GPTConfig
 
 
@@ -31,7 +32,7 @@ def test_model_loss_is_the_same_fused_or_not_with_tied_embeddings():
     results = []
     for fused in (False, True):
         model.zero_grad()
-        loss = model(tokens[:, :-1], targets=tokens[:, 1:], fused_loss=fused)
+        loss = next_token_loss(model, tokens[:, :-1], tokens[:, 1:], fused=fused)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (fused, fused_grads) = results
@@ -60,3 +61,25 @@ def test_bf16_autocast_gives_float32_loss_and_gradients_of_the_inputs_dtypes():
     plain = F.cross_entropy(x @ weight.t(), targets)
     assert fused.dtype == torch.float32 and x.grad.dtype == weight.grad.dtype == torch.float32
     assert abs(fused.item() - plain.item()) < 0.05  # bf16 logits
+
+
+def test_plain_loss_is_the_cross_entropy_of_the_models_logits_padding_excluded():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    y[1, 5:] = IGNORE_INDEX
+    logits = model(x)
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert torch.allclose(next_token_loss(model, x, y, reduction="sum"), expected, rtol=1e-6)
+    hidden = model(x, return_hidden=True)  # what the fused loss multiplies into the output layer itself
+    assert hidden.shape == (2, 8, 16) and torch.allclose(model.lm_head(hidden), logits)
+
+
+def test_the_loss_path_is_picked_once_and_a_refused_combination_is_an_error():
+    assert pick_loss("auto") == "fused"  # eager: the fused path is faster and smaller
+    assert pick_loss("auto", compile=True) == "plain"  # compiled: inductor fuses the plain path itself
+    assert pick_loss("auto", z_loss=1e-4) == pick_loss("auto", logit_softcap=30.0) == "plain"
+    assert pick_loss("plain") == "plain" and pick_loss("fused", compile=True) == "fused"  # as asked
+    for refused in (dict(z_loss=1e-4), dict(logit_softcap=30.0)):
+        with pytest.raises(UserError, match="model.loss fused .* cannot"):
+            pick_loss("fused", **refused)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import attach, callback, read_records, ROOT, run_cli, train_args, write_corpus, write_greek_corpus
+from helpers import attach, callback, ROOT, run_cli, train_args, write_corpus, write_greek_corpus
+from lm_pretrain.debug import read_records
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError
 from lm_pretrain.prepare import prepare

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import ROOT
+from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig, model_size, sample_next
 from lm_pretrain.sizes import config_from_yaml
 
@@ -223,5 +224,7 @@ def test_preset_family_is_complete():
 def test_bad_architecture_options():
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(**{**BASE, "n_kv_head": 3})
-    with pytest.raises(ValueError, match="norm must be one of"):
+    with pytest.raises(UserError, match="--model.norm 'batchnorm' is not one of layernorm, rmsnorm"):
         GPTConfig(**BASE, norm="batchnorm")
+    with pytest.raises(UserError, match="--model.mlp 'relu' is not one of gelu, swiglu, relu2"):
+        GPTConfig(**BASE, mlp="relu")

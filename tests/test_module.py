@@ -6,8 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity as LogitsPerplexity
 
-from lm_pretrain.module import IGNORE_INDEX, LanguageModel, MeanLoss
-from lm_pretrain.optim import lr_multiplier
+from helpers import tiny_checkpoint
+from lm_pretrain.callbacks import TextSamples
+from lm_pretrain.loss import IGNORE_INDEX
+from lm_pretrain.module import LanguageModel, MeanLoss
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
 
@@ -25,28 +27,6 @@ def test_mean_loss_matches_torchmetrics_perplexity_on_logits_and_skips_padding()
     assert torch.allclose(ours.compute().exp(), reference.compute(), rtol=1e-5)
 
 
-def test_lr_schedule():
-    steps = [lr_multiplier(s, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(130)]
-    assert steps[0] < steps[5] < steps[9] < 1.0  # linear warmup
-    assert steps[10] == pytest.approx(1.0)  # peak
-    assert steps[60] == pytest.approx(0.55)  # half-way down the cosine
-    assert all(a >= b for a, b in zip(steps[10:], steps[11:]))  # never rises after the peak
-    assert steps[110] == steps[129] == pytest.approx(0.1)  # floor
-
-
-def test_weight_decay_only_on_matrices():
-    module = LanguageModel(**{**TINY, "tie_embeddings": False})
-    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
-    config = module.configure_optimizers()
-    decay, no_decay, head = config["optimizer"].param_groups  # an untied head has a group of its own
-    names = {id(p): n for n, p in module.model.named_parameters()}
-    decayed = {names[id(p)] for group in (decay, head) for p in group["params"]}
-    assert decay["weight_decay"] == head["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
-    assert not any(n.startswith(("wte", "wpe")) or "ln_" in n or n.endswith("bias") for n in decayed)
-    assert sum(len(g["params"]) for g in (decay, no_decay, head)) == len(list(module.model.parameters()))
-
-
 def test_overfits_one_batch():
     L.seed_everything(0)
     module = LanguageModel(**TINY)
@@ -62,36 +42,11 @@ def test_overfits_one_batch():
 
 
 def test_checkpoint_rebuilds_model(tmp_path):
-    module = LanguageModel(**TINY)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    tokens = torch.randint(0, 1000, (2, 17))
-    trainer.fit(module, train_dataloaders=DataLoader([(tokens[:, :-1], tokens[:, 1:])], batch_size=None))
-    trainer.save_checkpoint(tmp_path / "x.ckpt")
-    loaded = LanguageModel.load_from_checkpoint(tmp_path / "x.ckpt")
+    module, path = tiny_checkpoint(tmp_path / "x.ckpt", steps=1, **TINY)
+    loaded = LanguageModel.load_from_checkpoint(path)
+    tokens = torch.randint(0, 1000, (2, 16))
     assert loaded.config == module.config
-    assert torch.equal(loaded(tokens[:, :-1]), module(tokens[:, :-1]))
-
-
-def test_peak_flops_and_mfu_inputs():
-    from lm_pretrain.hardware import peak_flops
-
-    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12  # SXM
-    assert peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
-    assert peak_flops("NVIDIA H100 NVL", "bf16-mixed") == peak_flops("NVIDIA H200 NVL", "bf16-mixed") == 835e12
-    assert peak_flops("NVIDIA H200", "bf16-mixed") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") == 19.5e12
-    assert peak_flops("cpu") is None and peak_flops("Some New GPU") is None
-
-
-@pytest.mark.parametrize("field,value", [("rope_theta", 500000.0), ("norm_eps", 1e-6), ("n_kv_head", 1)])
-def test_a_checkpoint_of_another_architecture_is_refused(field, value):
-    from lm_pretrain.errors import UserError
-    from lm_pretrain.checkpoints import check_architecture
-
-    saved = LanguageModel(**{**TINY, "position": "rope"}).hparams
-    check_architecture(saved, LanguageModel(**{**TINY, "position": "rope", "dropout": 0.1}).config, "checkpoint")
-    with pytest.raises(UserError, match=f"another architecture: {field}="):
-        check_architecture(saved, LanguageModel(**{**TINY, "position": "rope", field: value}).config, "checkpoint")
+    assert torch.equal(loaded(tokens), module(tokens))
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
@@ -117,3 +72,42 @@ def test_bf16_mixed_clips_with_the_fused_optimizer(algorithm):
         assert float(torch.nn.utils.get_total_norm(seen.grads)) == pytest.approx(0.01, rel=1e-3)
     else:
         assert max(float(g.abs().max()) for g in seen.grads) <= 0.01
+
+
+class FailOnRecompileAfterFirstStep(L.Callback):
+    """Training steps after the first must reuse the compiled graph (torch.compiler's own check);
+    validation may compile a graph of its own (no gradients)."""
+
+    def __init__(self):
+        self.strict_steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        torch.compiler.set_stance("fail_on_recompile" if trainer.global_step > 0 else "default")
+        self.strict_steps += trainer.global_step > 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        torch.compiler.set_stance("default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}])
+def test_compiled_training_step_survives_samples_and_validation(blocks):
+    L.seed_everything(0)
+    module = LanguageModel(**{**TINY, **blocks, "compile": True})
+    assert not module.fused_loss  # auto: the plain path, which inductor fuses
+    tokens = torch.randint(0, 1000, (4, 17))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    check = FailOnRecompileAfterFirstStep()
+    samples = TextSamples(prompts=["The"], max_new_tokens=3, every_n_steps=2)
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=3, limit_val_batches=2,
+                        num_sanity_val_steps=0, callbacks=[samples, check])
+    try:
+        trainer.fit(module, train_dataloaders=DataLoader([batch] * 6, batch_size=None),
+                    val_dataloaders=DataLoader([batch] * 2, batch_size=None))
+    finally:
+        torch.compiler.set_stance("default")
+    assert trainer.global_step == 6 and check.strict_steps == 5  # samples at steps 2 and 4, validation at 3
+    eager = LanguageModel(**{**TINY, **blocks})
+    eager.load_state_dict(module.state_dict())  # the compiled loss step leaves the weights' names alone
+    assert torch.allclose(eager._loss(batch), module._loss(batch), rtol=1e-4)

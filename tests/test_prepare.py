@@ -175,7 +175,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(corpus, tmp_pat
     (out / "keep.txt").write_text("precious")
     assert "already exists" in cli_error(main, [str(corpus[0]), "--output", str(out)], capsys)
     assert (out / "keep.txt").read_text() == "precious"
-    main([str(corpus[0]), "--output", str(out), "--overwrite", "true", "--workers", "1"])
+    main([str(corpus[0]), "--output", str(out), "--overwrite", "--workers", "1"])
     assert not (out / "keep.txt").exists() and load_metadata(out)["vocab_size"] == 50257
 
 

@@ -1,7 +1,6 @@
-"""The recipe options (lm_pretrain.optim and the model's flags): each flag builds what it names, and a
-short run learns with it."""
+"""The recipe options (the model's and the optimizer's flags): each flag builds what it names, and a
+short run learns with it. The optimizers and schedules themselves: tests/test_optim.py."""
 
-import copy
 import math
 
 import lightning as L
@@ -13,56 +12,8 @@ from lm_pretrain.errors import UserError
 from lm_pretrain.export import family
 from lm_pretrain.model import GPT, GPTConfig
 from lm_pretrain.module import LanguageModel
-from lm_pretrain.optim import MuonWithAdamW, lr_multiplier
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
-
-
-def with_optimizer(**args) -> tuple[LanguageModel, torch.optim.Optimizer]:
-    module = LanguageModel(**{**TINY, **args})
-    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
-    return module, module.configure_optimizers()["optimizer"]
-
-
-def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
-    module, optimizer = with_optimizer(optimizer="muon", tie_embeddings=False, head_lr=0.005, muon_lr=0.02)
-    names = {id(p): n for n, p in module.model.named_parameters()}
-    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
-    adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
-    assert isinstance(optimizer.muon, torch.optim.Muon) and isinstance(optimizer.adamw, torch.optim.AdamW)
-    assert muon == {n for n, p in module.model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")}
-    assert adamw == set(names.values()) - muon  # embeddings, head, norms, biases
-    groups = {g["name"]: g for g in optimizer.param_groups}
-    peak = {name: g["initial_lr"] for name, g in groups.items()}  # (lr itself is already warming up)
-    assert peak == {"decay": 0.02, "head": 0.005, "no_decay": 1e-2}
-    assert [names[id(p)] for p in groups["head"]["params"]] == ["lm_head.weight"]
-    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
-
-
-def test_muon_with_adamw_resumes_both_states():
-    def stepped(state: dict | None = None) -> tuple[GPT, MuonWithAdamW]:
-        torch.manual_seed(0)
-        module, optimizer = with_optimizer(optimizer="muon")
-        if state is not None:  # (loading shares the saved tensors: a copy keeps `state` for the second resume)
-            state = copy.deepcopy(state)
-            module.model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        tokens = torch.randint(0, 256, (2, 17))
-        for _ in range(2):
-            optimizer.zero_grad()
-            module._loss((tokens[:, :-1], tokens[:, 1:])).backward()
-            optimizer.step()
-        return module.model, optimizer
-
-    model, optimizer = stepped()
-    state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    assert {type(v.get("momentum_buffer", v.get("exp_avg"))) for v in state["optimizer"]["state"].values()} == {torch.Tensor}
-    straight, _ = stepped(state)  # two more steps after the saved state, twice
-    again, resumed = stepped(state)
-    assert resumed.muon.state is resumed.state and resumed.muon.param_groups[0] is resumed.param_groups[0]
-    for a, b in zip(straight.parameters(), again.parameters()):
-        assert torch.equal(a, b)
-    assert any(not torch.equal(a, state["model"][n]) for n, a in again.named_parameters())
 
 
 def test_muon_is_refused_under_fsdp():
@@ -76,18 +27,16 @@ def test_muon_is_refused_under_fsdp():
 def test_bad_recipe_settings_are_one_line_errors():
     with pytest.raises(UserError, match="tie_embeddings false"):
         LanguageModel(**{**TINY, "head_lr": 1e-3})
-    with pytest.raises(UserError, match="optimizer must be one of adamw, muon"):
+    with pytest.raises(UserError, match="--model.optimizer 'sgd' is not one of adamw, muon"):
         LanguageModel(**{**TINY, "optimizer": "sgd"})
-    with pytest.raises(UserError, match="schedule must be one of cosine, wsd"):
+    with pytest.raises(UserError, match="--model.schedule 'linear' is not one of cosine, wsd"):
         LanguageModel(**{**TINY, "schedule": "linear"})
-
-
-def test_wsd_schedule_warms_up_holds_then_decays_linearly():
-    lr = [lr_multiplier(s, 10, 110, 0.1, "wsd", decay_fraction=0.2) for s in range(120)]
-    assert lr[0] < lr[9] < 1.0 and lr[10:88] == [1.0] * 78  # warmup, then stable until the last 22 steps
-    assert lr[88] == 1.0 and lr[99] == pytest.approx(1 - 0.9 * 11 / 22)  # linear: half-way down at the middle
-    assert all(a > b for a, b in zip(lr[88:110], lr[89:110]))
-    assert lr[110] == lr[119] == pytest.approx(0.1)
+    with pytest.raises(UserError, match="--model.loss 'chunked' is not one of auto, plain, fused"):
+        LanguageModel(**{**TINY, "loss": "chunked"})
+    with pytest.raises(UserError, match="--model.nonfinite_loss 'ignore' is not one of stop, skip"):
+        LanguageModel(**{**TINY, "nonfinite_loss": "ignore"})
+    with pytest.raises(UserError, match="model.loss fused .* cannot add the z-loss"):
+        LanguageModel(**{**TINY, "loss": "fused", "z_loss": 1e-4})
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import attach, callback, read_records, ROOT, run_args, run_cli
+from helpers import attach, callback, ROOT, run_args, run_cli
+from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
@@ -74,6 +75,7 @@ def fsdp_run(data: Path, folder: Path, steps: int, *extra: str) -> subprocess.Co
 def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, tmp_path):
     from lm_pretrain import checkpoints
     from lm_pretrain.model import GPTConfig
+    from lm_pretrain.module import LanguageModel
 
     straight = fsdp_run(prepared, tmp_path / "a", 4, callback("SaveFullWeights", path=str(tmp_path / "full.pt")))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -104,22 +106,10 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     assert export.returncode == 0, export.stderr[-2000:]
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours = checkpoints.load_module(ckpt)
+    ours = LanguageModel.from_checkpoint(ckpt)
     tokens = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
     continued = run_cli([*run_args(prepared, 1, tmp_path / "rec-c"), "--model.init_from", str(ckpt)],
                         cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr[-3000:]
-
-
-def test_publish_replaces_a_folder_whole(tmp_path):
-    from lm_pretrain.files import publish
-
-    target, staged = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
-    target.mkdir()
-    (target / "old").write_text("old")
-    staged.mkdir()
-    (staged / "new").write_text("new")
-    publish(staged, target)
-    assert [p.name for p in target.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -156,7 +156,7 @@ def test_a_failed_upload_never_looks_finished(s3, corpus, monkeypatch):
     inputs = find_inputs([str(corpus[0])])
     prepare(inputs, url, workers=1, storage_options=s3["options"])
     first = store.read("metadata.json")
-    with pytest.raises(UserError, match="already exists; pass --overwrite true"):
+    with pytest.raises(UserError, match="already exists; pass --overwrite to replace it"):
         prepare(inputs, url, workers=1, storage_options=s3["options"])
 
     real_upload, calls = ObjectStore.upload, []
@@ -180,3 +180,11 @@ def test_a_failed_upload_never_looks_finished(s3, corpus, monkeypatch):
     assert store.read("metadata.json") != first and load_metadata(url, s3["options"])["seed"] == 9
     listed = {n for n in store.sizes() if n != "metadata.json"}
     assert listed == {f"{split}/{s['file']}" for split in ("train", "val") for s in metadata["shards"][split]}
+
+
+def test_litdata_still_has_the_client_options_we_extend():
+    """let_litdata_use_http_endpoints extends a private module constant of litdata (its obstore client
+    options): fail here if litdata renames it, rather than silently refusing http:// endpoints."""
+    from litdata.streaming import downloader
+
+    assert isinstance(getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None), dict)
