@@ -15,9 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
@@ -28,7 +25,11 @@ from lm_pretrain.tokenizer import get_tokenizer
 
 
 def harness_model(module, batch_size: int = 16):
-    """A lm_eval `TemplateLM` over a LanguageModel (built here: lm_eval is imported only when used)."""
+    """A lm_eval `TemplateLM` over a LanguageModel (built here: lm_eval and torch are imported only when
+    used, so --help stays quick)."""
+    import torch
+    import torch.nn.functional as F
+
     TemplateLM = require("lm_eval.api.model", "eval", "lm-pretrain-evaluate", "lm-eval").TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -122,6 +123,8 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
         device: cpu or cuda; empty means cuda when there is a GPU.
         output: the JSON file to write; empty means NAME-eval.json beside the checkpoint.
     """
+    import torch
+
     from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
     ranges.check(evaluate, {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}, "")

@@ -3,13 +3,10 @@
 import sys
 from pathlib import Path
 
-import torch
-
 from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import exit_on_user_error
 from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
-from lm_pretrain.sampling import sample
 
 
 def load_model(ckpt: str | Path, device: str = "cpu"):
@@ -39,6 +36,10 @@ def generate(ckpt_path: str, prompt: str = "", max_new_tokens: NonNegativeInt = 
         device: cpu or cuda; empty means cuda when there is a GPU.
     """
     ranges.check(generate, dict(locals()), "")
+    import torch  # here, not above: --help stays quick without torch
+
+    from lm_pretrain.sampling import sample
+
     model = load_model(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = []
     for i in range(num_samples):

@@ -327,7 +327,8 @@ Set `LM_PRETRAIN_CKPT` to sample another checkpoint (default: `last.ckpt` of the
 point is how the settings change it.
 '''),
     code(SETUP + '''
-from lm_pretrain.generate import load_model, sample
+from lm_pretrain.generate import load_model
+from lm_pretrain.sampling import sample
 
 def newest_run(runs: Path) -> Path:
     versions = sorted(runs.glob("version_*"), key=lambda p: int(p.name.rpartition("_")[2]))

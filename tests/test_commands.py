@@ -104,10 +104,11 @@ def test_export_overwrite(given, overwrite, existing_file_output, capsys):
 def test_generate_stop_at_eot(given, stop, monkeypatch):
     """Through generate's main to the sampler; a text option keeps the word false as its text."""
     import lm_pretrain.generate as generate_module
+    import lm_pretrain.sampling
 
     calls = []
     monkeypatch.setattr(generate_module, "load_model", lambda ckpt, device: "model")
-    monkeypatch.setattr(generate_module, "sample", lambda model, prompt, *args: calls.append((prompt, args[-1])) or "")
+    monkeypatch.setattr(lm_pretrain.sampling, "sample", lambda model, prompt, *args: calls.append((prompt, args[-1])) or "")
     generate_module.main(["--ckpt_path", "run.ckpt", *given])
     assert calls == [("false" if "--prompt" in given else "", stop)]
 
