@@ -127,3 +127,13 @@ def test_overlays_compose_over_a_preset(monkeypatch, capsys):
     assert csv["trainer.logger.init_args.name"] == "tiny" and csv["trainer.logger.init_args.save_dir"] == "runs"
     assert csv["trainer.devices"] == 2 and csv["trainer.strategy"] == "ddp"
     assert csv["seed_everything"] == 1337 and csv["trainer.gradient_clip_val"] == 1.0
+
+
+def test_a_missing_defaults_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """jsonargparse would skip a missing default config silently, and every preset would change."""
+    from helpers import cli_error
+    from lm_pretrain import cli
+
+    monkeypatch.setattr(cli, "DEFAULTS_FILE", tmp_path / "defaults.yaml")
+    line = cli_error(cli.main, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--print_config"], capsys)
+    assert line == f"error: {tmp_path / 'defaults.yaml'} is missing: reinstall lm-pretrain (the file is package data)"
