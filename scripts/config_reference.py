@@ -11,6 +11,7 @@ through LightningCLI. Every entry point takes the same flag style, --config and 
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,23 @@ COMMANDS = [
 ]
 
 
+def without_root(text: str) -> str:
+    """The help text with this checkout's path taken out. argparse wraps the paragraph that names the
+    defaults file before the path can be removed, so that paragraph is joined, cleaned and wrapped
+    again: the reference reads the same wherever the repository lies."""
+    lines, out = text.splitlines(), []
+    while lines:
+        line = lines.pop(0)
+        out.append(line)
+        if line == "default config file locations:":
+            paragraph = []
+            while lines and lines[0].startswith("  "):
+                paragraph.append(lines.pop(0).strip())
+            joined = " ".join(paragraph).replace(str(ROOT) + "/", "")
+            out += textwrap.wrap(joined, width=108, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(out).replace(str(ROOT) + "/", "")
+
+
 def render() -> str:
     env = {**os.environ, "COLUMNS": "110", "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "PYTHON_COLORS": "0"}
     parts = ["# Configuration reference\n",
@@ -35,7 +53,7 @@ def render() -> str:
         done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed: {done.stderr[-500:]}")
-        text = done.stdout.replace(str(ROOT) + "/", "").rstrip()
+        text = without_root(done.stdout).rstrip()
         # typing caches Optional[Union[...]] by equality, so whichever installed package spelled the union
         # first decides its printed order: write it one way so the reference does not depend on the install
         text = text.replace("Union[float, int", "Union[int, float")
