@@ -4,10 +4,12 @@
 
 HostSyncCheck fails a run whose quiet steps wait for the GPU; it patches torch.Tensor methods for as
 long as the run lasts, which is why it is here and not among the callbacks every run uses
-(lm_pretrain.callbacks). RecordBatches and SignalAt check resuming: record what each step trained on,
+(lm_pretrain.callbacks). CompiledStepCheck fails a compiled run whose training step recompiles or
+falls back to eager. RecordBatches and SignalAt check resuming: record what each step trained on,
 kill a run at a given step, resume it, and compare the records (read_records) with a straight run's.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -20,7 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lm_pretrain import ranges
-from lm_pretrain.ranges import NonNegativeInt
+from lm_pretrain.errors import UserError
+from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 from lm_pretrain.steps import ends_optimizer_step, is_log_step
 
 
@@ -102,6 +105,95 @@ class HostSyncCheck(L.Callback):
         for name, original in self._originals.items():
             setattr(torch.Tensor, name, original)
         self._originals.clear()
+
+
+class CompiledStepCheck(L.Callback):
+    """Fails a run (model.compile true) whose compiled training step does not stay compiled to the end.
+
+    - After the first optimizer step of this process, training batches run under torch.compiler's
+      "fail_on_recompile" stance: a new graph or a recompile there raises at once, naming the guard
+      that failed. Validation, samples and checkpoints run outside it (they may compile graphs of
+      their own, but never invalidate the training one).
+    - The operators that optimizer steps `early` and `late` run (torch.profiler, host side) must be the
+      same: had the training graph fallen back to eager between the two, the late step would run the
+      model's layers as separate operators. Pick two steps that are not log steps (which add the
+      gradient norm) and put samples, a validation and a checkpoint between them.
+    - At the end no frame was skipped and no graph broke (torch._dynamo's counters).
+
+        python train.py fit ... --model.compile true --trainer.callbacks+=lm_pretrain.debug.CompiledStepCheck
+    """
+
+    # Operators that compute nothing: they relabel, allocate or copy a tensor. Logging, and FSDP's
+    # storage handling in the step after a checkpoint, add a few of these, which says nothing about
+    # what ran compiled; a layer that fell back to eager shows as linear, layer_norm, softmax, ...
+    NOT_COMPUTE = {"aten::detach", "aten::detach_", "aten::alias", "aten::view", "aten::_unsafe_view",
+                   "aten::as_strided", "aten::t", "aten::transpose", "aten::expand", "aten::slice", "aten::select",
+                   "aten::reshape", "aten::squeeze", "aten::unsqueeze", "aten::resolve_conj", "aten::resolve_neg",
+                   "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::set_",
+                   "aten::resize_", "aten::copy_", "aten::to", "aten::_to_copy", "aten::lift_fresh", "aten::clone"}
+
+    def __init__(self, early: PositiveInt = 1, late: PositiveInt = 6):
+        ranges.check(CompiledStepCheck.__init__, {"early": early, "late": late}, "trainer.callbacks")
+        if late <= early:
+            raise UserError(f"CompiledStepCheck: late ({late}) must come after early ({early})")
+        self.early, self.late = early, late
+        self.operators: dict[int, collections.Counter] = {}
+        self._profiler, self._profiled_step, self._steps = None, None, 0
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if not module.hparams.get("compile"):
+            raise UserError("CompiledStepCheck checks compiled runs: set model.compile true")
+        # First among the callbacks, so that the profiled window closes before another callback's
+        # on_train_batch_end (a sample, say) runs its own operators.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        torch.compiler.set_stance("fail_on_recompile" if self._steps > 0 else "default")
+        first_batch_of_step = batch_idx % trainer.accumulate_grad_batches == 0
+        if first_batch_of_step and trainer.global_step in (self.early, self.late) and self._profiler is None:
+            self._profiled_step = trainer.global_step
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        torch.compiler.set_stance("default")
+        if not ends_optimizer_step(trainer, batch_idx):
+            return
+        self._steps += 1
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self.operators[self._profiled_step] = collections.Counter(
+                event.name for event in self._profiler.events()
+                if event.name.startswith(("aten::", "Torch-Compiled Region", "CompiledFunction"))
+                and event.name not in self.NOT_COMPUTE)
+            self._profiler = None
+
+    def on_exception(self, trainer, module, exception) -> None:
+        torch.compiler.set_stance("default")
+
+    def on_train_end(self, trainer, module) -> None:
+        from torch._dynamo.utils import counters
+
+        if set(self.operators) != {self.early, self.late}:
+            raise UserError(f"CompiledStepCheck: steps {self.early} and {self.late} must both run in this process "
+                            f"(profiled: {sorted(self.operators)})")
+        early, late = self.operators[self.early], self.operators[self.late]
+        if early != late:
+            changed = {name: (early[name], late[name]) for name in sorted(early.keys() | late.keys())
+                       if early[name] != late[name]}
+            raise RuntimeError(f"CompiledStepCheck: step {self.late} ran other operators than step {self.early} "
+                               f"(name: calls at {self.early}, at {self.late}): {changed}")
+        regions = sum(n for name, n in early.items() if name.startswith("Torch-Compiled Region"))
+        if not regions:
+            raise RuntimeError(f"CompiledStepCheck: step {self.early} ran no compiled code")
+        skipped = counters["frames"]["total"] - counters["frames"]["ok"]
+        if skipped or counters["graph_break"]:
+            raise RuntimeError(f"CompiledStepCheck: {skipped} frames skipped, graph breaks: {dict(counters['graph_break'])}")
+        rank_zero_info(f"CompiledStepCheck: the {self._steps - 1} training steps after this process's first reused "
+                       f"the graphs compiled in it; "
+                       f"steps {self.early} and {self.late} ran the same {sum(early.values())} operators "
+                       f"({regions} compiled regions); no frame skipped, no graph break")
 
 
 class RecordBatches(L.Callback):

@@ -27,6 +27,7 @@ from torchmetrics import Metric
 from lm_pretrain import checkpoints, optim, ranges
 from lm_pretrain.callbacks import NonFiniteGuard, RestoreRNG
 from lm_pretrain.errors import UserError
+from lm_pretrain.hardware import allow_tf32
 from lm_pretrain.loss import IGNORE_INDEX, LossKind, next_token_loss, pick_loss
 from lm_pretrain.config import GPTConfig, model_size
 from lm_pretrain.model import GPT
@@ -166,14 +167,19 @@ class LanguageModel(L.LightningModule):
         return [self.nonfinite, RestoreRNG()]
 
     def configure_model(self) -> None:
-        parallelize(self.model, self.device_mesh, self.hparams.activation_checkpointing)
-        if self.hparams.compile:
+        hp, sharded = self.hparams, self.device_mesh is not None
+        parallelize(self.model, self.device_mesh, hp.activation_checkpointing, compile=hp.compile and sharded)
+        if hp.compile and not sharded:
             # The loss step is compiled, model and loss together (inductor fuses the cross-entropy
             # into the output layer's kernels); calls of the model itself, as in sampling, stay
             # eager and never recompile the training graph.
             self._loss_fn = torch.compile(next_token_loss)
+        # Under FSDP only the blocks are compiled: the output layer and loss run eagerly, where
+        # "auto" picks the fused loss.
+        self.fused_loss = pick_loss(hp.loss, hp.compile and not sharded, hp.z_loss, self.config.logit_softcap) == "fused"
 
     def setup(self, stage: str) -> None:
+        allow_tf32(self.trainer.strategy.root_device.type)
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
         # with its own, as it should.
         if stage == "fit" and self.hparams.init_from:

@@ -2,9 +2,9 @@
 and decoded. Used by the samples printed during training (callbacks.TextSamples) and by
 `lm-pretrain-generate`.
 
-Sampling always runs eagerly, also when training compiles the model's step: a compiled graph
-traced in generation's shapes and grad mode would be recompiled, and could leave the training one
-behind (see LanguageModel.configure_model).
+Sampling always runs eagerly (torch.compiler's "force_eager" stance), also when training compiles
+the model's step or its blocks (under FSDP): a graph traced in generation's shapes and grad mode
+would be a recompile, and enough of them leave the training graph behind (Dynamo's recompile limit).
 """
 
 import torch
@@ -22,9 +22,10 @@ def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, vocab_limit=enc.n_vocab,
-                               stop_token=enc.eot_token if stop_at_eot else None)[0].tolist()
+    with torch.compiler.set_stance("force_eager"):
+        out = model.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator, vocab_limit=enc.n_vocab,
+                                   stop_token=enc.eot_token if stop_at_eot else None)[0].tolist()
     if not prompt:
         out = out[1:]
     if stop_at_eot and out and out[-1] == enc.eot_token and len(out) > len(ids):

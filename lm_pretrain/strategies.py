@@ -2,7 +2,9 @@
 
 `parallelize` is what `LanguageModel.configure_model` applies, as torchtitan's parallelize.py does
 for its models: activation checkpointing when asked, and under the FSDP strategy below PyTorch's
-`fully_shard` with one shard unit per transformer block.
+`fully_shard` with one shard unit per transformer block, each block compiled on its own when the
+run compiles (FSDP's hooks between blocks run eagerly; a graph across them would break at every
+hook, so the whole loss step is compiled only without FSDP).
 
 FSDP splits parameters, gradients and optimizer state across all processes; each block's parameters
 are gathered only while that block runs. It is Lightning's ModelParallelStrategy with every process
@@ -17,6 +19,7 @@ the tests cover it). Chosen in YAML with configs/overlays/fsdp.yaml:
 import shutil
 from pathlib import Path
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -25,16 +28,22 @@ from lm_pretrain.files import publish
 from lm_pretrain.model import GPT
 
 
-def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False) -> None:
+def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False,
+                compile: bool = False) -> None:
     """Lay `model` out for training, in place: recompute each block's activations in the backward
     pass (activation_checkpointing), and with a device mesh (ModelParallelStrategy's) shard it with
-    FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root. Safe to call
-    again (Lightning calls configure_model for each of fit, validate, ...)."""
+    FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root, each block's
+    forward compiled (compile; one graph serves every block). Safe to call again (Lightning calls
+    configure_model for each of fit, validate, ...)."""
     model.checkpoint_blocks = activation_checkpointing
     if mesh is None or isinstance(model, FSDPModule):
         return
     mesh = mesh["data_parallel"]
     for block in model.blocks:
+        if compile:
+            # The forward, not the module: FSDP's hooks stay outside the graph, the weights' names
+            # stay as they are (a compiled module would prefix them with _orig_mod).
+            block.forward = torch.compile(block.forward, fullgraph=True)
         fully_shard(block, mesh=mesh)
     # The root unit is not resharded after the forward pass (FSDP2 keeps the root's parameters for
     # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused

@@ -3,12 +3,15 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity as LogitsPerplexity
 
 from helpers import tiny_checkpoint
 from lm_pretrain.callbacks import TextSamples
-from lm_pretrain.loss import IGNORE_INDEX
+from lm_pretrain.debug import CompiledStepCheck
+from lm_pretrain.errors import UserError
+from lm_pretrain.loss import IGNORE_INDEX, next_token_loss
 from lm_pretrain.module import LanguageModel, MeanLoss
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
@@ -74,40 +77,62 @@ def test_bf16_mixed_clips_with_the_fused_optimizer(algorithm):
         assert max(float(g.abs().max()) for g in seen.grads) <= 0.01
 
 
-class FailOnRecompileAfterFirstStep(L.Callback):
-    """Training steps after the first must reuse the compiled graph (torch.compiler's own check);
-    validation may compile a graph of its own (no gradients)."""
-
-    def __init__(self):
-        self.strict_steps = 0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        torch.compiler.set_stance("fail_on_recompile" if trainer.global_step > 0 else "default")
-        self.strict_steps += trainer.global_step > 0
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        torch.compiler.set_stance("default")
+def compiled_run(module: LanguageModel, tmp_path, *callbacks: L.Callback, steps: int = 8) -> L.Trainer:
+    """`steps` training steps of a compiled module with samples (every 2 steps), validations (every 3,
+    the last batch short) and checkpoints (every 2) between them, under debug.CompiledStepCheck."""
+    tokens = torch.randint(0, 1000, (4, 17))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    short = (batch[0][:3], batch[1][:3])
+    checks = [CompiledStepCheck(early=1, late=steps - 1), TextSamples(prompts=["The"], max_new_tokens=3, every_n_steps=2),
+              ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1), *callbacks]
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        val_check_interval=3, limit_val_batches=2, num_sanity_val_steps=0, callbacks=checks,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None),
+                val_dataloaders=DataLoader([batch, short], batch_size=None))
+    return trainer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("blocks", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}])
-def test_compiled_training_step_survives_samples_and_validation(blocks):
+def test_compiled_training_step_survives_samples_validation_and_checkpoints(blocks, tmp_path):
     L.seed_everything(0)
     module = LanguageModel(**{**TINY, **blocks, "compile": True})
     assert not module.fused_loss  # auto: the plain path, which inductor fuses
+    # CompiledStepCheck: no recompile in training steps 2-8, the same operators in steps 1 and 7
+    # (samples, validations and checkpoints between them), no frame skipped, no graph break
+    trainer = compiled_run(module, tmp_path)
+    assert trainer.global_step == 8 and len(list(tmp_path.glob("*.ckpt"))) == 4
     tokens = torch.randint(0, 1000, (4, 17))
     batch = (tokens[:, :-1], tokens[:, 1:])
-    check = FailOnRecompileAfterFirstStep()
-    samples = TextSamples(prompts=["The"], max_new_tokens=3, every_n_steps=2)
-    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=3, limit_val_batches=2,
-                        num_sanity_val_steps=0, callbacks=[samples, check])
-    try:
-        trainer.fit(module, train_dataloaders=DataLoader([batch] * 6, batch_size=None),
-                    val_dataloaders=DataLoader([batch] * 2, batch_size=None))
-    finally:
-        torch.compiler.set_stance("default")
-    assert trainer.global_step == 6 and check.strict_steps == 5  # samples at steps 2 and 4, validation at 3
     eager = LanguageModel(**{**TINY, **blocks})
     eager.load_state_dict(module.state_dict())  # the compiled loss step leaves the weights' names alone
     assert torch.allclose(eager._loss(batch), module._loss(batch), rtol=1e-4)
+
+
+class TurnEagerAfter(L.Callback):
+    """From optimizer step `step` on, compute the loss eagerly: the regression CompiledStepCheck catches."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            module._loss_fn = next_token_loss
+
+
+@pytest.mark.slow
+def test_compiled_step_check_catches_a_step_gone_eager(tmp_path):
+    module = LanguageModel(**{**TINY, "n_layer": 1, "compile": True})
+    with pytest.raises(RuntimeError, match="step 5 ran other operators than step 1.*aten::"):
+        compiled_run(module, tmp_path, TurnEagerAfter(3), steps=6)
+
+
+def test_compiled_step_check_needs_a_compiled_run_and_two_steps_in_order():
+    with pytest.raises(UserError, match="late .3. must come after early .3."):
+        CompiledStepCheck(early=3, late=3)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[CompiledStepCheck()])
+    with pytest.raises(UserError, match="set model.compile true"):
+        trainer.fit(LanguageModel(**TINY), train_dataloaders=DataLoader([(torch.zeros(1, 16, dtype=torch.long),) * 2],
+                                                                         batch_size=None))

@@ -5,6 +5,7 @@ The GPU path is the same code with nccl instead of gloo: what is proven here hol
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,33 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     continued = run_cli([*run_args(prepared, 1, tmp_path / "rec-c"), "--model.init_from", str(ckpt)],
                         cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr[-3000:]
+
+
+def compiled_fsdp_args(data: Path, runs: Path, steps: int, early: int, late: int, *extra: str) -> list[str]:
+    """configs/llama-125m.yaml as shipped (compile on) with the FSDP overlay, shrunk to 2 CPU processes:
+    samples every 3 steps, a validation every 2 steps, a checkpoint every 4, under CompiledStepCheck."""
+    return [str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "llama-125m.yaml"),
+            "--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml"), "--data.data_dir", str(data),
+            "--data.batch_size", "2", "--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2",
+            "--model.n_kv_head", "1", "--model.n_embd", "32", "--model.mlp_hidden", "64",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+            "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "5",
+            "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "4",
+            "--trainer.limit_val_batches", "3", "--checkpoint.every_n_train_steps", "4",
+            "--trainer.callbacks.init_args.every_n_steps", "3", "--trainer.callbacks.init_args.max_new_tokens", "4",
+            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false",
+            callback("CompiledStepCheck", early=early, late=late), *extra]
+
+
+def test_fsdp_compiled_blocks_stay_compiled_through_samples_validation_checkpoints_and_resume(prepared, tmp_path):
+    # Under FSDP2 each block is compiled on its own (strategies.parallelize); CompiledStepCheck fails
+    # the run if a training step recompiles or runs other operators in step 7 than in step 1.
+    first = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 9, 1, 7), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "CompiledStepCheck: the 8 training steps after this process's first reused the graphs" in first.stderr
+    resumed = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 13, 10, 12, "--ckpt_path", "last"),
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    assert re.search(r"CompiledStepCheck: the \d+ training steps after this process's first reused the graphs compiled "
+                     r"in it; steps 10 and 12 ran the same", resumed.stderr)
