@@ -15,6 +15,9 @@ Arguments it does not know go to train.py for the template path (e.g. `--data.da
   --sync-check   then run a few more template steps under debug.HostSyncCheck (on a GPU,
                  torch.cuda.set_sync_debug_mode("error") between log steps) and report the result
   --profile N    then profile N steps of the bare loop and list the top kernels by device time
+  --steady       then time the template's steps before and after a sample, a validation and a
+                 checkpoint (a step that fell back to eager after them would show here), with
+                 debug.CompiledStepCheck on when the config compiles
   --json PATH    write every figure to PATH as well (bench/gpu_acceptance.py reads it)
 """
 
@@ -29,6 +32,7 @@ import time
 
 import lightning as L
 import torch
+import yaml
 
 from common import median, preset_values, record
 from lm_pretrain.hardware import peak_flops
@@ -78,6 +82,68 @@ def template_run(config: str, warmup: int, steps: int, extra: list[str]) -> floa
                    logs, "--trainer.limit_val_batches", "0", "--checkpoint.save_last", "false", *extra, timer])
         timer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepTimer")
     return timer.tokens / timer.seconds
+
+
+class Windows(L.Callback):
+    """Tokens per second over two windows of `steps` optimizer steps: from the end of step `warmup`,
+    and from one step after `events` (the step whose end samples, validates and checkpoints)."""
+
+    def __init__(self, warmup: int, steps: int, events: int):
+        self.starts = (warmup, events + 1)
+        self.steps, self.began, self.tok_s = steps, {}, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        for start in self.starts:
+            if trainer.global_step in (start, start + self.steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if trainer.global_step == start:
+                    self.began[start] = time.perf_counter()
+                else:
+                    tokens = self.steps * batch[0].numel() * trainer.accumulate_grad_batches * trainer.world_size
+                    self.tok_s[start] = tokens / (time.perf_counter() - self.began[start])
+
+
+def steady_run(config: str, warmup: int, steps: int, extra: list[str]) -> dict:
+    """The template's tok/s before and after a sample, a validation and a checkpoint (at step
+    warmup + steps), and whether debug.CompiledStepCheck passed (None when the config does not compile)."""
+    from lm_pretrain.cli import run
+
+    events = warmup + steps
+    total = events + 1 + steps + 1  # the last step is profiled by CompiledStepCheck, after the timed ones
+    compiled = bool(setting(config, extra, "model.compile", False))
+    accumulate = int(setting(config, extra, "trainer.accumulate_grad_batches", 1))
+    # no log step in the run: CompiledStepCheck compares two steps that do the same (a log step adds
+    # the gradient norm); the timed windows would skip log steps' work either way
+    args = ["fit", "--config", config, "--trainer.max_steps", str(total), "--trainer.log_every_n_steps", str(total + 1),
+            "--trainer.val_check_interval",
+            str(events * accumulate), "--checkpoint.every_n_train_steps",
+            str(events), "--trainer.limit_val_batches", "4", "--trainer.callbacks.init_args.every_n_steps", str(events),
+            "--trainer.callbacks.init_args.max_new_tokens", "16", *extra,
+            '--trainer.callbacks+={"class_path": "train_throughput.Windows", "init_args": '
+            f'{{"warmup": {warmup}, "steps": {steps}, "events": {events}}}}}']
+    if compiled:
+        args.append('--trainer.callbacks+={"class_path": "lm_pretrain.debug.CompiledStepCheck", "init_args": '
+                    f'{{"early": {warmup - 1}, "late": {total - 1}}}}}')
+    with tempfile.TemporaryDirectory() as logs:
+        try:
+            cli = run([*args, "--trainer.logger.init_args.save_dir", logs])
+        except Exception as err:  # CompiledStepCheck raises at the end of a run whose graph did not hold
+            return {"before_tok_s": None, "after_tok_s": None, "compiled_check": f"{type(err).__name__}: {err}"[-1500:]}
+        windows = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Windows")  # (imported as train_throughput)
+    before, after = (windows.tok_s.get(start) for start in windows.starts)
+    return {"before_tok_s": before, "after_tok_s": after, "compiled_check": "passed" if compiled else None}
+
+
+def setting(config: str, extra: list[str], key: str, default=None):
+    """The value of `key` ("model.compile") for this run: the flag in `extra` if given, else the preset's."""
+    flag = f"--{key}"
+    if flag in extra[:-1]:
+        return yaml.safe_load(extra[extra.index(flag) + 1])
+    section, name = key.split(".")
+    return preset_values(config).get(section, {}).get(name, default)
 
 
 def sync_check(config: str, extra: list[str]) -> dict:
@@ -187,6 +253,7 @@ def main() -> None:
     parser.add_argument("--template-only", action="store_true", help="no bare loop (e.g. for FSDP)")
     parser.add_argument("--sync-check", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="N")
+    parser.add_argument("--steady", action="store_true")
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
                         help="another config for the template path only (e.g. configs/overlays/fsdp.yaml)")
@@ -207,6 +274,7 @@ def main() -> None:
         memory["template"] = peak_memory_gib()
         print(f"bare {bare[-1] if bare else 0:,.0f} tok/s, template {template[-1]:,.0f} tok/s", file=sys.stderr)
     sync = sync_check(args.config, extra) if args.sync_check else None
+    steady = steady_run(args.config, max(args.warmup, 2), args.steps, extra) if args.steady else None
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     precision = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--trainer.precision"),
                      raw["trainer"].get("precision", "32-true"))
@@ -228,6 +296,12 @@ def main() -> None:
     if sync:
         rows += ["", f"Host syncs outside log steps: {'none' if sync['passed'] else 'FOUND'}"
                      f" ({sync['checked_steps']} steps checked)" if sync["passed"] else f": {sync['error']}"]
+    if steady and steady["after_tok_s"]:
+        rows += ["", f"Steady steps after a sample, a validation and a checkpoint: {steady['after_tok_s']:,.0f} tok/s, "
+                     f"before them {steady['before_tok_s']:,.0f} (after / before = "
+                     f"{steady['after_tok_s'] / steady['before_tok_s']:.3f}); CompiledStepCheck: {steady['compiled_check']}"]
+    elif steady:
+        rows += ["", f"Steady-step run failed: {steady['compiled_check']}"]
     if kernels:
         rows += ["", "| top kernels of the bare loop's step | ms per step | share | calls per step |",
                  "|---|---:|---:|---:|"] + [f"| `{k['name']}` | {k['ms_per_step']:.3f} | {k['share']:.1%} | {k['calls']} |"
@@ -237,7 +311,7 @@ def main() -> None:
             json.dump({"config": args.config, "device": name or "cpu", "flops_per_token": flops,
                        "template_tok_s": template, "bare_tok_s": bare, "ratio": ratio, "memory_gib": memory,
                        "tflops": median(template) * flops / 1e12, "mfu": median(template) * flops / peak if peak else None,
-                       "sync_check": sync, "kernels": kernels, "extra": extra}, f, indent=1)
+                       "sync_check": sync, "steady": steady, "kernels": kernels, "extra": extra}, f, indent=1)
     mem_note = "" if torch.cuda.is_available() else \
         "Peak memory on CPU is the process's max RSS so far (both paths run in one process: the later includes the earlier)."
     command = "python bench/train_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

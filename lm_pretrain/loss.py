@@ -16,8 +16,9 @@ the logits, their log-softmax, a zero-filled gradient that the loss scatters int
 of the log-softmax. Here the logits are turned into their log-softmax in place, the loss is read off
 it, and the same buffer becomes the gradient with respect to the logits (softmax minus one-hot); the
 backward pass only multiplies it into the two small gradients. One large tensor instead of four: a
-third less time per step for the tiny CPU presets (bench/time_to_loss.py). Under torch.compile it
-keeps four logits-sized buffers where the compiled plain path keeps one, so "auto" leaves it out.
+third less time per step for the tiny CPU presets (bench/time_to_loss.py). Under torch.compile in a
+bf16-mixed run it holds the bf16 logits and its float32 buffer where the compiled plain path holds
+one bf16 buffer (bench/loss_memory.py), so "auto" leaves it out there.
 """
 
 from typing import Literal

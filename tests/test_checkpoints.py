@@ -1,8 +1,13 @@
 """lm_pretrain.checkpoints: reading a checkpoint (or refusing it in one line), checking its
-architecture, finding the last one of a run, and the RNG states saved in it."""
+architecture, finding the last one of a run, writing one whole whatever happens, and the RNG
+states saved in it."""
 
+import builtins
+import io
 import os
 import random
+import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +15,8 @@ import pytest
 import torch
 from jsonargparse import Namespace
 
-from helpers import tiny_checkpoint
-from lm_pretrain.checkpoints import (LAST, check_architecture, read, read_hyperparameters, resolve_last, rng_states,
+from helpers import run_cli, tiny_checkpoint, train_args
+from lm_pretrain.checkpoints import (LAST, AtomicCheckpointIO, check_architecture, read, read_hyperparameters, resolve_last, rng_states,
                                      set_rng_states)
 from lm_pretrain.errors import UserError
 from lm_pretrain.module import LanguageModel
@@ -80,3 +85,75 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_ckpt_path_last_takes_the_newest_last_checkpoint_whatever_its_version_suffix(tmp_path):
+    folder = tmp_path / "tiny" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name, age in (("last.ckpt", 100), ("last-v1.ckpt", 10), ("best-step000004.ckpt", 0), ("lastly.ckpt", 0)):
+        (folder / name).write_bytes(b"x")
+        stamp = (folder / name).stat().st_mtime - age
+        os.utime(folder / name, (stamp, stamp))
+    config = run_config(tmp_path)
+    resolve_last(config)
+    assert config.ckpt_path == str(folder / "last-v1.ckpt")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_other_checkpoint_settings_keeps_one_last_checkpoint(prepared, tmp_path):
+    # Lightning would write last-v1.ckpt beside last.ckpt (and the next --ckpt_path last took the older)
+    args = [*train_args(prepared, max_steps=4), "--checkpoint.every_n_train_steps", "2"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run_cli([*train_args(prepared, max_steps=6), "--checkpoint.every_n_train_steps", "3", "--ckpt_path", "last"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (folder,) = {p.parent for p in tmp_path.rglob("last*.ckpt")}
+    assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
+    assert read(folder / "last.ckpt")["global_step"] == 6
+
+
+def kill_during_save(path: Path, checkpoint: dict, after_bytes: int) -> None:
+    """In a forked child: AtomicCheckpointIO saves `checkpoint` at `path` and SIGKILLs itself once
+    `after_bytes` bytes of it are written."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        written = [0]
+        real_write = io.BufferedWriter.write
+
+        class Dying(io.BufferedWriter):
+            def write(self, data):
+                written[0] += len(data)
+                if written[0] >= after_bytes:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_write(self, data)
+
+        real_open = builtins.open
+        builtins.open = lambda *a, **k: Dying(real_open(*a, **{**k, "buffering": 0})) if "wb" in a[1:2] else real_open(*a, **k)
+        try:
+            AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_a_kill_at_any_point_of_a_save_leaves_the_checkpoint_whole_across_file_systems(tmp_path, monkeypatch):
+    # $TMPDIR on another file system than the run (/dev/shm is a tmpfs on Linux): Lightning's own
+    # writer moves its temporary file across, which is a copy a kill can cut short.
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's folder")
+    temporary = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    path = tmp_path / "checkpoints" / LAST
+    old, new = {"step": 1, "w": torch.zeros(50_000)}, {"step": 2, "w": torch.ones(50_000)}
+    AtomicCheckpointIO().save_checkpoint(old, path)
+    size = path.stat().st_size
+    for after in (1, 64, size // 4, size // 2, size - 10):
+        kill_during_save(path, new, after)
+        assert torch.load(path, weights_only=True)["step"] == 1  # the old checkpoint, whole
+        assert len(list(path.parent.iterdir())) == 2  # and the killed save's partial file
+    AtomicCheckpointIO().save_checkpoint(new, path)  # the next save clears what the kills left
+    assert torch.load(path, weights_only=True)["step"] == 2 and [p.name for p in path.parent.iterdir()] == [LAST]
+    assert list(temporary.iterdir()) == []  # nothing was ever written to $TMPDIR
+    temporary.rmdir()
