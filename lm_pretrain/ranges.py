@@ -14,19 +14,24 @@ training command the same way.
 """
 
 import ast
+import math
 import operator
 import re
 import types
 import typing
 
-from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                                 restricted_number_type)
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt, restricted_number_type
 
 from lm_pretrain.errors import UserError
 
-__all__ = ["ClosedUnitInterval", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
+__all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
            "PositiveInt", "Probability", "check", "check_config", "choices", "describe", "plain", "restrictions"]
 
+# Unbounded above, but finite: jsonargparse's PositiveFloat takes inf (and a learning rate of inf
+# trains a run of NaNs); nan fails every comparison, so every range here refuses it.
+PositiveFloat = restricted_number_type("PositiveFiniteFloat", float, [(">", 0), ("<", math.inf)])
+NonNegativeFloat = restricted_number_type("NonNegativeFiniteFloat", float, [(">=", 0), ("<", math.inf)])
+FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1): dropout, AdamW betas
 OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])  # (0, 1]: top_p
@@ -92,7 +97,7 @@ def _in_range(annotation, value) -> bool:
 def range_text(annotation) -> str:
     """"> 0", ">= 0 and < 1", ...: the allowed values of `annotation`, for messages."""
     limits = restrictions(_first(annotation))
-    text = " and ".join(f"{op} {bound:g}" for op, bound in limits) if limits else "a valid value"
+    text = _bounds_text(" and ".join(f"{op} {bound:g}" for op, bound in limits)) if limits else "a valid value"
     if any(a is type(None) for a in typing.get_args(annotation)):
         text += ", or null"
     return text
@@ -167,6 +172,9 @@ def describe(message: str) -> str:
     Literal's choices (or not true or false), as one line: the flag, the value, the range or the
     choices. Other parse errors come back as they are, on one line."""
     message = " ".join(message.split())
+    nonfinite = re.search(r"Given value: ([+-]?(?:inf|infinity|nan))(?: |$)", message, re.IGNORECASE)
+    if nonfinite:  # a number setting of a class of Lightning's, which reads "inf" as a string
+        return f"--{_flag(message)} {nonfinite.group(1)} is out of range: it must be a finite number"
     choice = _refused_choice(message)
     if choice:
         return choice
@@ -178,8 +186,16 @@ def describe(message: str) -> str:
     if value is None:
         given = re.search(r"Given value: (\S+)", message)
         value = given.group(1) if given else "the value"
-    allowed = re.sub(r"v(>=|<=|!=|==|>|<)\s*", r"\1 ", limit.group(2)).strip()
+    allowed = _bounds_text(re.sub(r"v(>=|<=|!=|==|>|<)\s*", r"\1 ", limit.group(2)).strip())
     return f"--{_flag(message[:limit.start()])} {value} is out of range: it must be {allowed}"
+
+
+def _bounds_text(text: str) -> str:
+    """"> 0 and < inf" -> "a finite number > 0"; "> -inf and < inf" -> "a finite number"."""
+    if "inf" not in text:
+        return text
+    kept = [part for part in text.split(" and ") if "inf" not in part]
+    return "a finite number" + (f" {' and '.join(kept)}" if kept else "")
 
 
 def _refused_choice(message: str) -> str | None:

@@ -91,6 +91,36 @@ def test_out_of_range_values_are_refused_before_any_work(entry, flag, value, pre
     assert list(tmp_path.iterdir()) == []  # nothing written: no run folder, no output
 
 
+def is_float(annotation) -> bool:
+    restricted = ranges._first(annotation)
+    return issubclass(restricted, float)
+
+
+NONFINITE = [(entry, flag, value) for entry, flags in FLAGS.items() for flag, annotation in flags.items()
+             if ranges._has_restrictions(annotation) and is_float(annotation) and typing.get_origin(annotation) is not tuple
+             for value in ("nan", "inf")]
+
+
+@pytest.mark.parametrize("entry,flag,value", NONFINITE, ids=[f"{e}--{f}={v}" for e, f, v in NONFINITE])
+def test_nan_and_inf_are_refused_in_every_float_setting(entry, flag, value, prepared, corpus, tmp_path, monkeypatch,
+                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    main, argv = entry_point(entry, prepared, corpus, tmp_path)
+    line = cli_error(main, [*argv, f"--{flag}", value], capsys)
+    # (Lightning's val_check_interval also takes a time, "DD:HH:MM:SS": it refuses "nan" as one)
+    assert value in line and flag.rsplit(".", 1)[-1] in line and ("out of range" in line or "time format" in line), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_and_inf_are_refused_from_python_and_in_betas():
+    for value in (math.nan, math.inf):
+        with pytest.raises(UserError, match="learning_rate .* must be a finite number > 0"):
+            ranges.check(LanguageModel.__init__, {"learning_rate": value}, "model")
+        with pytest.raises(UserError, match="betas"):
+            ranges.check(LanguageModel.__init__, {"betas": (0.9, value)}, "model")
+    assert len(NONFINITE) >= 2 * 12  # every float setting is in the table above
+
+
 def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
     """(main, the arguments of a run that would otherwise start work) of an entry point."""
     from lm_pretrain.cli import main as train
