@@ -8,16 +8,21 @@ and `init_from` read either kind on one process: a folder's shards are put toget
 import dataclasses
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lm_pretrain import storage
 from lm_pretrain.errors import UserError
+from lm_pretrain.files import remove_orphans, write_atomically
 from lm_pretrain.model import GPT, GPTConfig
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 LAST = "last.ckpt"
+LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")  # Lightning's name, versioned when one was there
 # Every GPTConfig field but dropout describes the weights or what they compute.
 ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name != "dropout")
 
@@ -158,7 +163,7 @@ RUN_LAYOUTS = {"TensorBoardLogger": _versioned, "CSVLogger": _versioned, "WandbL
 
 
 def resolve_last(config) -> None:
-    """`--ckpt_path last`: resume from the newest last.ckpt among the runs of this config's logger
+    """`--ckpt_path last`: resume from the newest last checkpoint among the runs of this config's logger
     and keep logging into that run. (Lightning alone would look in a new, empty run.) With none, the
     run starts from scratch, so one command serves a first start and every restart."""
     logger = config.trainer.logger
@@ -170,8 +175,10 @@ def resolve_last(config) -> None:
     runs, run_argument, run_id = layout(logger.init_args)
     if logger.init_args.get(run_argument) is not None:
         return  # the user chose the run: Lightning finds last.ckpt in it
-    found = sorted((run / "checkpoints" / LAST for run in runs if (run / "checkpoints" / LAST).exists()),
-                   key=lambda p: p.stat().st_mtime)
+    # last.ckpt, or last-vN.ckpt written by an older run whose checkpoint settings changed on resume:
+    # the newest of them all, as Lightning picks within one folder
+    found = sorted((path for run in runs for path in (run / "checkpoints").glob("last*.ckpt")
+                    if LAST_NAME.match(path.name)), key=lambda p: p.stat().st_mtime)
     if found:
         config.ckpt_path = str(found[-1])
         logger.init_args[run_argument] = run_id(found[-1].parent.parent)
@@ -180,6 +187,34 @@ def resolve_last(config) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Random number generators
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but whole or absent on any layout of disks: each checkpoint file
+    is written beside its final name and renamed into place (lm_pretrain.files.write_atomically).
+    Lightning's own writes into a temporary file under $TMPDIR and moves it, which is a copy straight
+    into last.ckpt when the runs live on another file system, and a kill during it truncates the only
+    checkpoint. The partial files of a killed run are removed at the next save. Object storage
+    (s3://...) keeps Lightning's path, where an upload is published whole."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or storage.is_remote(str(path)):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path.parent)
+        write_atomically(path, lambda f: torch.save(checkpoint, f), needed_bytes=tensor_bytes(checkpoint))
+
+
+def tensor_bytes(tree) -> int:
+    """The bytes of all tensors in a nested dict/list (a checkpoint's size, near enough)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def rng_states() -> dict:

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from jsonargparse import ArgumentError
@@ -38,7 +39,10 @@ class PretrainCLI(LightningCLI):
         # --checkpoint.every_n_train_steps 500 (default: at each validation), --checkpoint.dirpath ...
         # A second one, always there, keeps the best checkpoint by validation loss.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # No last-v1.ckpt beside last.ckpt when a resumed run changes a checkpoint setting (Lightning
+        # then no longer knows last.ckpt as its own): one last checkpoint per run, replaced whole.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.enable_version_counter": False})
 
     def instantiate_trainer(self, **kwargs):
         # Our progress bar (numbers read from the GPU only on log steps) unless the bar is switched
@@ -48,6 +52,12 @@ class PretrainCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar)
                                                                        for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        # Checkpoint files renamed into place whole (checkpoints.AtomicCheckpointIO), unless the
+        # config brings a checkpoint writer of its own.
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, checkpoints.AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:

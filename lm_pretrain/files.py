@@ -1,8 +1,16 @@
-"""Writing folders so that a reader never meets a half-written one."""
+"""Writing files and folders so that a reader never meets a half-written one.
 
+Everything is written beside its final place (a hidden sibling, on the same file system) and renamed
+into it: a rename within one file system is atomic, a move from another one (say a tmpfs $TMPDIR)
+is a copy that a kill can cut short.
+"""
+
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from lm_pretrain.errors import UserError
 
@@ -37,3 +45,64 @@ def check_can_create(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path}: cannot be created, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: cannot be created, {existing} is not writable")
+
+
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .NAME.partial-PID
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], needed_bytes: int | None = None) -> None:
+    """Call write(f) on a hidden sibling of `path` and rename it into place once it is complete and
+    on disk: `path` is either its old self or the whole new file, whatever happens. A failed write
+    leaves nothing behind; a full disk is a UserError naming the path (and `needed_bytes`, the size
+    the file would have had, when the caller knows it)."""
+    path = Path(path)
+    existed = path.exists()
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        if _disk_full(err):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            needed = f"it needs ~{needed_bytes / 2**20:,.0f} MiB, " if needed_bytes else ""
+            kept = f"the previous {path.name} is kept" if existed else "nothing was written"
+            raise UserError(f"no space left to write {path}: {needed}{free:,.0f} MiB are free there; {kept}") from None
+        raise
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err` comes from a full disk (or quota), also when re-raised as another error (torch.save
+    turns the OSError of its writer into a RuntimeError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete the partial files that write_atomically left in `folder` when its process was killed
+    (their process is gone), and return them."""
+    removed = []
+    for entry in Path(folder).glob(".*.partial-*"):
+        match = PARTIAL.match(entry.name)
+        if match and not _alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

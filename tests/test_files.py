@@ -1,11 +1,16 @@
-"""lm_pretrain.files: a folder is replaced whole, and an output folder is checked before any work."""
+"""lm_pretrain.files: a file or folder is replaced whole (also on a full disk), a killed write's
+leftovers are removed, and an output folder is checked before any work."""
 
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from lm_pretrain.checkpoints import AtomicCheckpointIO
 from lm_pretrain.errors import UserError
-from lm_pretrain.files import check_can_create, publish
+from lm_pretrain.files import check_can_create, publish, remove_orphans, write_atomically
 
 
 def test_publish_replaces_a_folder_whole(tmp_path):
@@ -44,3 +49,58 @@ def test_check_can_create_refuses_files_in_the_way_and_unwritable_parents(tmp_pa
                 check_can_create(locked / "run", "--checkpoint.dirpath")
     finally:
         locked.chmod(0o700)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_write_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("killed halfway")
+
+    with pytest.raises(RuntimeError, match="halfway"):
+        write_atomically(path, broken)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    write_atomically(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(small_disk):
+    path = small_disk / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.zeros(1000)}, path)
+    with pytest.raises(UserError, match=r"no space left to write .*last.ckpt: it needs ~2 MiB, 1 MiB are free there; the previous last.ckpt is kept"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(500_000)}, path)  # 2 MB
+    assert torch.load(path, weights_only=True)["step"] == 1 and [p.name for p in small_disk.iterdir()] == ["last.ckpt"]
+
+
+def test_orphans_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".last.ckpt.partial-{dead.stdout.strip()}"
+    live = tmp_path / f".last.ckpt.partial-{os.getpid()}"
+    orphan.write_bytes(b"x"), live.write_bytes(b"x"), (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert remove_orphans(tmp_path) == [orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.ckpt"])
+
+
+@pytest.mark.slow
+def test_a_training_run_on_a_full_disk_ends_in_one_line(small_disk, prepared, tmp_path):
+    from helpers import one_line_error, run_cli, train_args
+
+    done = run_cli([*train_args(prepared, max_steps=3), "--checkpoint.every_n_train_steps", "2",
+                    "--trainer.logger.init_args.save_dir", str(small_disk / "runs")], cwd=tmp_path)
+    line = one_line_error(done)
+    assert "no space left to write" in line and "last.ckpt: it needs ~" in line and "nothing was written" in line, line
+    assert not [p for p in small_disk.rglob("*") if "partial" in p.name or p.suffix == ".ckpt"]
