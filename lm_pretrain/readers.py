@@ -249,9 +249,32 @@ def _is_hf_folder(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def _input_files_under(folder: Path) -> list[Path]:
+    """Every input file under `folder`, following symlinked folders as a user expects (pathlib's rglob
+    skips them without a word). A link that leads back into its own ancestry would never end: it is
+    refused in one line."""
+    found = []
+
+    def walk(directory: Path, ancestors: dict) -> None:
+        info = directory.stat()
+        identity = (info.st_dev, info.st_ino)
+        if identity in ancestors:
+            raise UserError(f"{directory}: a symlinked folder that loops back to {ancestors[identity]}; remove the "
+                            f"link, or name the folders to read one by one")
+        ancestors = {**ancestors, identity: directory}
+        for entry in sorted(directory.iterdir()):
+            if entry.is_dir():  # (follows links)
+                walk(entry, ancestors)
+            elif _is_input_file(entry):
+                found.append(entry)
+
+    walk(folder, {})
+    return found
+
+
 def find_inputs(patterns: list[str]) -> list[Input]:
-    """The inputs named by paths, folders (searched recursively; a Hugging Face dataset folder is one
-    input) and globs, sorted and without repeats."""
+    """The inputs named by paths, folders (searched recursively, symlinked folders followed; a Hugging
+    Face dataset folder is one input) and globs, sorted and without repeats."""
     found: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
@@ -263,7 +286,7 @@ def find_inputs(patterns: list[str]) -> list[Input]:
             if _is_hf_folder(path):
                 found.add(path.resolve())
                 continue
-            files = [p for p in path.rglob("*") if _is_input_file(p)]
+            files = _input_files_under(path)
             if not files:
                 raise UserError(f"{path}: folder holds no {SUFFIXES} files")
             found.update(p.resolve() for p in files)

@@ -86,6 +86,20 @@ def test_inputs_by_file_folder_and_glob(corpus):
     assert [i.path for i in find_inputs([str(folder / "more.jsonl"), str(folder / "more.jsonl")])] == [(folder / "more.jsonl").resolve()]
 
 
+def test_symlinked_folders_are_followed_and_a_loop_is_one_line(tmp_path):
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep" / "b.txt").write_text("bee")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("ay")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "elsewhere")  # was skipped without a word
+    (tmp_path / "corpus" / "again").symlink_to(tmp_path / "elsewhere" / "deep")  # the same file twice: read once
+    found = [i.path.name for i in find_inputs([str(tmp_path / "corpus")])]
+    assert sorted(found) == ["a.txt", "b.txt"]
+    (tmp_path / "elsewhere" / "deep" / "up").symlink_to(tmp_path / "elsewhere")  # a loop
+    with pytest.raises(UserError, match=r"corpus/\S+: a symlinked folder that loops back to \S+corpus\S*; remove the link"):
+        find_inputs([str(tmp_path / "corpus")])
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     out = str(tmp_path / "out")
     empty = tmp_path / "empty"
