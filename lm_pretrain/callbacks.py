@@ -262,14 +262,34 @@ class NonFiniteGuard(L.Callback):
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         self.stop_if_nonfinite(trainer)  # never write a checkpoint of a diverged model
+        # The loss is computed before the update: an update after the last finite loss can already
+        # have made the weights NaN/inf. A save reads every weight anyway; one more look is cheap.
+        if trainer.strategy.reduce_boolean_decision(not weights_finite(module), all=False):
+            raise UserError(f"the model's weights became NaN or infinite by step {trainer.global_step} (the losses "
+                            f"were finite); stopped without saving (last good checkpoint: {last_good(trainer)}). Lower "
+                            f"model.learning_rate, or set trainer.gradient_clip_val")
 
     def stop_if_nonfinite(self, trainer) -> None:
         seen = self._seen is not None and bool(self._seen)
         if trainer.strategy.reduce_boolean_decision(seen, all=False):
-            last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "none yet")
             raise UserError(f"the training loss became NaN or infinite at or before step {trainer.global_step}; "
-                            f"stopped without saving (last good checkpoint: {last}). Lower model.learning_rate "
+                            f"stopped without saving (last good checkpoint: {last_good(trainer)}). Lower model.learning_rate "
                             f"or set model.nonfinite_loss skip")
+
+
+def last_good(trainer) -> str:
+    """The newest checkpoint in the run's checkpoint folders (each was checked finite as it was
+    saved), or "none yet". (ModelCheckpoint names its next file before the save that this guard
+    stops, so its own paths can point at a file that was never written.)"""
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    existing = [p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else "none yet"
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of `module` is finite (under FSDP2: this process's shards)."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
 class RestoreRNG(L.Callback):

@@ -4,6 +4,7 @@ private Lightning method that Preemption replaces (the end-to-end runs are in te
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lm_pretrain.callbacks import NonFiniteGuard, Preemption, RestoreRNG
@@ -27,8 +28,8 @@ class NaNFromStep(L.Callback):
 
 def fit(module, callbacks, steps=6, **trainer_args):
     tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, **trainer_args)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks, **{"enable_checkpointing": False, **trainer_args})
     trainer.fit(module, train_dataloaders=DataLoader([(tokens[:, :-1], tokens[:, 1:])] * steps, batch_size=None))
     return trainer
 
@@ -51,6 +52,33 @@ def test_no_checkpoint_is_written_after_a_nonfinite_loss(tmp_path):
     with pytest.raises(UserError, match="NaN or infinite"):
         trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert not (tmp_path / "after.ckpt").exists()
+
+
+class InfiniteUpdateAt(L.Callback):
+    """Make one gradient infinite before optimizer step `step`: that step's loss is finite, its update
+    makes the weights NaN/inf."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == self.step:
+            module.model.ln_f.weight.grad.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_no_checkpoint_of_nonfinite_weights_and_the_error_names_a_finite_one(mode, tmp_path):
+    module = LanguageModel(**{**TINY, "nonfinite_loss": mode, "optimizer": "adamw"})
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="step{step}",
+                            auto_insert_metric_name=False)
+    with pytest.raises(UserError, match=r"weights became NaN or infinite by step 3 \(the losses were finite\); "
+                                        r"stopped without saving \(last good checkpoint: \S+step2.ckpt\)"):
+        fit(module, [InfiniteUpdateAt(2), saves], steps=4, enable_checkpointing=True)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["step1.ckpt", "step2.ckpt"]  # not step 3, whose weights are not finite
+    for name in written:
+        state = torch.load(tmp_path / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
 def test_skip_drops_only_the_bad_batches():
