@@ -178,6 +178,11 @@ class Preemption(L.Callback):
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
         trainer.save_checkpoint(path)
         trainer.should_stop = True
+        # Lightning validates once more on the way out, and the checkpoint callbacks then save again:
+        # that last.ckpt would hold the RNG and loader states after the extra validation, not those of
+        # this step's end, and the resumed run would no longer match one that never stopped.
+        for callback in trainer.checkpoint_callbacks:
+            callback.save_last = False
         name = signal.Signals(self.requested).name if self.requested else "another process's signal"
         rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; continue with --ckpt_path last")
 
