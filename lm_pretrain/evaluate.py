@@ -19,7 +19,7 @@ from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
-from lm_pretrain.files import check_can_create
+from lm_pretrain.files import check_can_create, write_atomically
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 from lm_pretrain.tokenizer import get_tokenizer
 
@@ -148,9 +148,10 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
     results = lm_eval.simple_evaluate(model=harness_model(module, batch_size), tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, task_manager=manager, log_samples=False)
     print(make_table(results))
-    output.write_text(json.dumps({"checkpoint": str(ckpt), "results": results["results"],
-                                  "n-shot": results.get("n-shot"), "versions": results.get("versions"),
-                                  "config": {"limit": limit, "batch_size": batch_size}}, indent=2, default=str) + "\n")
+    text = json.dumps({"checkpoint": str(ckpt), "results": results["results"], "n-shot": results.get("n-shot"),
+                       "versions": results.get("versions"), "config": {"limit": limit, "batch_size": batch_size}},
+                      indent=2, default=str) + "\n"
+    write_atomically(output, lambda f: f.write(text.encode()))  # whole or absent, also on a full disk
     print(f"wrote {output}")
     return results
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
-from lm_pretrain.files import check_can_create, publish
+from lm_pretrain.files import check_can_create, full_disk_is_one_line, publish, remove_orphans
 from lm_pretrain.config import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
@@ -148,14 +148,17 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(output.parent)  # what exports killed before left
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if module.hparams.tokenizer == "gpt2":
-            try:
-                write_tokenizer(staging)
-            except UserError as err:
-                print(f"warning: tokenizer files not written ({err})", file=sys.stderr)
-        publish(staging, output)
+        with full_disk_is_one_line(output, needed_bytes=sum(t.numel() * t.element_size()
+                                                             for t in model.state_dict().values())):
+            model.save_pretrained(staging, safe_serialization=True)
+            if module.hparams.tokenizer == "gpt2":
+                try:
+                    write_tokenizer(staging)
+                except UserError as err:
+                    print(f"warning: tokenizer files not written ({err})", file=sys.stderr)
+            publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output

@@ -5,6 +5,7 @@ into it: a rename within one file system is atomic, a move from another one (say
 is a copy that a kill can cut short.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -56,22 +57,38 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], needed
     leaves nothing behind; a full disk is a UserError naming the path (and `needed_bytes`, the size
     the file would have had, when the caller knows it)."""
     path = Path(path)
-    existed = path.exists()
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with full_disk_is_one_line(path, needed_bytes):
+        try:
+            with open(partial, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(path: str | Path, needed_bytes: int | None = None):
+    """Turn a full disk (or quota) while writing `path` into one UserError naming it, what it needed
+    (when known), the free space, and that the previous `path` is kept (the writer inside must
+    publish only once complete, as write_atomically and publish do)."""
+    path = Path(path)
+    existed = path.exists()
     try:
-        with open(partial, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException as err:
-        partial.unlink(missing_ok=True)
-        if _disk_full(err):
-            free = shutil.disk_usage(path.parent).free / 2**20
-            needed = f"it needs ~{needed_bytes / 2**20:,.0f} MiB, " if needed_bytes else ""
-            kept = f"the previous {path.name} is kept" if existed else "nothing was written"
-            raise UserError(f"no space left to write {path}: {needed}{free:,.0f} MiB are free there; {kept}") from None
+        yield
+    except UserError:
         raise
+    except BaseException as err:
+        if not _disk_full(err):
+            raise
+        folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(folder).free / 2**20
+        needed = f"it needs ~{needed_bytes / 2**20:,.0f} MiB, " if needed_bytes else ""
+        kept = f"the previous {path.name} is kept" if existed else "nothing was written"
+        raise UserError(f"no space left to write {path}: {needed}{free:,.0f} MiB are free there; {kept}") from None
 
 
 def _disk_full(err: BaseException | None) -> bool:
@@ -80,6 +97,8 @@ def _disk_full(err: BaseException | None) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True  # re-raised from a worker process as text
         err = err.__cause__ or err.__context__
     return False
 

@@ -5,6 +5,7 @@ Everything is sized for a 2-core CPU: the tiny model keeps GPT-2's 50,257-token 
 real tokenizer) but is narrow and short, so a step takes milliseconds.
 """
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,15 @@ def trained_run(prepared, tmp_path_factory) -> dict:
     log_dir = workdir / "runs" / "tiny" / "version_0"
     return {"workdir": workdir, "log_dir": log_dir, "ckpt": log_dir / "checkpoints" / "last.ckpt",
             "stdout": done.stdout, "stderr": done.stderr, "data": prepared}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)

@@ -67,3 +67,15 @@ def test_export_marks_the_tokenizers_end_of_text_as_bos_and_eos(tokenizer, eot):
                        norm="rmsnorm", mlp="swiglu", bias=False)
     hf = to_hf(config, GPT(config).state_dict(), tokenizer)
     assert hf.config.bos_token_id == hf.config.eos_token_id == eot
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(small_disk, tmp_path, capsys):
+    from lm_pretrain.export import main
+
+    _, ckpt = tiny_checkpoint(tmp_path / "x.ckpt", steps=1, vocab_size=50257)  # ~6 MiB of weights
+    (small_disk / "hf").mkdir()
+    (small_disk / "hf" / "config.json").write_text("{}")  # an earlier export
+    line = cli_error(main, ["--ckpt_path", str(ckpt), "--output", str(small_disk / "hf"), "--overwrite"], capsys)
+    assert line.startswith(f"error: no space left to write {small_disk / 'hf'}: it needs ~") and \
+        line.endswith("MiB are free there; the previous hf is kept"), line
+    assert [p.name for p in small_disk.iterdir()] == ["hf"] and (small_disk / "hf" / "config.json").read_text() == "{}"

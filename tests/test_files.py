@@ -51,18 +51,6 @@ def test_check_can_create_refuses_files_in_the_way_and_unwritable_parents(tmp_pa
         locked.chmod(0o700)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs at tmp_path/disk (root only; skipped where mounting is not allowed)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
-
-
 def test_write_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(b"old")

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -408,3 +409,17 @@ def test_an_input_that_cannot_be_cut_is_copied_then_cut_when_workers_would_idle(
     assert copied["sources"][0]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     for split in ("train", "val"):
         assert read_documents_back(tmp_path / "one" / split) == read_documents_back(tmp_path / "three" / split)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tmp_path, capsys):
+    from lm_pretrain.prepare import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):  # ~3 MB of text: ~4 MB of tokens, on a 1 MiB disk
+        (corpus / f"part{i}.txt").write_text(" ".join(["romeo loves the moon", "a fool fears the sea"][j % 2]
+                                                      for j in range(50_000)))
+    line = cli_error(main, [str(corpus), "--output", str(small_disk / "data")], capsys)
+    assert re.fullmatch(f"error: no space left to write {small_disk / 'data'}: \\d+ MiB are free there; nothing was written",
+                        line), line
+    assert list(small_disk.iterdir()) == []
