@@ -40,21 +40,29 @@ def test_killed_and_resumed_run_matches_a_straight_one(prepared, straight, tmp_p
     assert records == straight  # bitwise the same losses, and the same batches after the resume point
 
 
-def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, tmp_path):
-    def run(folder, *extra):
-        folder.mkdir(exist_ok=True)
-        return run_cli([*run_args(prepared, 6, folder / "rec", every=2), *DDP, *extra], cwd=folder)
+def ddp_run(prepared, folder: Path, *extra: str):
+    folder.mkdir(exist_ok=True)
+    return run_cli([*run_args(prepared, 6, folder / "rec", every=2), *DDP, *extra], cwd=folder)
 
-    assert run(tmp_path / "a").returncode == 0
-    straight = read_records(tmp_path / "a" / "rec")
-    assert {r["rank"] for r in straight} == {0, 1}
+
+@pytest.fixture(scope="module")
+def ddp_straight(prepared, tmp_path_factory) -> list[dict]:
+    """Records of an uninterrupted 6-step run of 2 DDP processes on one node."""
+    folder = tmp_path_factory.mktemp("ddp-straight")
+    done = ddp_run(prepared, folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_records(folder / "rec")
+
+
+def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, ddp_straight, tmp_path):
+    assert {r["rank"] for r in ddp_straight} == {0, 1}
     for step in range(1, 7):  # the ranks read different samples
-        rows = [set(r["rows"]) for r in straight if r["step"] == step]
+        rows = [set(r["rows"]) for r in ddp_straight if r["step"] == step]
         assert len(rows) == 2 and not rows[0] & rows[1]
-    assert run(tmp_path / "b", callback("SignalAt", step=3)).returncode != 0
-    resumed = run(tmp_path / "b", "--ckpt_path", "last")
+    assert ddp_run(prepared, tmp_path, callback("SignalAt", step=3)).returncode != 0
+    resumed = ddp_run(prepared, tmp_path, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert read_records(tmp_path / "b" / "rec") == straight
+    assert read_records(tmp_path / "rec") == ddp_straight
 
 
 def free_port() -> int:
@@ -63,20 +71,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_one_machine(prepared, tmp_path):
-    """Two launcher processes, node ranks 0 and 1, one process each, meeting on localhost."""
-    args = [sys.executable, *run_args(prepared, 4, tmp_path / "rec", every=2), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    nodes = [subprocess.Popen(args, cwd=tmp_path, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+def torchrun_two_nodes(prepared, folder: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+    """docs/long-runs.md's torchrun command on one machine: two nodes (node ranks 0 and 1) of one CPU
+    process each, meeting on 127.0.0.1."""
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                               *run_args(prepared, 6, folder / "rec", every=2), "--trainer.accelerator", "cpu",
+                               "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
+                              cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    records = read_records(tmp_path / "rec")
-    assert {r["rank"] for r in records} == {0, 1} and max(r["step"] for r in records) == 4
+    return [subprocess.CompletedProcess(node.args, node.returncode, *out) for node, out in zip(nodes, outputs)]
+
+
+def test_two_torchrun_nodes_train_as_two_ddp_processes_and_resume_exactly_after_a_kill(prepared, ddp_straight,
+                                                                                         tmp_path):
+    killed = torchrun_two_nodes(prepared, tmp_path, callback("SignalAt", step=3))  # both nodes' processes
+    assert all(node.returncode != 0 for node in killed)
     ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    resumed = torchrun_two_nodes(prepared, tmp_path, "--ckpt_path", "last")
+    assert [node.returncode for node in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
+    # one writer: one run folder, one last checkpoint; the global ranks read disjoint samples; the
+    # steps before the kill and after the resume are bitwise those of 2 DDP processes on one node
+    assert [p.name for p in (tmp_path / "runs" / "tiny").iterdir()] == ["version_0"]
+    assert [p.name for p in ckpt.parent.glob("last*")] == ["last.ckpt"]
+    records = read_records(tmp_path / "rec")
+    assert [(r["rank"], r["step"]) for r in records] == [(rank, step) for rank in (0, 1) for step in range(1, 7)]
+    assert records == ddp_straight
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
