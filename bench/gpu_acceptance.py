@@ -148,7 +148,7 @@ class Acceptance:
         out = self.work / f"{log_name}.json"
         args = [str(ROOT / "bench" / "train_throughput.py"), "--config", config, "--steps", str(steps), "--warmup",
                 str(warmup), "--repeats", "1", "--json", str(out), "--no-record", "--data.data_dir", self.data, *extra]
-        done = self.run(log_name, args, timeout=300)
+        done = self.run(log_name, args, timeout=450)  # four compiled fits with --steady
         if done.returncode != 0 or not out.exists():
             self.rows.append(f"| {title} | {self.failure(done)} |")
             return None

@@ -13,30 +13,15 @@ step time (median of --repeats). Results go to BENCHMARKS.md.
 """
 
 import argparse
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from common import median, record
+from lm_pretrain.debug import peak_cpu_bytes
 from lm_pretrain.config import GPTConfig
 from lm_pretrain.loss import next_token_loss
 from lm_pretrain.model import GPT
-
-
-def peak_bytes(step) -> int:
-    """Peak of the CPU allocator's total during step(), above its value when the step began."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    first = next(e for e in events if e.get("name") == "[memory]")
-    return max(totals) - (first["args"]["Total Allocated"] - first["args"]["Bytes"])
 
 
 def main() -> None:
@@ -55,16 +40,21 @@ def main() -> None:
     logits_bytes = args.batch * args.block * args.vocab * 4
     compiled = torch.compile(next_token_loss)
     rows = ["| loss path | peak above the step's start | in logits tensors | step time (median) |", "|---|---:|---:|---:|"]
-    for name, fn, fused in [("plain, eager", next_token_loss, False), ("fused, eager (auto's choice)", next_token_loss, True),
-                            ("plain, compiled (auto's choice)", compiled, False), ("fused, compiled", compiled, True)]:
+    chunk = max(1, args.batch * args.block // 8)  # the chunked loss in 8 chunks
+    for name, fn, fused, chunk_rows in [("plain, eager", next_token_loss, False, None),
+                                  ("fused, eager (auto's choice)", next_token_loss, True, None),
+                                  ("plain, compiled (auto's choice)", compiled, False, None),
+                                  ("fused, compiled", compiled, True, None),
+                                  ("chunked (8 chunks), eager", next_token_loss, True, chunk),
+                                  ("chunked (8 chunks), compiled", compiled, True, chunk)]:
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = fn(model, x, y, fused=fused)
+                loss = fn(model, x, y, fused=fused, chunk=chunk_rows)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         step()  # compile, allocate once
-        peak = peak_bytes(step)
+        peak = peak_cpu_bytes(step)
         times = []
         for _ in range(args.repeats):
             began = time.perf_counter()

@@ -111,7 +111,7 @@ def steady_run(config: str, warmup: int, steps: int, extra: list[str]) -> dict:
     warmup + steps), and whether debug.CompiledStepCheck passed (None when the config does not compile)."""
     from lm_pretrain.cli import run
 
-    events = warmup + steps
+    events = warmup + steps + 1  # one step after the first window: preset callbacks run before Windows
     total = events + 1 + steps + 1  # the last step is profiled by CompiledStepCheck, after the timed ones
     compiled = bool(setting(config, extra, "model.compile", False))
     accumulate = int(setting(config, extra, "trainer.accumulate_grad_batches", 1))

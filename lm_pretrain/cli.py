@@ -53,10 +53,12 @@ class PretrainCLI(LightningCLI):
                                                                        for c in callbacks):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
         # Checkpoint files renamed into place whole (checkpoints.AtomicCheckpointIO), unless the
-        # config brings a checkpoint writer of its own.
+        # config brings a checkpoint writer of its own (as a plugin, or in its strategy object).
         plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        strategy = trainer.get("strategy")
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins) and \
+                getattr(strategy, "_checkpoint_io", None) is None:
             kwargs["plugins"] = [*plugins, checkpoints.AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 

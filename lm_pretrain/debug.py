@@ -5,7 +5,7 @@
 HostSyncCheck fails a run whose quiet steps wait for the GPU; it patches torch.Tensor methods for as
 long as the run lasts, which is why it is here and not among the callbacks every run uses
 (lm_pretrain.callbacks). CompiledStepCheck fails a compiled run whose training step recompiles or
-falls back to eager. RecordBatches and SignalAt check resuming: record what each step trained on,
+falls back to eager; peak_cpu_bytes measures what a step allocates at most on a CPU. RecordBatches and SignalAt check resuming: record what each step trained on,
 kill a run at a given step, resume it, and compare the records (read_records) with a straight run's.
 """
 
@@ -147,6 +147,9 @@ class CompiledStepCheck(L.Callback):
         # on_train_batch_end (a sample, say) runs its own operators.
         trainer.callbacks.remove(self)
         trainer.callbacks.insert(0, self)
+        from torch._dynamo.utils import counters  # this run's frames and breaks, not earlier ones in the process
+
+        self._before = (counters["frames"]["total"] - counters["frames"]["ok"], sum(counters["graph_break"].values()))
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         torch.compiler.set_stance("fail_on_recompile" if self._steps > 0 else "default")
@@ -187,13 +190,32 @@ class CompiledStepCheck(L.Callback):
         regions = sum(n for name, n in early.items() if name.startswith("Torch-Compiled Region"))
         if not regions:
             raise RuntimeError(f"CompiledStepCheck: step {self.early} ran no compiled code")
-        skipped = counters["frames"]["total"] - counters["frames"]["ok"]
-        if skipped or counters["graph_break"]:
-            raise RuntimeError(f"CompiledStepCheck: {skipped} frames skipped, graph breaks: {dict(counters['graph_break'])}")
+        skipped = counters["frames"]["total"] - counters["frames"]["ok"] - self._before[0]
+        breaks = sum(counters["graph_break"].values()) - self._before[1]
+        if skipped or breaks:
+            raise RuntimeError(f"CompiledStepCheck: {skipped} frames skipped, {breaks} graph breaks: "
+                               f"{dict(counters['graph_break'])}")
         rank_zero_info(f"CompiledStepCheck: the {self._steps - 1} training steps after this process's first reused "
                        f"the graphs compiled in it; "
                        f"steps {self.early} and {self.late} ran the same {sum(early.values())} operators "
                        f"({regions} compiled regions); no frame skipped, no graph break")
+
+
+def peak_cpu_bytes(step) -> int:
+    """Peak of the CPU allocator's total while step() runs, above its value when it began (from
+    torch.profiler's memory events: CPUs have no torch.cuda.max_memory_allocated)."""
+    import tempfile
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start
 
 
 class RecordBatches(L.Callback):

@@ -9,7 +9,6 @@ gpt2 tokenizer. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`
 """
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
-from lm_pretrain.files import check_can_create, full_disk_is_one_line, publish, remove_orphans
+from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
+                               remove_orphans)
 from lm_pretrain.config import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
@@ -145,7 +145,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
         require(name, "export", "lm-pretrain-export")
     module = LanguageModel.from_checkpoint(ckpt_path)
     model = to_hf(module.config, module.model.state_dict(), module.hparams.tokenizer)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    staging = partial_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(output.parent)  # what exports killed before left
@@ -161,6 +161,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
             publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        done_with(staging)
     return output
 
 

@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -48,7 +49,22 @@ def check_can_create(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path}: cannot be created, {existing} is not writable")
 
 
-PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # .NAME.partial-PID
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:@(?P<host>.+))?$")  # .NAME.partial-PID@HOST
+_IN_FLIGHT: set[Path] = set()  # this process's partial files and folders, being written now
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where `path` is written before it is renamed into place: a hidden sibling naming this process
+    and machine, so that remove_orphans never takes another live writer's (on a shared file system,
+    from another machine or container). Forget it with done_with(...) once published or removed."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}@{socket.gethostname()}")
+    _IN_FLIGHT.add(partial)
+    return partial
+
+
+def done_with(partial: Path) -> None:
+    _IN_FLIGHT.discard(partial)
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], needed_bytes: int | None = None) -> None:
@@ -57,7 +73,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], needed
     leaves nothing behind; a full disk is a UserError naming the path (and `needed_bytes`, the size
     the file would have had, when the caller knows it)."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = partial_path(path)
     with full_disk_is_one_line(path, needed_bytes):
         try:
             with open(partial, "wb") as f:
@@ -68,6 +84,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], needed
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+        finally:
+            done_with(partial)
 
 
 @contextlib.contextmanager
@@ -104,20 +122,24 @@ def _disk_full(err: BaseException | None) -> bool:
 
 
 def remove_orphans(folder: str | Path) -> list[Path]:
-    """Delete the partial files that write_atomically left in `folder` when its process was killed
-    (their process is gone), and return them."""
+    """Delete the partial files and folders (partial_path) left in `folder` by writers of this
+    machine that were killed, and return them. Another machine's are left alone: its processes
+    cannot be seen from here."""
     removed = []
     for entry in Path(folder).glob(".*.partial-*"):
         match = PARTIAL.match(entry.name)
-        if match and not _alive(int(match["pid"])):
+        if not match or (match["host"] or socket.gethostname()) != socket.gethostname():
+            continue
+        pid = int(match["pid"])
+        # (a restarted container can give this process the pid of the one that was killed)
+        live = entry in _IN_FLIGHT if pid == os.getpid() else _alive(pid)
+        if not live:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,8 +1,11 @@
-"""The training objective: cross-entropy of next-token predictions, computed one of two ways.
+"""The training objective: cross-entropy of next-token predictions, computed one of three ways.
 
     plain   logits = model(idx); F.cross_entropy(logits.float(), targets) (+ the z-loss)
     fused   hidden = model(idx, return_hidden=True); the output layer and the loss in one step
             (LinearCrossEntropy below), without the tensors autograd would keep
+    chunked the same, CHUNK_ROWS positions at a time, the gradients computed in the forward pass
+            (ChunkedLinearCrossEntropy, as liger-kernel's fused linear cross-entropy): the full
+            logits never exist, only one CHUNK_ROWS x vocabulary buffer; never picked by "auto"
 
 The model (lm_pretrain.model) only maps tokens to logits or hidden states; which way the loss goes is
 picked here, once, by `pick_loss`: "auto" takes the one that is best where the run is (fused when
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from lm_pretrain.errors import UserError
 
 IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (see data.EvenSplit)
-LossKind = Literal["auto", "plain", "fused"]
+LossKind = Literal["auto", "plain", "fused", "chunked"]
+CHUNK_ROWS = 4096  # positions per chunk of the chunked loss: 4096 x 50,304 float32 logits = 824 MB
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -61,22 +65,65 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None, None
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy a chunk of rows at a time, each chunk's gradients computed at once, so that
+    only one (chunk, V) buffer ever exists; the backward pass only scales the two gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                reduction: str, chunk: int) -> torch.Tensor:
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)[:, None]
+        grad = ctx is not None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad else None
+        for start in range(0, x.shape[0], chunk):
+            rows, keep = slice(start, start + chunk), valid[start:start + chunk, None]
+            buffer = torch.mm(x[rows], weight.t()).float()
+            torch.log_softmax(buffer, dim=-1, out=buffer)
+            loss = loss - (buffer.gather(1, safe[rows]) * keep).sum()
+            if grad:  # softmax - one_hot(target), zero on padding rows
+                buffer.exp_()
+                buffer.scatter_add_(1, safe[rows], -keep.to(buffer.dtype))
+                buffer.mul_(keep)
+                grad_x[rows] = buffer @ weight.float()
+                grad_weight += buffer.t() @ x[rows].float()
+        count = valid.sum()
+        if grad:
+            ctx.save_for_backward(grad_x, grad_weight, count)
+            ctx.reduction, ctx.dtypes = reduction, (x.dtype, weight.dtype)
+        return loss / count if reduction == "mean" else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count if ctx.reduction == "mean" else grad_loss
+        return (grad_x * scale).to(ctx.dtypes[0]), (grad_weight * scale).to(ctx.dtypes[1]), None, None, None, None
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, targets, ignore_index=..., reduction=...) for x (N, C), weight
-    (V, C), targets (N,): the same value and gradients, computed in float32."""
+    (V, C), targets (N,): the same value and gradients, computed in float32; with `chunk`, `chunk`
+    rows at a time (ChunkedLinearCrossEntropy)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if chunk is not None:
+        if train:
+            return ChunkedLinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction, chunk)
+        return ChunkedLinearCrossEntropy.forward(None, x, weight, targets, ignore_index, reduction, chunk)
+    if train:
         return LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction)
     return LinearCrossEntropy.forward(None, x, weight, targets, ignore_index, reduction)  # scoring: no gradient
 
 
 def pick_loss(kind: LossKind, compile: bool = False, z_loss: float = 0.0, logit_softcap: float | None = None) -> str:
-    """"plain" or "fused": the loss path of a run (see the module docstring); UserError for a
-    combination that cannot work."""
-    if kind == "fused" and (z_loss or logit_softcap is not None):
-        raise UserError("model.loss fused computes the output layer itself, so it cannot add the z-loss or "
+    """"plain", "fused" or "chunked": the loss path of a run (see the module docstring); UserError for
+    a combination that cannot work."""
+    if kind in ("fused", "chunked") and (z_loss or logit_softcap is not None):
+        raise UserError(f"model.loss {kind} computes the output layer itself, so it cannot add the z-loss or "
                         "soft-cap the logits: set model.loss plain (or auto), or drop model.z_loss / model.logit_softcap")
     if kind == "auto":
         return "plain" if compile or z_loss or logit_softcap is not None else "fused"
@@ -84,15 +131,16 @@ def pick_loss(kind: LossKind, compile: bool = False, z_loss: float = 0.0, logit_
 
 
 def next_token_loss(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, fused: bool = False,
-                    z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+                    z_loss: float = 0.0, reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
     """Cross-entropy of `model`'s predictions for idx (B, T) against targets (B, T): the mean, or with
     reduction "sum" the sum, over targets that are not IGNORE_INDEX. z_loss adds that weight times
     the squared log of the softmax normaliser per target (PaLM), which keeps the logits from
-    drifting. The model is always called as a module (model(...)), so hooks such as FSDP's run."""
+    drifting. fused computes the output layer and the loss in one step, `chunk` rows at a time when
+    given. The model is always called as a module (model(...)), so hooks such as FSDP's run."""
     if fused:
         hidden = model(idx, return_hidden=True)
         return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), IGNORE_INDEX,
-                                    reduction)
+                                    reduction, chunk)
     logits, targets = model(idx).flatten(0, 1).float(), targets.flatten()
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
     if z_loss:

@@ -99,7 +99,9 @@ class CausalSelfAttention(nn.Module):
         # own position and earlier ones. With a cache, the T new queries are the *last* T positions of
         # the keys, so the causal mask is aligned bottom-right (is_causal aligns it top-left).
         if k.shape[2] == T:
-            mask = {"is_causal": T > 1}
+            # (also right for T = 1; a condition on T here would be symbolic under torch.compile's
+            # dynamic shapes, which SDPA refuses)
+            mask = {"is_causal": True}
         else:
             mask = {"attn_mask": causal_lower_right(T, k.shape[2])} if T > 1 else {}  # one new token sees all
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **mask)

@@ -28,7 +28,7 @@ from lm_pretrain import checkpoints, optim, ranges
 from lm_pretrain.callbacks import NonFiniteGuard, RestoreRNG
 from lm_pretrain.errors import UserError
 from lm_pretrain.hardware import allow_tf32
-from lm_pretrain.loss import IGNORE_INDEX, LossKind, next_token_loss, pick_loss
+from lm_pretrain.loss import CHUNK_ROWS, IGNORE_INDEX, LossKind, next_token_loss, pick_loss
 from lm_pretrain.config import GPTConfig, model_size
 from lm_pretrain.model import GPT
 from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
@@ -80,6 +80,7 @@ class LanguageModel(L.LightningModule):
         z_loss: NonNegativeFloat = 0.0,
         loss: LossKind = "auto",
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
@@ -110,11 +111,15 @@ class LanguageModel(L.LightningModule):
                 keeps the output logits from drifting; 0 turns it off.
             loss: how the loss is computed (lm_pretrain.loss): "fused" (the output layer and the loss
                 in one step: the same loss and gradients with one logits-sized tensor instead of four, a
-                third faster per step on CPUs; not with z_loss or logit_softcap), "plain", or "auto":
+                third faster per step on CPUs; not with z_loss or logit_softcap), "chunked" (fused, 4096
+                positions at a time: the full logits never exist), "plain", or "auto":
                 fused when the model runs eagerly, plain under compile (which fuses it itself) or with
                 z_loss or logit_softcap.
             compile: torch.compile the training and validation steps (worth it on GPUs; costs time and
                 gains nothing on CPUs). Sampling always runs eagerly.
+            compile_mode: torch.compile's mode: "max-autotune" tries kernel variants for each matmul
+                (minutes more compilation), "reduce-overhead" adds CUDA graphs (for small models whose
+                steps wait on the CPU), "max-autotune-no-cudagraphs" the first without the second.
             activation_checkpointing: recompute each block's activations in the backward pass
                 instead of keeping them (~1/3 more compute, much less memory); configs/overlays/fsdp.yaml
                 turns it on.
@@ -142,7 +147,7 @@ class LanguageModel(L.LightningModule):
         self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
-        self.fused_loss = pick_loss(loss, compile, z_loss, self.config.logit_softcap) == "fused"
+        self._use_loss(pick_loss(loss, compile, z_loss, self.config.logit_softcap))
         self.model = GPT(self.config)
         self.val_loss = MeanLoss()
         self.nonfinite = NonFiniteGuard(nonfinite_loss, nonfinite_check_every)
@@ -168,15 +173,20 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         hp, sharded = self.hparams, self.device_mesh is not None
-        parallelize(self.model, self.device_mesh, hp.activation_checkpointing, compile=hp.compile and sharded)
+        parallelize(self.model, self.device_mesh, hp.activation_checkpointing, compile=hp.compile and sharded,
+                    compile_mode=hp.compile_mode)
         if hp.compile and not sharded:
             # The loss step is compiled, model and loss together (inductor fuses the cross-entropy
             # into the output layer's kernels); calls of the model itself, as in sampling, stay
             # eager and never recompile the training graph.
-            self._loss_fn = torch.compile(next_token_loss)
+            self._loss_fn = torch.compile(next_token_loss, mode=hp.compile_mode)
         # Under FSDP only the blocks are compiled: the output layer and loss run eagerly, where
         # "auto" picks the fused loss.
-        self.fused_loss = pick_loss(hp.loss, hp.compile and not sharded, hp.z_loss, self.config.logit_softcap) == "fused"
+        self._use_loss(pick_loss(hp.loss, hp.compile and not sharded, hp.z_loss, self.config.logit_softcap))
+
+    def _use_loss(self, path: str) -> None:
+        self.fused_loss = path in ("fused", "chunked")
+        self.loss_chunk = CHUNK_ROWS if path == "chunked" else None
 
     def setup(self, stage: str) -> None:
         allow_tf32(self.trainer.strategy.root_device.type)
@@ -201,7 +211,7 @@ class LanguageModel(L.LightningModule):
         (targets set to IGNORE_INDEX count in neither); the z-loss is added in training only, so val
         losses stay comparable across recipes."""
         x, y = batch
-        return self._loss_fn(self.model, x, y, fused=self.fused_loss,
+        return self._loss_fn(self.model, x, y, fused=self.fused_loss, chunk=self.loss_chunk,
                              z_loss=self.hparams.z_loss if self.training else 0.0, reduction=reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:

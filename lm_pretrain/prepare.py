@@ -40,7 +40,8 @@ import numpy as np
 from lm_pretrain import assets, ranges, storage
 from lm_pretrain.commands import command_parser, parse, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
-from lm_pretrain.files import check_can_create, full_disk_is_one_line, publish, remove_orphans
+from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
+                               remove_orphans)
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
@@ -282,13 +283,14 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
     # exist or is complete; with --overwrite the old one goes only once the new one is finished.
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(output.parent)  # what prepares killed before left
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    staging = partial_path(output)
     try:
         with full_disk_is_one_line(output):
             metadata = build(inputs, staging, settings)
             publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        done_with(staging)
     log.info("wrote %s", output)
     return metadata
 

@@ -172,12 +172,12 @@ def describe(message: str) -> str:
     Literal's choices (or not true or false), as one line: the flag, the value, the range or the
     choices. Other parse errors come back as they are, on one line."""
     message = " ".join(message.split())
-    nonfinite = re.search(r"Given value: ([+-]?(?:inf|infinity|nan))(?: |$)", message, re.IGNORECASE)
-    if nonfinite:  # a number setting of a class of Lightning's, which reads "inf" as a string
-        return f"--{_flag(message)} {nonfinite.group(1)} is out of range: it must be a finite number"
     choice = _refused_choice(message)
     if choice:
         return choice
+    nonfinite = re.search(r"Given value: ([+-]?(?:inf|infinity|nan))(?: |$)", message, re.IGNORECASE)
+    if nonfinite:  # a number setting of a class of Lightning's, which reads "inf" as a string
+        return f"--{_flag(message)} {nonfinite.group(1)} is out of range: it must be a finite number"
     limit = re.search(r"Not of type \w+: (?:(\S+) )?does not conform to restriction (v[^-]*?)(?: - |$| Expected| Given)",
                       message)
     if not limit:

@@ -22,12 +22,15 @@ import glob
 import gzip
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from lm_pretrain.errors import UserError
 from lm_pretrain.extras import require
+
+log = logging.getLogger("lm_pretrain.readers")
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
 DEFAULT_TEXT_KEY = "text"
@@ -262,7 +265,12 @@ def _input_files_under(folder: Path) -> list[Path]:
             raise UserError(f"{directory}: a symlinked folder that loops back to {ancestors[identity]}; remove the "
                             f"link, or name the folders to read one by one")
         ancestors = {**ancestors, identity: directory}
-        for entry in sorted(directory.iterdir()):
+        try:
+            entries = sorted(directory.iterdir())
+        except PermissionError:  # e.g. lost+found on a data disk: said, not silently dropped
+            log.warning("skipping %s: not readable", directory)
+            return
+        for entry in entries:
             if entry.is_dir():  # (follows links)
                 walk(entry, ancestors)
             elif _is_input_file(entry):

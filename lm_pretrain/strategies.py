@@ -29,7 +29,7 @@ from lm_pretrain.model import GPT
 
 
 def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False,
-                compile: bool = False) -> None:
+                compile: bool = False, compile_mode: str = "default") -> None:
     """Lay `model` out for training, in place: recompute each block's activations in the backward
     pass (activation_checkpointing), and with a device mesh (ModelParallelStrategy's) shard it with
     FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root, each block's
@@ -43,7 +43,7 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: b
         if compile:
             # The forward, not the module: FSDP's hooks stay outside the graph, the weights' names
             # stay as they are (a compiled module would prefix them with _orig_mod).
-            block.forward = torch.compile(block.forward, fullgraph=True)
+            block.forward = torch.compile(block.forward, fullgraph=True, mode=compile_mode)
         fully_shard(block, mesh=mesh)
     # The root unit is not resharded after the forward pass (FSDP2 keeps the root's parameters for
     # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused

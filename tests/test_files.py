@@ -2,6 +2,7 @@
 leftovers are removed, and an output folder is checked before any work."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 
 from lm_pretrain.checkpoints import AtomicCheckpointIO
 from lm_pretrain.errors import UserError
-from lm_pretrain.files import check_can_create, publish, remove_orphans, write_atomically
+from lm_pretrain.files import check_can_create, done_with, partial_path, publish, remove_orphans, write_atomically
 
 
 def test_publish_replaces_a_folder_whole(tmp_path):
@@ -75,12 +76,19 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(small_disk):
 
 
 def test_orphans_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f".last.ckpt.partial-{dead.stdout.strip()}"
-    live = tmp_path / f".last.ckpt.partial-{os.getpid()}"
-    orphan.write_bytes(b"x"), live.write_bytes(b"x"), (tmp_path / "last.ckpt").write_bytes(b"x")
-    assert remove_orphans(tmp_path) == [orphan]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.ckpt"])
+    orphan = tmp_path / f".last.ckpt.partial-{dead.stdout.strip()}@{host}"
+    old_style = tmp_path / f".data.partial-{dead.stdout.strip()}"  # no host: this machine's
+    other_machine = tmp_path / f".last.ckpt.partial-{dead.stdout.strip()}@another-host"
+    live = partial_path(tmp_path / "last.ckpt")  # this process is writing it
+    reused_pid = tmp_path / f".best.ckpt.partial-{os.getpid()}@{host}"  # a killed run's, with this pid again
+    for path in (orphan, other_machine, live, reused_pid, tmp_path / "last.ckpt"):
+        path.write_bytes(b"x")
+    old_style.mkdir()
+    assert sorted(remove_orphans(tmp_path)) == sorted([orphan, old_style, reused_pid])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_machine.name, "last.ckpt"])
+    done_with(live)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from helpers import tiny_checkpoint
 from lm_pretrain.callbacks import TextSamples
 from lm_pretrain.debug import CompiledStepCheck
 from lm_pretrain.errors import UserError
-from lm_pretrain.loss import IGNORE_INDEX, next_token_loss
+from lm_pretrain.loss import CHUNK_ROWS, IGNORE_INDEX, next_token_loss
 from lm_pretrain.module import LanguageModel, MeanLoss
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
@@ -80,6 +80,7 @@ def test_bf16_mixed_clips_with_the_fused_optimizer(algorithm):
 def compiled_run(module: LanguageModel, tmp_path, *callbacks: L.Callback, steps: int = 8) -> L.Trainer:
     """`steps` training steps of a compiled module with samples (every 2 steps), validations (every 3,
     the last batch short) and checkpoints (every 2) between them, under debug.CompiledStepCheck."""
+    torch._dynamo.reset()  # what other tests compiled in this process must not count here
     tokens = torch.randint(0, 1000, (4, 17))
     batch = (tokens[:, :-1], tokens[:, 1:])
     short = (batch[0][:3], batch[1][:3])
@@ -136,3 +137,18 @@ def test_compiled_step_check_needs_a_compiled_run_and_two_steps_in_order():
     with pytest.raises(UserError, match="set model.compile true"):
         trainer.fit(LanguageModel(**TINY), train_dataloaders=DataLoader([(torch.zeros(1, 16, dtype=torch.long),) * 2],
                                                                          batch_size=None))
+
+
+def test_compile_mode_reaches_torch_compile_and_chunked_loss_is_used(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    module = LanguageModel(**{**TINY, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"})
+    module.configure_model()
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
+    chunked = LanguageModel(**{**TINY, "loss": "chunked"})
+    assert chunked.fused_loss and chunked.loss_chunk == CHUNK_ROWS
+    tokens = torch.randint(0, 1000, (2, 17))
+    plain = LanguageModel(**{**TINY, "loss": "plain"})
+    plain.load_state_dict(chunked.state_dict())
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    assert torch.allclose(chunked._loss(batch), plain._loss(batch), rtol=1e-5)

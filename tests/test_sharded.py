@@ -121,7 +121,8 @@ def compiled_fsdp_args(data: Path, runs: Path, steps: int, early: int, late: int
     samples every 3 steps, a validation every 2 steps, a checkpoint every 4, under CompiledStepCheck."""
     return [str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "llama-125m.yaml"),
             "--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml"), "--data.data_dir", str(data),
-            "--data.batch_size", "2", "--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2",
+            # 10 blocks: more than Dynamo's recompile limit (8), so one graph must serve them all
+            "--data.batch_size", "2", "--model.block_size", "32", "--model.n_layer", "10", "--model.n_head", "2",
             "--model.n_kv_head", "1", "--model.n_embd", "32", "--model.mlp_hidden", "64",
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
             "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "5",
