@@ -31,8 +31,8 @@ def test_bad_recipe_settings_are_one_line_errors():
         LanguageModel(**{**TINY, "optimizer": "sgd"})
     with pytest.raises(UserError, match="--model.schedule 'linear' is not one of cosine, wsd"):
         LanguageModel(**{**TINY, "schedule": "linear"})
-    with pytest.raises(UserError, match="--model.loss 'chunked' is not one of auto, plain, fused"):
-        LanguageModel(**{**TINY, "loss": "chunked"})
+    with pytest.raises(UserError, match="--model.loss 'liger' is not one of auto, plain, fused, chunked"):
+        LanguageModel(**{**TINY, "loss": "liger"})
     with pytest.raises(UserError, match="--model.nonfinite_loss 'ignore' is not one of stop, skip"):
         LanguageModel(**{**TINY, "nonfinite_loss": "ignore"})
     with pytest.raises(UserError, match="model.loss fused .* cannot add the z-loss"):
