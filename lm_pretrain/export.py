@@ -135,7 +135,8 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
         output: the folder to create.
         overwrite: replace OUTPUT if it exists (only once the new one is complete).
     """
-    from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
+    from lm_pretrain.checkpoints import tensor_bytes  # here, not above: --help stays quick without Lightning
+    from lm_pretrain.module import LanguageModel
 
     output = Path(output)
     if output.exists() and not overwrite:
@@ -150,8 +151,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(output.parent)  # what exports killed before left
     try:
-        with full_disk_is_one_line(output, needed_bytes=sum(t.numel() * t.element_size()
-                                                             for t in model.state_dict().values())):
+        with full_disk_is_one_line(output, needed_bytes=tensor_bytes(model.state_dict())):
             model.save_pretrained(staging, safe_serialization=True)
             if module.hparams.tokenizer == "gpt2":
                 try:
