@@ -151,7 +151,8 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
     text = json.dumps({"checkpoint": str(ckpt), "results": results["results"], "n-shot": results.get("n-shot"),
                        "versions": results.get("versions"), "config": {"limit": limit, "batch_size": batch_size}},
                       indent=2, default=str) + "\n"
-    write_atomically(output, lambda f: f.write(text.encode()))  # whole or absent, also on a full disk
+    data = text.encode()
+    write_atomically(output, lambda f: f.write(data), len(data))  # whole or absent, also on a full disk
     print(f"wrote {output}")
     return results
 

@@ -6,11 +6,13 @@ is a copy that a kill can cut short.
 """
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -18,20 +20,48 @@ from lm_pretrain.errors import UserError
 
 
 def publish(staged: Path, target: Path) -> None:
-    """Put the finished folder `staged` at `target`, replacing what is there.
+    """Put the finished file or folder `staged` at `target`, replacing what is there.
 
-    Build into a hidden sibling of `target` (same file system), then call this: the old copy is
-    moved aside before the new one is renamed into place, so a process killed at any point leaves
-    either the old folder, the new one, or the old one at `.NAME.old` (never a mix of both).
+    Build into a hidden sibling of `target` (same file system, partial_path), then call this. Where
+    the file system can (Linux: ext4, xfs, btrfs, tmpfs ...), the two swap places in one atomic step
+    and the old copy, now at the staged name, is deleted: a kill at any point leaves `target` whole,
+    old or new, and at most a partial_path orphan for remove_orphans. Elsewhere the old copy is
+    moved aside to `.NAME.old` first, and a kill between the two renames leaves it there.
     """
+    if (target.exists() or target.is_symlink()) and _exchange(staged, target):
+        _remove(staged)  # the old copy
+        return
     old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if old.exists() or old.is_symlink():
+        _remove(old)
     if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(staged, target)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if old.exists() or old.is_symlink():
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of `a` and `b` atomically (Linux renameat2 with RENAME_EXCHANGE); False where
+    the system or the file system cannot, so the caller renames in two steps instead."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28 and later
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # not supported here (an old kernel, a network or FUSE file system)
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_can_create(path: str | Path, what: str) -> None:
@@ -100,13 +130,21 @@ def full_disk_is_one_line(path: str | Path, needed_bytes: int | None = None):
     except UserError:
         raise
     except BaseException as err:
-        if not _disk_full(err):
-            raise
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
-        free = shutil.disk_usage(folder).free / 2**20
-        needed = f"it needs ~{needed_bytes / 2**20:,.0f} MiB, " if needed_bytes else ""
+        free = shutil.disk_usage(folder).free
+        # Some writers lose the OSError (torch.distributed.checkpoint's zip writer reports "unexpected
+        # pos"): a failed write with less space left than it needed is taken for a full disk too.
+        if not _disk_full(err) and not (needed_bytes and free < needed_bytes
+                                          and not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))):
+            raise
+        needed = f"it needs ~{_size(needed_bytes)}, " if needed_bytes else ""
         kept = f"the previous {path.name} is kept" if existed else "nothing was written"
-        raise UserError(f"no space left to write {path}: {needed}{free:,.0f} MiB are free there; {kept}") from None
+        raise UserError(f"no space left to write {path}: {needed}{_size(free)} are free there; {kept}") from None
+
+
+def _size(n_bytes: int) -> str:
+    """1 MiB and more in MiB, less in KiB (a results file of 3 KiB is not "~0 MiB")."""
+    return f"{n_bytes / 2**20:,.0f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:,.0f} KiB"
 
 
 def _disk_full(err: BaseException | None) -> bool:
@@ -117,6 +155,9 @@ def _disk_full(err: BaseException | None) -> bool:
             return True
         if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
             return True  # re-raised from a worker process as text
+        failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's, per rank
+        if isinstance(failures, dict) and any(_disk_full(f) for f in failures.values() if isinstance(f, BaseException)):
+            return True
         err = err.__cause__ or err.__context__
     return False
 

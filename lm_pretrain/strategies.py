@@ -24,7 +24,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lm_pretrain.files import publish
+from lm_pretrain.checkpoints import tensor_bytes
+from lm_pretrain.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
 from lm_pretrain.model import GPT
 
 
@@ -71,17 +72,29 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Write a sharded checkpoint into a hidden folder, then swap it in: a run killed while saving
-        keeps its previous checkpoint (Lightning would overwrite the shards in place)."""
+        """Write a sharded checkpoint into a hidden folder beside its final name, then swap it in
+        (files.publish): a run killed while saving keeps its previous checkpoint whole (Lightning
+        would overwrite the shards in place). The hidden folders of killed saves are removed at the
+        next save; a full disk is one line."""
         if not self.distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(f".{path.name}.partial")
-        if self.is_global_zero and partial.exists():
-            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
-        self.barrier("checkpoint-staging")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier("checkpoint-written")
+        # named after the first process (pid@host), as remove_orphans expects; every process writes there
+        partial = Path(self.broadcast(str(partial_path(path)) if self.is_global_zero else None))
+        needed = tensor_bytes(checkpoint)
         if self.is_global_zero:
-            publish(partial, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_orphans(path.parent)
+        self.barrier("checkpoint-staging")
+        try:
+            with full_disk_is_one_line(path, needed):
+                super().save_checkpoint(checkpoint, partial, storage_options)
+            self.barrier("checkpoint-written")
+            if self.is_global_zero:
+                publish(partial, path)
+        finally:
+            if self.is_global_zero:
+                if partial.exists():  # a failed save's shards
+                    shutil.rmtree(partial)
+                done_with(partial)
         self.barrier("checkpoint-published")

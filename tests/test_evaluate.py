@@ -4,6 +4,7 @@ of every choice is the model's own sum of token log-probabilities."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -125,3 +126,23 @@ def test_generation_is_the_models_greedy_continuation_cut_at_a_stop_string(check
     (cut,) = harness_model(module).generate_until([Instance("generate_until", {}, (
         "The king", {"until": [stop], "max_gen_toks": 12}), 0)])
     assert untouched == full and cut == full.split(stop)[0]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_results(checkpoint, task_folder, small_disk, monkeypatch, capsys):
+    """The results are scored, then cannot be written: one line naming the file and its size, the
+    earlier results file whole, no partial file left on the disk."""
+    from lm_pretrain.evaluate import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = small_disk / "results.json"
+    results.write_text('{"earlier": true}\n')
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill what is left of the 1 MiB disk
+        with pytest.raises(OSError, match="No space left"):
+            for _ in range(2**20 // 4096 + 1):
+                f.write(b"x" * 4096)
+    line = cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc", "--include_path", str(task_folder),
+                            "--output", str(results)], capsys)
+    assert re.fullmatch(rf"error: no space left to write {re.escape(str(results))}: it needs ~\d+ KiB, 0 KiB are "
+                        r"free there; the previous results.json is kept", line), line
+    assert json.loads(results.read_text()) == {"earlier": True}
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "results.json"]

@@ -21,8 +21,8 @@ LAYERS = [
     ["ranges", "files", "steps", "storage", "extras"],  # foundations
     ["commands", "assets", "loss", "optim", "config", "readers"],
     ["model", "tokenizer", "prepared"],
-    ["hardware", "checkpoints", "strategies", "sampling", "prepare"],  # what reads, lays out or feeds a model
-    ["callbacks", "debug", "data"],  # training's parts
+    ["hardware", "checkpoints", "sampling", "prepare"],  # what reads or feeds a model
+    ["strategies", "callbacks", "debug", "data"],  # training's parts: how the model is laid out, what runs beside it
     ["module"],  # the LightningModule: ties them together
     ["cli", "generate", "export", "evaluate", "sizes"],  # entry points
 ]

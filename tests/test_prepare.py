@@ -420,6 +420,6 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tmp
         (corpus / f"part{i}.txt").write_text(" ".join(["romeo loves the moon", "a fool fears the sea"][j % 2]
                                                       for j in range(50_000)))
     line = cli_error(main, [str(corpus), "--output", str(small_disk / "data")], capsys)
-    assert re.fullmatch(f"error: no space left to write {small_disk / 'data'}: \\d+ MiB are free there; nothing was written",
+    assert re.fullmatch(f"error: no space left to write {small_disk / 'data'}: [\\d,]+ [KM]iB are free there; nothing was written",
                         line), line
     assert list(small_disk.iterdir()) == []

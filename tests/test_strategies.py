@@ -1,8 +1,17 @@
 """lm_pretrain.strategies: where the model is laid out (the 2-process runs are in test_sharded.py)."""
 
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule
 
+from helpers import tiny_checkpoint
+from lm_pretrain.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig
 from lm_pretrain.strategies import FSDP, parallelize
 
@@ -20,3 +29,85 @@ def test_fsdp_still_finds_the_private_setting_it_overrides():
     `_data_parallel_size` before its setup_environment reads it: fail here if Lightning renames it."""
     assert FSDP().distributed_checkpoint and not FSDP(save_distributed_checkpoint=False).distributed_checkpoint
     assert "_data_parallel_size" in vars(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints: whole or absent. One process without a process group writes the same folder
+# of shards (torch.distributed.checkpoint) that each of N processes writes its part of.
+
+
+def sharded(tmp_path: Path, step: int) -> dict:
+    """A checkpoint dict as Lightning hands it to the strategy: a tiny model's, at `step`."""
+    if not (tmp_path / "tiny.ckpt").exists():
+        tiny_checkpoint(tmp_path / "tiny.ckpt", steps=1)
+    checkpoint = torch.load(tmp_path / "tiny.ckpt", weights_only=False)
+    checkpoint["global_step"], checkpoint["optimizer_states"] = step, []
+    checkpoint["state_dict"] = {k: v + step for k, v in checkpoint["state_dict"].items()}
+    return checkpoint
+
+
+def kill_during_sharded_save(path: Path, checkpoint: dict, target, nth: int) -> None:
+    """In a forked child: the FSDP strategy saves `checkpoint` at `path` and SIGKILLs itself at the
+    nth call of `target` (a (module, name) pair: the function, patched there)."""
+    pid = os.fork()
+    if pid == 0:
+        module, name = target
+        real, calls = getattr(module, name), [0]
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        setattr(module, name, dying)
+        try:
+            FSDP().save_checkpoint(checkpoint, path)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the save ended before its kill point"
+
+
+def test_a_kill_at_any_point_of_a_sharded_save_leaves_the_checkpoint_whole(tmp_path, monkeypatch):
+    import shutil
+
+    from lm_pretrain import checkpoints, files
+
+    if Path("/dev/shm").is_dir() and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        monkeypatch.setenv("TMPDIR", tempfile.mkdtemp(dir="/dev/shm"))  # temporary files on another file system
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    FSDP().save_checkpoint(sharded(tmp_path, 1), path)
+    assert checkpoints.read(path)["global_step"] == 1 and path.is_dir()
+    points = [  # (where, which call): the save is killed there
+        ((torch, "save"), 1),  # torch.distributed.checkpoint has begun the shard file (one torch.save per tensor)
+        ((os, "fsync"), 1),  # the shard file is whole, the shards' index (.metadata) not yet
+        ((os, "fsync"), 2),  # the shards and their index are whole, Lightning's meta.pt not yet
+        ((files, "_exchange"), 1),  # the staged folder is whole, not yet swapped in
+        ((shutil, "rmtree"), 1),  # swapped in; the old copy, now hidden, not yet deleted
+    ]
+    for target, nth in points:
+        kill_during_sharded_save(path, sharded(tmp_path, 2), target, nth)
+        expected = 2 if target == (shutil, "rmtree") else 1
+        read = checkpoints.read(path)  # what --ckpt_path last and every command read
+        assert read["global_step"] == expected, (target, nth)
+        assert torch.equal(read["state_dict"]["model.lm_head.weight"], sharded(tmp_path, expected)["state_dict"]["model.lm_head.weight"])
+        hidden = [p for p in path.parent.iterdir() if p != path]
+        assert len(hidden) == 1 and files.PARTIAL.match(hidden[0].name), hidden  # one orphan, named as such
+        FSDP().save_checkpoint(sharded(tmp_path, 1), path)  # the next save removes it
+        assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+        assert checkpoints.read(path)["global_step"] == 1
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_checkpoint(small_disk, tmp_path):
+    from lm_pretrain import checkpoints
+
+    path = small_disk / "last.ckpt"
+    small = sharded(tmp_path, 1)
+    small["state_dict"] = {k: v for k, v in small["state_dict"].items() if "blocks.0.attn" in k}
+    FSDP().save_checkpoint(small, path)
+    with pytest.raises(UserError, match=rf"no space left to write {path}: it needs ~\d+ MiB, .* are free there; "
+                                        "the previous last.ckpt is kept"):
+        FSDP().save_checkpoint(sharded(tmp_path, 2) | {"big": torch.zeros(2**19)}, path)  # 2 MiB more than the disk
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt"]
+    assert torch.load(path / checkpoints.META_FILE, weights_only=False)["global_step"] == 1
