@@ -214,7 +214,8 @@ class TokenDataModule(L.LightningDataModule):
             if all("bytes" in v for v in val) else None
         model = self.trainer.lightning_module if self.trainer is not None else None
         if model is not None:
-            self.check_compatible(model.hparams.tokenizer, model.config.vocab_size, model.config.block_size)
+            model.adopt_tokenizer(self.sources[0].metadata, self.sources[0].location)
+            self.check_compatible(model.config.vocab_size, model.config.block_size)
         if self.block_size is None:
             if model is None:
                 raise UserError("data.block_size is not set and there is no model to take it from")
@@ -247,20 +248,17 @@ class TokenDataModule(L.LightningDataModule):
         """Mixed datasets are one token stream to the model: the ids must mean the same everywhere."""
         first = self.sources[0]
         for other in self.sources[1:]:
-            for key in ("tokenizer", "vocab_size", "eot_id"):
+            for key in ("tokenizer", "tokenizer_sha256", "vocab_size", "eot_id"):
                 if other.metadata.get(key) != first.metadata.get(key):
                     raise UserError(f"data.mixture: {other.location} has {key} {other.metadata.get(key)!r} but "
                                     f"{first.location} has {first.metadata.get(key)!r}; the datasets of a mixture must "
                                     f"be prepared with the same --tokenizer")
 
-    def check_compatible(self, tokenizer: str, vocab_size: int, block_size: int) -> None:
-        """Refuse shards the model cannot read: another tokenizer, ids beyond its vocabulary, or
-        sequences longer than its context."""
+    def check_compatible(self, vocab_size: int, block_size: int) -> None:
+        """Refuse shards the model cannot read: ids beyond its vocabulary, or sequences longer than
+        its context. (Their tokenizer is the model's: LanguageModel.adopt_tokenizer.)"""
         for source in self.sources:
             meta, where = source.metadata, source.location
-            if meta["tokenizer"] != tokenizer:
-                raise UserError(f"{where} was tokenized with {meta['tokenizer']!r} but the model uses {tokenizer!r}; "
-                                f"prepare the data with --tokenizer {tokenizer} or change model.tokenizer")
             if meta["vocab_size"] > vocab_size:
                 raise UserError(f"{where} has token ids up to {meta['vocab_size'] - 1} but model.vocab_size is "
                                 f"{vocab_size}; set model.vocab_size to at least {meta['vocab_size']}")

@@ -21,7 +21,6 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
 from lm_pretrain.files import check_can_create, write_atomically
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
-from lm_pretrain.tokenizer import get_tokenizer
 
 
 def harness_model(module, batch_size: int = 16):
@@ -37,7 +36,7 @@ def harness_model(module, batch_size: int = 16):
         def __init__(self):
             super().__init__()
             self.module, self.batch_size = module, batch_size
-            self.enc = get_tokenizer(module.hparams.tokenizer)
+            self.enc = module.encoding
             self.block_size = module.config.block_size
 
         @property

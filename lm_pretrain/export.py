@@ -3,8 +3,8 @@
     lm-pretrain-export --ckpt_path PATH --output DIR
 
 GPT-2-style models become `GPT2LMHeadModel`, Llama-style ones `LlamaForCausalLM`: config.json and
-model.safetensors, plus GPT-2's tokenizer files (vocab.json, merges.txt) when the model uses the
-gpt2 tokenizer. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`.
+model.safetensors, plus the tokenizer: GPT-2's files (vocab.json, merges.txt) when the model uses
+the gpt2 tokenizer, a tokenizer.json of the same BPE when it uses a tokenizer of your own. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`.
 `transformers` is needed here (and in the tests), not for training.
 """
 
@@ -87,15 +87,15 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
     return kwargs, hf
 
 
-def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
-    """A transformers model holding the same weights (float32, eval mode)."""
+def to_hf(config: GPTConfig, state: dict, eot_token_id: int = 50256):
+    """A transformers model holding the same weights (float32, eval mode); the tokenizer's
+    end-of-text id is its bos and eos."""
     transformers = require("transformers", "export", "exporting to Hugging Face")
 
     kind = family(config)
     kwargs, hf_state = (gpt2_state if kind == "gpt2" else llama_state)(config, state)
     # Documents were separated by the end-of-text token in training: it starts and ends them here.
-    eot = eot_id(tokenizer)
-    kwargs.update(bos_token_id=eot, eos_token_id=eot)
+    kwargs.update(bos_token_id=eot_token_id, eos_token_id=eot_token_id)
     architectures = kwargs.pop("architectures")
     hf_config = (transformers.GPT2Config if kind == "gpt2" else transformers.LlamaConfig)(**kwargs)
     hf_config.architectures = architectures
@@ -110,6 +110,36 @@ def to_hf(config: GPTConfig, state: dict, tokenizer: str = "gpt2"):
     if config.tie_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def write_own_tokenizer(output: Path, raw: dict) -> None:
+    """A tokenizer file of ours as a Hugging Face fast tokenizer (tokenizer.json and its config):
+    byte-level BPE with the same ranks, split pattern and <|endoftext|>, so AutoTokenizer encodes
+    every text to the same ids as tiktoken does with our file."""
+    transformers = require("transformers", "export", "exporting a tokenizer")
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from lm_pretrain import bpe
+
+    parsed = bpe.parse(raw, "the checkpoint's tokenizer")
+    ranks = {token: i for i, token in enumerate(parsed["ranks"])}
+    char = bpe.bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(char[b] for b in token)
+
+    tokenizer = Tokenizer(models.BPE(vocab={text(t): i for t, i in ranks.items()},
+                                     merges=[(text(a), text(b)) for a, b in bpe.merges(ranks)],
+                                     ignore_merges=True))  # a piece that is a token is that token, as in tiktoken
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(parsed["pattern"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    eot = bpe.EOT_TEXT
+    tokenizer.add_special_tokens([AddedToken(eot, special=True, normalized=False)])  # id len(ranks)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eot, eos_token=eot,
+                                                unk_token=eot, model_max_length=2**30)
+    fast.save_pretrained(output)
 
 
 def write_tokenizer(output: Path) -> None:
@@ -145,7 +175,9 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     for name in ("transformers", "safetensors"):  # before the checkpoint is loaded
         require(name, "export", "lm-pretrain-export")
     module = LanguageModel.from_checkpoint(ckpt_path)
-    model = to_hf(module.config, module.model.state_dict(), module.hparams.tokenizer)
+    tokenizer = module.tokenizer_record
+    own = tokenizer.get("tokenizer_file")
+    model = to_hf(module.config, module.model.state_dict(), module.encoding.eot_token if own else eot_id(tokenizer["tokenizer"]))
     staging = partial_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +185,9 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     try:
         with full_disk_is_one_line(output, needed_bytes=tensor_bytes(model.state_dict())):
             model.save_pretrained(staging, safe_serialization=True)
-            if module.hparams.tokenizer == "gpt2":
+            if own:
+                write_own_tokenizer(staging, own)
+            elif tokenizer["tokenizer"] == "gpt2":
                 try:
                     write_tokenizer(staging)
                 except UserError as err:

@@ -35,7 +35,10 @@ from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, 
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.steps import is_log_step
 from lm_pretrain.strategies import parallelize
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record, is_file_spec
+from lm_pretrain.tokenizer import describe as describe_tokenizer
+from lm_pretrain.tokenizer import record as tokenizer_record
+from lm_pretrain.tokenizer import same as tokenizer_same
 
 
 class MeanLoss(Metric):
@@ -65,7 +68,7 @@ class MeanLoss(Metric):
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
-        tokenizer: str = DEFAULT_TOKENIZER,
+        tokenizer: str | None = None,
         learning_rate: PositiveFloat = 6e-4,
         min_lr_ratio: ClosedUnitInterval = 0.1,
         warmup_steps: NonNegativeInt = 100,
@@ -89,7 +92,9 @@ class LanguageModel(L.LightningModule):
     ):
         """
         Args:
-            tokenizer: tiktoken encoding the data was prepared with; used to decode samples.
+            tokenizer: empty means the training data's (what it was prepared with: a tiktoken name
+                or a tokenizer file of your own, whose copy the data and every checkpoint keep);
+                a name (gpt2) or a tokenizer file here must be the data's, or the run stops.
             learning_rate: peak learning rate, reached after warmup.
             min_lr_ratio: the decay ends at learning_rate * min_lr_ratio.
             warmup_steps: optimizer steps of linear warmup from 0.
@@ -144,6 +149,7 @@ class LanguageModel(L.LightningModule):
         # In every checkpoint, the architecture complete (defaults and derived widths included): a
         # checkpoint alone rebuilds the model.
         self.save_hyperparameters(ignore=list(architecture))
+        self._tokenizer: dict | None = None  # tokenizer_record's, once known
         self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
@@ -152,6 +158,46 @@ class LanguageModel(L.LightningModule):
         self.val_loss = MeanLoss()
         self.nonfinite = NonFiniteGuard(nonfinite_loss, nonfinite_check_every)
         self._loss_fn = next_token_loss
+
+    @property
+    def tokenizer_record(self) -> dict:
+        """The model's tokenizer as datasets and checkpoints record it (tokenizer.record): the
+        training data's once adopted, a checkpoint's once loaded, else model.tokenizer's."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_record(self.hparams.tokenizer or DEFAULT_TOKENIZER)
+        return self._tokenizer
+
+    @property
+    def encoding(self):
+        """The tiktoken encoding that turns text into this model's token ids and back."""
+        return from_record(self.tokenizer_record)
+
+    def adopt_tokenizer(self, data: dict, where: str) -> None:
+        """Take the tokenizer of the training data (`data`: its metadata, from `where`), or stop with
+        one line if model.tokenizer names another."""
+        theirs = {k: data[k] for k in ("tokenizer", "tokenizer_sha256", "tokenizer_file") if data.get(k) is not None}
+        wanted = self.hparams.tokenizer
+        # the same name (a resumed run's model.tokenizer is its checkpoint's: the checkpoint's copy is
+        # then compared with the data's in on_load_checkpoint), or a file of the same content
+        if wanted is None or wanted == theirs["tokenizer"]:
+            pass
+        elif not is_file_spec(wanted) or not tokenizer_same(tokenizer_record(wanted), theirs):
+            mine = tokenizer_record(wanted) if is_file_spec(wanted) else {"tokenizer": wanted}
+            raise UserError(f"{where} was tokenized with {describe_tokenizer(theirs)} but model.tokenizer is "
+                            f"{describe_tokenizer(mine)} (a resumed run's is its checkpoint's); prepare the data with "
+                            f"that tokenizer, or leave model.tokenizer empty to use the data's")
+        self._tokenizer = theirs
+        self.hparams.tokenizer = theirs["tokenizer"]
+
+    def check_tokenizer_of(self, saved: dict, what: str) -> None:
+        """Refuse a checkpoint (resumed from, or init_from) of another tokenizer than the data's."""
+        theirs = saved.get("tokenizer") or {"tokenizer": saved.get("hyper_parameters", {}).get("tokenizer") or DEFAULT_TOKENIZER}
+        if not tokenizer_same(theirs, self.tokenizer_record):
+            raise UserError(f"{what} was trained with tokenizer {describe_tokenizer(theirs)} but the data was prepared "
+                            f"with {describe_tokenizer(self.tokenizer_record)}; token ids would mean other text")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokenizer"] = self.tokenizer_record  # with a tokenizer file of your own, a copy of it
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "LanguageModel":
@@ -162,8 +208,9 @@ class LanguageModel(L.LightningModule):
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
                    if k in accepted or k in GPTConfig.__dataclass_fields__}
         try:
-            module = cls(**{**hparams, "compile": False, "init_from": None})
+            module = cls(**{**hparams, "compile": False, "init_from": None, "tokenizer": None})
             module.load_state_dict(checkpoint["state_dict"])
+            module._tokenizer = checkpoint.get("tokenizer") or {"tokenizer": hparams.get("tokenizer") or DEFAULT_TOKENIZER}
         except (TypeError, RuntimeError) as err:
             raise UserError(f"{path} does not hold this project's model ({' '.join(str(err).split())[:300]})") from None
         return module.to(device).eval()
@@ -193,6 +240,8 @@ class LanguageModel(L.LightningModule):
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
         # with its own, as it should.
         if stage == "fit" and self.hparams.init_from:
+            self.check_tokenizer_of(checkpoints.read_hyperparameters(self.hparams.init_from, "model.init_from: checkpoint",
+                                                                     full=True), f"model.init_from {self.hparams.init_from}")
             self.model.load_state_dict(checkpoints.load_weights(self.hparams.init_from, self.config))
 
     def on_fit_start(self) -> None:
@@ -237,6 +286,7 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
+        self.check_tokenizer_of(checkpoint, "the checkpoint resumed from")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self._loss(batch, reduction="sum"), (batch[1] != IGNORE_INDEX).sum())

@@ -45,7 +45,8 @@ from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_lin
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer, is_file_spec
+from lm_pretrain.tokenizer import record as tokenizer_record
 
 log = logging.getLogger("lm_pretrain.prepare")
 
@@ -263,6 +264,9 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?B", chunk_bytes.strip(), re.IGNORECASE) or not float(
             re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
         raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
+    tokenizer_record(tokenizer)  # a bad --tokenizer fails now, before any reading
+    if is_file_spec(tokenizer):
+        tokenizer = str(Path(tokenizer).resolve())  # the workers read it too
     settings = Settings(val_fraction, tokenizer, workers or os.cpu_count() or 1, seed, chunk_bytes,
                         ReadOptions(text_key, encoding_errors))
     if storage.is_remote(output):
@@ -340,7 +344,7 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
         shutil.rmtree(folder / ".tokens", ignore_errors=True)
     metadata = {
         "format": METADATA_FORMAT,
-        "tokenizer": settings.tokenizer,
+        **{k: v for k, v in tokenizer_record(settings.tokenizer).items() if k != "tokenizer_file"},
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
         "dtype": token_dtype(enc.n_vocab).name,
@@ -353,6 +357,8 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
         "skipped_documents": sum(p.skipped for p in pieces),
         "sources": [source_entry(source, digest, mine)
                     for source, digest, mine in zip(inputs, digests, by_input(pieces, len(inputs)))],
+        # last: a tokenizer of your own, whole (its ranks make it long)
+        **{k: v for k, v in tokenizer_record(settings.tokenizer).items() if k == "tokenizer_file"},
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started
@@ -416,7 +422,8 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
         hf_split: the hub dataset's split.
         text_key: the field (JSON Lines) or column (parquet, datasets) that holds each document's text.
         val_fraction: share of the documents for validation.
-        tokenizer: tiktoken encoding name.
+        tokenizer: a tiktoken encoding name (gpt2, cl100k_base, ...) or a tokenizer file written by
+            lm-pretrain-tokenizer (the dataset keeps a copy of it).
         workers: reading and tokenizing processes; empty means all cores.
         seed: seed of the train/val split and of the order documents are written in (shuffled, so
             that every part of the shards mixes all inputs).

@@ -9,14 +9,12 @@ would be a recompile, and enough of them leave the training graph behind (Dynamo
 
 import torch
 
-from lm_pretrain.tokenizer import get_tokenizer
-
 
 def sample(model, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 200,
            seed: int | None = None, top_p: float | None = None, stop_at_eot: bool = True) -> str:
     """The prompt followed by up to `max_new_tokens` sampled tokens, decoded, for a LanguageModel
     (`model.model` is its GPT); sampling stops at the end-of-text token when stop_at_eot."""
-    enc = get_tokenizer(model.hparams.tokenizer)
+    enc = model.encoding
     ids = enc.encode_ordinary(prompt) or [enc.eot_token]  # an empty prompt starts a new document
     generator = None
     if seed is not None:

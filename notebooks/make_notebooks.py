@@ -50,11 +50,11 @@ import json
 import numpy as np
 
 from lm_pretrain.prepared import load_metadata
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.tokenizer import from_record
 
 data_dir = Path(os.environ.get("LM_PRETRAIN_DATA_DIR") or ROOT / "data" / "shakespeare")
 metadata = load_metadata(data_dir)  # a one-line error if the folder is not a finished dataset
-enc = get_tokenizer(metadata["tokenizer"])
+enc = from_record(metadata)  # GPT-2's, or the copy of a tokenizer of your own that the dataset keeps
 EOT = metadata["eot_id"]
 print(f"dataset: {data_dir}")
 '''),

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "config-reference.md"
 COMMANDS = [
     ("Training: `python train.py fit` (or `lm-pretrain-train fit`)", [str(ROOT / "train.py"), "fit", "--help"]),
+    ("Your own tokenizer: `lm-pretrain-tokenizer`", ["-m", "lm_pretrain.train_tokenizer", "--help"]),
     ("Data preparation: `lm-pretrain-prepare`", ["-m", "lm_pretrain.prepare", "--help"]),
     ("Sampling: `lm-pretrain-generate`", ["-m", "lm_pretrain.generate", "--help"]),
     ("Export: `lm-pretrain-export`", ["-m", "lm_pretrain.export", "--help"]),

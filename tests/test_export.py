@@ -67,7 +67,9 @@ def test_export_marks_the_tokenizers_end_of_text_as_bos_and_eos(tokenizer, eot):
 
     config = GPTConfig(vocab_size=100352, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope",
                        norm="rmsnorm", mlp="swiglu", bias=False)
-    hf = to_hf(config, GPT(config).state_dict(), tokenizer)
+    from lm_pretrain.tokenizer import eot_id
+
+    hf = to_hf(config, GPT(config).state_dict(), eot_id(tokenizer))
     assert hf.config.bos_token_id == hf.config.eos_token_id == eot
 
 

@@ -19,12 +19,12 @@ PACKAGE = ROOT / "lm_pretrain"
 LAYERS = [
     ["errors"],  # the one user error
     ["ranges", "files", "steps", "storage", "extras"],  # foundations
-    ["commands", "assets", "loss", "optim", "config", "readers"],
+    ["commands", "assets", "loss", "optim", "config", "readers", "bpe"],
     ["model", "tokenizer", "prepared"],
     ["hardware", "checkpoints", "sampling", "prepare"],  # what reads or feeds a model
     ["strategies", "callbacks", "debug", "data"],  # training's parts: how the model is laid out, what runs beside it
     ["module"],  # the LightningModule: ties them together
-    ["cli", "generate", "export", "evaluate", "sizes"],  # entry points
+    ["cli", "generate", "export", "evaluate", "sizes", "train_tokenizer"],  # entry points
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

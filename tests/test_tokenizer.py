@@ -9,9 +9,9 @@ from lm_pretrain.tokenizer import get_tokenizer
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    get_tokenizer.cache_clear()
+    tokenizer._named.cache_clear()
     yield
-    get_tokenizer.cache_clear()
+    tokenizer._named.cache_clear()
 
 
 def test_gpt2_ids():
@@ -34,7 +34,7 @@ def test_offline_falls_back_to_local_ranks(monkeypatch):
     # the same ids as the normal path on a longer text, special token included
     text = "To be, or not to be: that is the question.\n  Whether 'tis nobler <|endoftext|>"
     monkeypatch.undo()
-    get_tokenizer.cache_clear()
+    tokenizer._named.cache_clear()
     assert enc.encode_ordinary(text) == get_tokenizer("gpt2").encode_ordinary(text)
 
 
