@@ -56,6 +56,7 @@ def main() -> None:
         datasets = {"GPT-2 (50,257)": (gpt2_data, 50257, None)}
         docstrings = tmp / "stdlib"
         if args.second_corpus:
+            docstrings.mkdir()
             stdlib_docstrings(docstrings)
             run("lm_pretrain.prepare", str(docstrings), "--output", str(tmp / "stdlib-gpt2"), "--val_fraction", "0.5")
         for size in args.vocab_sizes:
