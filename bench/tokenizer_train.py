@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, median, record  # noqa: E402
+from common import median, record  # noqa: E402
 
 from lm_pretrain import assets, bpe  # noqa: E402
 from lm_pretrain.prepare import split_documents  # noqa: E402

@@ -56,6 +56,17 @@ def call(parser: ArgumentParser, function, argv: list[str] | None):
     return function(**args)
 
 
+def call_with_inputs(prog: str, function, argv: list[str] | None):
+    """`call` for a command whose `inputs` may also come first, as positional INPUTs before the
+    flags (lm-pretrain-prepare, lm-pretrain-tokenizer): both lists are joined."""
+    parser = command_parser(prog, function)
+    parser.add_argument("paths", nargs="*", metavar="INPUT", help="the same as --inputs")
+    args = parse(parser, argv).as_dict()
+    paths = args.pop("paths")
+    args.pop("config", None)
+    return function(**{**args, "inputs": [*paths, *(args["inputs"] or [])]})
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to sys.stderr as it is when each message comes (notebooks and tests replace it)."""
 

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from lm_pretrain import assets, ranges, storage
-from lm_pretrain.commands import command_parser, parse, show_progress
+from lm_pretrain.commands import call_with_inputs, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
                                remove_orphans)
@@ -451,13 +451,7 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     show_progress()
-    parser = command_parser("lm-pretrain-prepare", prepare_command)
-    parser.add_argument("paths", nargs="*", metavar="INPUT", help="the same as --inputs")
-    args = parse(parser, argv).as_dict()
-    paths = args.pop("paths")
-    args.pop("config", None)
-    prepare_command(**{**args, "inputs": [*paths, *(args["inputs"] or [])]})
-
+    call_with_inputs("lm-pretrain-prepare", prepare_command, argv)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

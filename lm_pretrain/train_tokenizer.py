@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lm_pretrain import bpe, ranges
-from lm_pretrain.commands import command_parser, parse, show_progress
+from lm_pretrain.commands import call_with_inputs, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
@@ -155,13 +155,7 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     show_progress()
-    parser = command_parser("lm-pretrain-tokenizer", train_tokenizer)
-    parser.add_argument("paths", nargs="*", metavar="INPUT", help="the same as --inputs")
-    args = parse(parser, argv).as_dict()
-    paths = args.pop("paths")
-    args.pop("config", None)
-    train_tokenizer(**{**args, "inputs": [*paths, *(args["inputs"] or [])] or None})
-
+    call_with_inputs("lm-pretrain-tokenizer", train_tokenizer, argv)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
