@@ -43,9 +43,7 @@ def train(texts: Iterable[str], vocab_size: int, trainer: Trainer = "rustbpe",
 
 
 def _train_rustbpe(texts: Iterable[str], vocab_size: int, pattern: str) -> list[bytes]:
-    from lm_pretrain.extras import require
-
-    rustbpe = require("rustbpe", "tokenizer", "lm-pretrain-tokenizer")
+    import rustbpe  # a dependency of the package (pyproject.toml), imported only here
     tokenizer = rustbpe.Tokenizer()
     tokenizer.train_from_iterator(iter(texts), vocab_size, pattern=pattern)
     ranks = sorted(tokenizer.get_mergeable_ranks(), key=lambda pair: pair[1])
@@ -104,7 +102,8 @@ def merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
                 break
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) != 2:
-            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of two lower-ranked tokens")
+            raise UserError(f"tokenizer: token {token!r} (rank {rank}) is not one merge of two tokens of lower "
+                            "ranks, so it has no byte-level BPE merges list")
         out.append((parts[0], parts[1]))
     return out
 

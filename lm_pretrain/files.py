@@ -132,10 +132,11 @@ def full_disk_is_one_line(path: str | Path, needed_bytes: int | None = None):
     except BaseException as err:
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
         free = shutil.disk_usage(folder).free
-        # Some writers lose the OSError (torch.distributed.checkpoint's zip writer reports "unexpected
-        # pos"): a failed write with less space left than it needed is taken for a full disk too.
-        if not _disk_full(err) and not (needed_bytes and free < needed_bytes
-                                          and not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))):
+        # Some writers lose the OSError: torch's zip writer, under torch.distributed.checkpoint, raises a
+        # RuntimeError ("unexpected pos"), which DCP wraps in its CheckpointException. Such an error with
+        # less space left than the file needed is taken for a full disk too.
+        lost = isinstance(err, RuntimeError) or type(err).__name__ == "CheckpointException"
+        if not _disk_full(err) and not (lost and needed_bytes and free < needed_bytes):
             raise
         needed = f"it needs ~{_size(needed_bytes)}, " if needed_bytes else ""
         kept = f"the previous {path.name} is kept" if existed else "nothing was written"

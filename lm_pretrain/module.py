@@ -35,10 +35,16 @@ from lm_pretrain.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, 
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.steps import is_log_step
 from lm_pretrain.strategies import parallelize
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record, is_file_spec
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record, is_file_spec, is_tiktoken_name
 from lm_pretrain.tokenizer import describe as describe_tokenizer
 from lm_pretrain.tokenizer import record as tokenizer_record
 from lm_pretrain.tokenizer import same as tokenizer_same
+
+
+def saved_tokenizer(checkpoint: dict) -> dict:
+    """A checkpoint's tokenizer record (checkpoints before own tokenizers name theirs in the hparams)."""
+    return checkpoint.get("tokenizer") or {
+        "tokenizer": checkpoint.get("hyper_parameters", {}).get("tokenizer") or DEFAULT_TOKENIZER}
 
 
 class MeanLoss(Metric):
@@ -163,9 +169,8 @@ class LanguageModel(L.LightningModule):
     def tokenizer_record(self) -> dict:
         """The model's tokenizer as datasets and checkpoints record it (tokenizer.record): the
         training data's once adopted, a checkpoint's once loaded, else model.tokenizer's."""
-        if self._tokenizer is None:
-            self._tokenizer = tokenizer_record(self.hparams.tokenizer or DEFAULT_TOKENIZER)
-        return self._tokenizer
+        # (not kept: adopt_tokenizer must tell a tokenizer the model was loaded with from this default)
+        return self._tokenizer or tokenizer_record(self.hparams.tokenizer or DEFAULT_TOKENIZER)
 
     @property
     def encoding(self):
@@ -174,24 +179,30 @@ class LanguageModel(L.LightningModule):
 
     def adopt_tokenizer(self, data: dict, where: str) -> None:
         """Take the tokenizer of the training data (`data`: its metadata, from `where`), or stop with
-        one line if model.tokenizer names another."""
+        one line if the model's is another: model.tokenizer's, or a checkpoint's it was loaded from."""
         theirs = {k: data[k] for k in ("tokenizer", "tokenizer_sha256", "tokenizer_file") if data.get(k) is not None}
         wanted = self.hparams.tokenizer
-        # the same name (a resumed run's model.tokenizer is its checkpoint's: the checkpoint's copy is
-        # then compared with the data's in on_load_checkpoint), or a file of the same content
-        if wanted is None or wanted == theirs["tokenizer"]:
-            pass
-        elif not is_file_spec(wanted) or not tokenizer_same(tokenizer_record(wanted), theirs):
-            mine = tokenizer_record(wanted) if is_file_spec(wanted) else {"tokenizer": wanted}
-            raise UserError(f"{where} was tokenized with {describe_tokenizer(theirs)} but model.tokenizer is "
-                            f"{describe_tokenizer(mine)} (a resumed run's is its checkpoint's); prepare the data with "
-                            f"that tokenizer, or leave model.tokenizer empty to use the data's")
+        if self._tokenizer is not None:  # loaded with its weights (from_checkpoint): they are ids of that one
+            mine, ok = self._tokenizer, tokenizer_same(self._tokenizer, theirs)
+        elif wanted is None:
+            mine, ok = theirs, True
+        elif is_file_spec(wanted):
+            mine = tokenizer_record(wanted)
+            ok = tokenizer_same(mine, theirs)
+        else:  # a name: a tiktoken encoding's, or (a resumed run's model.tokenizer is its checkpoint's) an own
+            # tokenizer's, whose copy in the checkpoint on_load_checkpoint compares with the data's by sha256
+            mine = {"tokenizer": wanted}
+            ok = wanted == theirs["tokenizer"] and ("tokenizer_sha256" not in theirs or not is_tiktoken_name(wanted))
+        if not ok:
+            raise UserError(f"{where} was tokenized with {describe_tokenizer(theirs)} but the model's tokenizer is "
+                            f"{describe_tokenizer(mine)} (model.tokenizer, or a resumed run's checkpoint's); prepare the "
+                            f"data with that tokenizer, or leave model.tokenizer empty to use the data's")
         self._tokenizer = theirs
         self.hparams.tokenizer = theirs["tokenizer"]
 
     def check_tokenizer_of(self, saved: dict, what: str) -> None:
         """Refuse a checkpoint (resumed from, or init_from) of another tokenizer than the data's."""
-        theirs = saved.get("tokenizer") or {"tokenizer": saved.get("hyper_parameters", {}).get("tokenizer") or DEFAULT_TOKENIZER}
+        theirs = saved_tokenizer(saved)
         if not tokenizer_same(theirs, self.tokenizer_record):
             raise UserError(f"{what} was trained with tokenizer {describe_tokenizer(theirs)} but the data was prepared "
                             f"with {describe_tokenizer(self.tokenizer_record)}; token ids would mean other text")
@@ -210,7 +221,7 @@ class LanguageModel(L.LightningModule):
         try:
             module = cls(**{**hparams, "compile": False, "init_from": None, "tokenizer": None})
             module.load_state_dict(checkpoint["state_dict"])
-            module._tokenizer = checkpoint.get("tokenizer") or {"tokenizer": hparams.get("tokenizer") or DEFAULT_TOKENIZER}
+            module._tokenizer = saved_tokenizer(checkpoint)
         except (TypeError, RuntimeError) as err:
             raise UserError(f"{path} does not hold this project's model ({' '.join(str(err).split())[:300]})") from None
         return module.to(device).eval()
@@ -286,6 +297,8 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
+        if self._tokenizer is None:  # no data adopted (a datamodule of your own, load_from_checkpoint): the checkpoint's
+            self._tokenizer = saved_tokenizer(checkpoint)
         self.check_tokenizer_of(checkpoint, "the checkpoint resumed from")
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,7 +46,7 @@ from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_lin
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, get_tokenizer, is_file_spec
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer import record as tokenizer_record
 
 log = logging.getLogger("lm_pretrain.prepare")
@@ -71,7 +72,8 @@ class Settings:
     """What a prepare run was asked for, carried whole from `prepare` to every step and worker."""
 
     val_fraction: float = 0.05
-    tokenizer: str = DEFAULT_TOKENIZER
+    tokenizer: dict = dataclasses.field(default_factory=lambda: {"tokenizer": DEFAULT_TOKENIZER})  # tokenizer.record's:
+    # read once, so a tokenizer file changed during the run cannot give the workers another one
     workers: int = 1
     seed: int = 0
     chunk_bytes: str = "64MB"
@@ -92,7 +94,7 @@ class Piece:
 def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
     """Read and tokenize one piece; `job` is (input index, piece, token file, settings)."""
     number, piece, tokens_file, settings = job
-    enc = get_tokenizer(settings.tokenizer)
+    enc = from_record(settings.tokenizer)
     dtype = token_dtype(enc.n_vocab)
     tokens, text_bytes, skipped = [], [], 0
     with open(tokens_file, "wb") as out:
@@ -264,10 +266,9 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?B", chunk_bytes.strip(), re.IGNORECASE) or not float(
             re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
         raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
-    tokenizer_record(tokenizer)  # a bad --tokenizer fails now, before any reading
-    if is_file_spec(tokenizer):
-        tokenizer = str(Path(tokenizer).resolve())  # the workers read it too
-    settings = Settings(val_fraction, tokenizer, workers or os.cpu_count() or 1, seed, chunk_bytes,
+    recorded = tokenizer_record(tokenizer)
+    from_record(recorded)  # a bad --tokenizer fails now, before any reading
+    settings = Settings(val_fraction, recorded, workers or os.cpu_count() or 1, seed, chunk_bytes,
                         ReadOptions(text_key, encoding_errors))
     if storage.is_remote(output):
         store = storage.ObjectStore(str(output), storage_options)
@@ -301,7 +302,7 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
 
 def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
     """Tokenize `inputs` into `folder` (created; train/, val/, metadata.json); returns the metadata."""
-    enc = get_tokenizer(settings.tokenizer)
+    enc = from_record(settings.tokenizer)
     started = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -344,7 +345,7 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
         shutil.rmtree(folder / ".tokens", ignore_errors=True)
     metadata = {
         "format": METADATA_FORMAT,
-        **{k: v for k, v in tokenizer_record(settings.tokenizer).items() if k != "tokenizer_file"},
+        **{k: v for k, v in settings.tokenizer.items() if k != "tokenizer_file"},
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
         "dtype": token_dtype(enc.n_vocab).name,
@@ -358,7 +359,7 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
         "sources": [source_entry(source, digest, mine)
                     for source, digest, mine in zip(inputs, digests, by_input(pieces, len(inputs)))],
         # last: a tokenizer of your own, whole (its ranks make it long)
-        **{k: v for k, v in tokenizer_record(settings.tokenizer).items() if k == "tokenizer_file"},
+        **{k: v for k, v in settings.tokenizer.items() if k == "tokenizer_file"},
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     seconds = time.perf_counter() - started

@@ -27,6 +27,10 @@ HOW_TO_PROVIDE = (
 )
 
 
+def is_tiktoken_name(name: str) -> bool:
+    return name in tiktoken.list_encoding_names()
+
+
 def is_file_spec(name: str) -> bool:
     """Whether a --tokenizer value names a tokenizer file rather than a tiktoken encoding."""
     return name not in tiktoken.list_encoding_names() and (name.endswith(".json") or os.sep in name or Path(name).exists())
@@ -91,8 +95,7 @@ def record(name: str) -> dict:
     tokenizer file): {"tokenizer": its name}, and for a file also "tokenizer_sha256" and a copy of the
     file ("tokenizer_file"), so that nothing later needs the file itself."""
     if not is_file_spec(name):
-        _named(name)  # known and loadable, or a one-line error
-        return {"tokenizer": name}
+        return {"tokenizer": name}  # (loaded, or refused in one line, by from_record: no download just to record it)
     raw = bpe.read_raw(name, "--tokenizer")
     return {"tokenizer": raw["name"], "tokenizer_sha256": bpe.digest(raw), "tokenizer_file": raw}
 

@@ -26,7 +26,7 @@ from lm_pretrain.files import check_can_create
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer
+from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name
 
 log = logging.getLogger("lm_pretrain.train_tokenizer")
 
@@ -78,6 +78,9 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
     if out.exists() and not overwrite:
         raise UserError(f"--output {out} exists; pass --overwrite to replace it")
     check_can_create(out.parent, "--output's folder")
+    if is_tiktoken_name(name or out.name.removesuffix(".json")):
+        raise UserError(f"the name {name or out.name.removesuffix('.json')!r} is a tiktoken encoding's (datasets and "
+                        "checkpoints would confuse the two): give --name, or another --output file name")
     if hf_dataset:
         sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
     else:
@@ -92,7 +95,7 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
             is_val = split_documents(sum(counts), val_fraction, seed)
         except UserError as err:
             raise UserError(f"{err}; or pass --hold_out_val false") from None
-    used, val_sample = {"documents": 0, "chars": 0}, []
+    used, val_sample = {"documents": 0, "chars": 0, "val_chars": 0}, []
 
     def training_texts():
         budget, started, last_report = max_chars, time.perf_counter(), 0.0
@@ -103,8 +106,9 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
                     continue
                 index += 1
                 if is_val is not None and is_val[index - 1]:
-                    if sum(map(len, val_sample)) < VAL_SAMPLE_CHARS:
+                    if used["val_chars"] < VAL_SAMPLE_CHARS:
                         val_sample.append(text)
+                        used["val_chars"] += len(text)
                     continue
                 if taken >= share:
                     break

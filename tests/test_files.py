@@ -100,3 +100,23 @@ def test_a_training_run_on_a_full_disk_ends_in_one_line(small_disk, prepared, tm
     line = one_line_error(done)
     assert "no space left to write" in line and "last.ckpt: it needs ~" in line and "nothing was written" in line, line
     assert not [p for p in small_disk.rglob("*") if "partial" in p.name or p.suffix == ".ckpt"]
+
+
+def test_publish_without_an_atomic_swap_moves_the_old_copy_aside_first(tmp_path, monkeypatch):
+    """Where renameat2's exchange is missing (another system, a network file system): two renames,
+    the old copy out of the way first; what is left after either is whole."""
+    from lm_pretrain import files
+
+    target, staged = tmp_path / "data", tmp_path / ".data.partial-1@host"
+    target.mkdir()
+    (target / "x").write_text("old")
+    staged.mkdir()
+    (staged / "x").write_text("new")
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    files.publish(staged, target)
+    assert (target / "x").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    monkeypatch.undo()
+    staged.mkdir()
+    (staged / "x").write_text("newer")
+    files.publish(staged, target)  # the atomic swap: the old copy ends at the staged name, then goes
+    assert (target / "x").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -112,7 +112,7 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     other = [*train_args(prepared, max_steps=8, val_every=4), "--model.vocab_size", str(VOCAB), "--ckpt_path", str(ckpt),
              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2")]
     line = one_line_error(run_cli(other, cwd=tmp_path))
-    assert "was tokenized with 'gpt2' but model.tokenizer is 'tok'" in line, line
+    assert "was tokenized with 'gpt2' but the model's tokenizer is 'tok'" in line, line
     # another tokenizer of the same name (and size): told apart by its sha256
     other_tok, other_data = tmp_path / "tok.json", tmp_path / "other-data"
     train_tokenizer(str(other_tok), VOCAB - 20, inputs=[str(corpus[0])], val_fraction=0.2)
@@ -178,9 +178,34 @@ def test_model_tokenizer_must_be_the_datas(own):
 
     meta = json.loads((own["data"] / "metadata.json").read_text())
     module = LanguageModel(tokenizer="gpt2", block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=VOCAB)
-    with pytest.raises(UserError, match=r"tokenized with 'tok' \(sha256 [0-9a-f]{12}\) but model.tokenizer is 'gpt2'"):
+    with pytest.raises(UserError, match=r"tokenized with 'tok' \(sha256 [0-9a-f]{12}\) but the model's tokenizer is 'gpt2'"):
         module.adopt_tokenizer(meta, str(own["data"]))
     module = LanguageModel(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=VOCAB)  # empty: the data's
     module.adopt_tokenizer(meta, str(own["data"]))
     assert module.encoding.n_vocab == VOCAB and module.hparams.tokenizer == "tok"
     assert module.encoding.decode(module.encoding.encode_ordinary("alpha 😀")) == "alpha 😀"
+
+
+def test_a_model_loaded_with_one_tokenizer_refuses_data_of_another(own, prepared):
+    """Weights are ids of their tokenizer: a module read from a checkpoint (from_checkpoint, or
+    Lightning's load_from_checkpoint without our data module) keeps the checkpoint's, and data of
+    another one is refused, also when that one's name is a tiktoken name."""
+    from lm_pretrain.errors import UserError
+    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.prepared import load_metadata
+
+    meta = json.loads((own["data"] / "metadata.json").read_text())
+    module = LanguageModel(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=50257)
+    module.on_load_checkpoint({"hyper_parameters": dict(module.hparams), "tokenizer": {
+        k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "tokenizer_file")}})
+    assert module.encoding.n_vocab == VOCAB  # the checkpoint's, with nothing adopted
+    with pytest.raises(UserError, match=r"tokenized with 'gpt2' but the model's tokenizer is 'tok' \(sha256"):
+        module.adopt_tokenizer(load_metadata(prepared), str(prepared))
+    impostor = {**meta, "tokenizer": "gpt2"}  # an own tokenizer that calls itself gpt2
+    with pytest.raises(UserError, match="tokenized with 'gpt2' \\(sha256"):
+        LanguageModel(tokenizer="gpt2", block_size=8, n_layer=1, n_head=1, n_embd=8).adopt_tokenizer(impostor, "x")
+
+
+def test_a_tokenizer_may_not_take_a_tiktoken_name(corpus, tmp_path, capsys):
+    line = cli_error(main, [str(corpus[0]), "--vocab_size", "300", "--output", str(tmp_path / "gpt2.json")], capsys)
+    assert "'gpt2' is a tiktoken encoding's" in line and not (tmp_path / "gpt2.json").exists()
