@@ -197,8 +197,9 @@ class LanguageModel(L.LightningModule):
             raise UserError(f"{where} was tokenized with {describe_tokenizer(theirs)} but the model's tokenizer is "
                             f"{describe_tokenizer(mine)} (model.tokenizer, or a resumed run's checkpoint's); prepare the "
                             f"data with that tokenizer, or leave model.tokenizer empty to use the data's")
+        # (model.tokenizer itself stays as given: loggers have logged it, and MLflow refuses a changed
+        # value when a resumed run logs it again; checkpoints carry the tokenizer used, on_save_checkpoint)
         self._tokenizer = theirs
-        self.hparams.tokenizer = theirs["tokenizer"]
 
     def check_tokenizer_of(self, saved: dict, what: str) -> None:
         """Refuse a checkpoint (resumed from, or init_from) of another tokenizer than the data's."""

@@ -50,7 +50,8 @@ def test_fit_writes_checkpoints(trained_run):
     assert len(list(ckpt_dir.glob("best-step*.ckpt"))) == 1
     state = torch.load(trained_run["ckpt"], map_location="cpu", weights_only=False)
     assert state["global_step"] == 60
-    assert state["hyper_parameters"]["n_embd"] == 32 and state["hyper_parameters"]["tokenizer"] == "gpt2"
+    assert state["hyper_parameters"]["n_embd"] == 32 and state["hyper_parameters"]["tokenizer"] is None  # the data's
+    assert state["tokenizer"] == {"tokenizer": "gpt2"}  # which the checkpoint names
     assert (trained_run["log_dir"] / "config.yaml").is_file()
 
 

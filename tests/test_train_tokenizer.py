@@ -102,7 +102,8 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     assert "=== samples after 4 steps ===" in first.stdout
     (ckpt,) = runs.rglob("last.ckpt")
     saved = torch.load(ckpt, weights_only=False)
-    assert saved["hyper_parameters"]["tokenizer"] == "tok" and saved["tokenizer"]["tokenizer_file"] == own["raw"]
+    assert saved["hyper_parameters"]["tokenizer"] is None  # as given: empty, the data's
+    assert saved["tokenizer"]["tokenizer"] == "tok" and saved["tokenizer"]["tokenizer_file"] == own["raw"]
 
     # resumed on the same data: fine; on data of another tokenizer: one line
     resumed = run_cli([*args[:args.index("--trainer.max_steps") + 1], "6", *args[args.index("--trainer.max_steps") + 2:],
@@ -112,7 +113,7 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     other = [*train_args(prepared, max_steps=8, val_every=4), "--model.vocab_size", str(VOCAB), "--ckpt_path", str(ckpt),
              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2")]
     line = one_line_error(run_cli(other, cwd=tmp_path))
-    assert "was tokenized with 'gpt2' but the model's tokenizer is 'tok'" in line, line
+    assert "has token ids up to 50256 but model.vocab_size is 300" in line, line  # GPT-2's data: caught by its ids first
     # another tokenizer of the same name (and size): told apart by its sha256
     other_tok, other_data = tmp_path / "tok.json", tmp_path / "other-data"
     train_tokenizer(str(other_tok), VOCAB - 20, inputs=[str(corpus[0])], val_fraction=0.2)
@@ -182,7 +183,7 @@ def test_model_tokenizer_must_be_the_datas(own):
         module.adopt_tokenizer(meta, str(own["data"]))
     module = LanguageModel(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=VOCAB)  # empty: the data's
     module.adopt_tokenizer(meta, str(own["data"]))
-    assert module.encoding.n_vocab == VOCAB and module.hparams.tokenizer == "tok"
+    assert module.encoding.n_vocab == VOCAB and module.tokenizer_record["tokenizer"] == "tok"
     assert module.encoding.decode(module.encoding.encode_ordinary("alpha 😀")) == "alpha 😀"
 
 
