@@ -44,15 +44,16 @@ RATIO_TARGET = 0.98  # template train.py / bare loop, same recipe
 SMOKE_BUDGET_S = 60 * 60
 CORPUS_COPIES = 8  # 12.5M tokens: 95 steps of gpt2-124m per epoch
 SMOKE = {  # --cpu-smoke: the GPU presets shrunk to run in seconds on a CPU (still bf16-mixed, as on GPUs)
-    "model": {"n_layer": 2, "n_head": 2, "n_kv_head": None, "n_embd": 64, "mlp_hidden": None, "block_size": 64,
+    "model": {"n_layer": 2, "n_head": 2, "n_kv_head": None, "n_embd": 32, "mlp_hidden": None, "block_size": 32,
               "compile": False},
     "trainer": {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed", "accumulate_grad_batches": 2},
-    "data": {"batch_size": 4, "num_workers": 0},
+    "data": {"batch_size": 2, "num_workers": 0},
 }
 RESUME_MODEL = ["--model.n_layer", "2", "--model.n_head", "4", "--model.n_embd", "128", "--model.block_size", "128",
                 "--model.compile", "false", "--model.dropout", "0.1", "--data.batch_size", "8",
                 "--trainer.accumulate_grad_batches", "2",
                 "--trainer.callbacks.init_args.max_new_tokens", "8"]  # the preset's TextSamples: short samples
+RESUME_SMOKE = ["--model.n_embd", "32", "--model.block_size", "32", "--data.batch_size", "2"]  # after RESUME_MODEL
 
 
 class Acceptance:
@@ -217,7 +218,8 @@ class Acceptance:
                 record_cb = json.dumps({"class_path": "lm_pretrain.debug.RecordBatches",
                                         "init_args": {"path": str(folders[kind] / "rec")}})
                 args = [str(ROOT / "train.py"), "fit", "--config", self.preset("gpt2-124m"), *overlay,
-                        "--data.data_dir", self.data, *RESUME_MODEL, *self.device_args(), "--trainer.devices", "1",
+                        "--data.data_dir", self.data, *RESUME_MODEL,
+                        *(RESUME_SMOKE if self.smoke else []), *self.device_args(), "--trainer.devices", "1",
                         "--trainer.max_steps", "8", "--trainer.val_check_interval", "1000000",
                         "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
                         "--checkpoint.every_n_train_steps", "4", "--trainer.deterministic", "true",

@@ -11,6 +11,7 @@ is written as JSON next to the checkpoint. Tasks are downloaded by the harness f
 hub on first use; a task of your own can read local files (`dataset_path: json`).
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -107,6 +108,15 @@ def harness_model(module, batch_size: int = 16):
     return HarnessModel()
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None):
+    """The harness's index of its ~15k tasks (and of those under include_path). Building it reads
+    every task YAML (~15 s on 2 cores), so a process that evaluates again reuses it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = None, num_fewshot: NonNegativeInt | None = None,
              limit: PositiveInt | None = None, batch_size: PositiveInt = 16, device: str | None = None,
              output: str | None = None) -> dict:
@@ -136,9 +146,8 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include_path {include_path} is not a folder")
     lm_eval = require("lm_eval", "eval", "lm-pretrain-evaluate", "lm-eval")
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; see lm-eval --tasks list, or give your own task "

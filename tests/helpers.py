@@ -5,6 +5,7 @@ the probes that bench/ uses too, RecordBatches and SignalAt, are in lm_pretrain/
 Fixtures live in conftest.py; everything else a test file needs from another lives here.
 """
 
+import atexit
 import json
 import os
 import random
@@ -70,10 +71,28 @@ TINY_MODEL = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_hea
               "--model.learning_rate", "0.01", "--model.warmup_steps", "5"]
 
 
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # tests: helpers.py
+_warm = None
+
+
+def python() -> str:
+    """The interpreter for the commands the tests run: tests/warm.py's client (a new process that
+    finds torch and Lightning imported), or sys.executable with TESTS_WARM=0."""
+    global _warm
+    if os.environ.get("TESTS_WARM", "1") == "0":
+        return sys.executable
+    if _warm is None:
+        from warm import WarmServer
+
+        _warm = WarmServer(["lm_pretrain.cli"], ENV)
+        atexit.register(_warm.close)
+    return _warm.client
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python ARGS` in a fresh interpreter, as a user would from a shell."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # tests: helpers.py
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run `python ARGS` in a new process, as a user would from a shell."""
+    env = {**os.environ, "PYTHONPATH": ENV["PYTHONPATH"]}
+    return subprocess.run([python(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config: str = "tiny") -> list[str]:

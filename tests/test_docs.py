@@ -2,14 +2,13 @@ import re
 import subprocess
 
 import pytest
-import sys
 
-from helpers import ROOT
+from helpers import python, ROOT
 
 
 @pytest.mark.slow
 def test_config_reference_is_up_to_date():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"], cwd=ROOT,
+    done = subprocess.run([python(), str(ROOT / "scripts" / "config_reference.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

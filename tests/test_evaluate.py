@@ -102,8 +102,8 @@ def test_rolling_loglikelihood_scores_every_token_once(checkpoint):
 def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys):
     from lm_pretrain.evaluate import main
 
-    assert "unknown task(s) no_such_task" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "no_such_task"],
-                                                       capsys)
+    assert "unknown task(s) no_such_task" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "no_such_task",
+                                                              "--include_path", str(task_folder)], capsys)
     assert "does not exist" in cli_error(main, ["--ckpt_path", str(tmp_path / "none.ckpt"), "--tasks", "tiny_mc",
                                                 "--include_path", str(task_folder)], capsys)
     assert "--batch_size 0 is out of range" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "x",

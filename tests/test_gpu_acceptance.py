@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import ROOT
+from helpers import python, ROOT
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 @pytest.mark.slow
 def test_gpu_acceptance_steps_pass_on_a_cpu(tmp_path):
     record = tmp_path / "BENCHMARKS.md"
-    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable)}
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", python())}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_acceptance.sh"), "--cpu-smoke", "--record", str(record),
                            "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=480)

@@ -3,13 +3,12 @@
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import callback, cli_error, last_line, ROOT, run_args, run_cli, scalars, tiny_checkpoint
+from helpers import callback, cli_error, last_line, python, ROOT, run_args, run_cli, scalars, tiny_checkpoint
 from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -76,7 +75,7 @@ def torchrun_two_nodes(prepared, folder: Path, *extra: str) -> list[subprocess.C
     process each, meeting on 127.0.0.1."""
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+    nodes = [subprocess.Popen([python(), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                *run_args(prepared, 6, folder / "rec", every=2), "--trainer.accelerator", "cpu",
                                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
@@ -135,7 +134,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     TorchCheckpointIO().save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(1000)}}, path)
     before = path.read_bytes()
-    done = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(path)], capture_output=True, timeout=120)
+    done = subprocess.run([python(), "-c", KILL_MID_SAVE, str(path)], capture_output=True, timeout=120)
     assert done.returncode == -9
     assert path.read_bytes() == before  # the interrupted save never touched it
     assert torch.load(path)["global_step"] == 4

@@ -7,13 +7,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import attach, callback, ROOT, run_args, run_cli
+from helpers import attach, callback, python, ROOT, run_args, run_cli
 from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -25,7 +24,7 @@ def equivalence_run(kind: str, devices: int, batch: int, data: Path, folder: Pat
     """(per-step records, end-of-training records) of tests/sharded_equivalence.py, all ranks."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     record = folder / kind
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_equivalence.py"), kind, str(devices),
+    done = subprocess.run([python(), str(ROOT / "tests" / "sharded_equivalence.py"), kind, str(devices),
                            str(batch), str(data), str(record)], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
