@@ -1,5 +1,6 @@
 """Execute the notebooks headless against the test fixtures and check what they print and draw."""
 
+import json
 import os
 import re
 
@@ -7,15 +8,28 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from helpers import ROOT
+from helpers import python, ROOT
 
 NOTEBOOKS = ("01_data", "02_training_curves", "03_generate", "04_sizing")
 
 
-def execute(name: str) -> tuple[str, list]:
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> str:
+    """A kernel spec as Jupyter's own python3, started by the tests' python (warm: tests/warm.py)."""
+    folder = tmp_path_factory.mktemp("jupyter")
+    spec = folder / "kernels" / "tests-python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [python(), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                                                  "display_name": "Python 3 (tests)", "language": "python"}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", os.pathsep.join([str(folder), os.environ.get("JUPYTER_PATH", "")]))
+        yield "tests-python3"
+
+
+def execute(name: str, kernel: str) -> tuple[str, list]:
     """Run notebooks/NAME.ipynb top to bottom; returns (its stdout, all its outputs)."""
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
     assert not errors, errors
@@ -38,11 +52,11 @@ def test_notebook_saved_clean(name):
 
 
 @pytest.mark.slow
-def test_data_notebook(prepared, monkeypatch):
+def test_data_notebook(prepared, kernel, monkeypatch):
     from lm_pretrain.prepared import load_metadata
 
     monkeypatch.setenv("LM_PRETRAIN_DATA_DIR", str(prepared))
-    text, outputs = execute("01_data")
+    text, outputs = execute("01_data", kernel)
     metadata = load_metadata(prepared)
     assert f"dataset: {prepared}" in text
     for split, counts in metadata["splits"].items():
@@ -59,7 +73,7 @@ def test_data_notebook(prepared, monkeypatch):
 
 
 @pytest.mark.slow
-def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
+def test_training_curves_notebook(trained_run, kernel, tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
     # A second run that logged train loss and a learning rate but stopped before validating.
@@ -69,7 +83,7 @@ def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
             writer.add_scalar("train/loss", 10.0 - step / 10, step)
             writer.add_scalar("lr-AdamW/pg1", 1e-3, step)
     monkeypatch.setenv("LM_PRETRAIN_RUNS", f"{trained_run['log_dir']}{os.pathsep}{partial}")
-    text, outputs = execute("02_training_curves")
+    text, outputs = execute("02_training_curves", kernel)
     assert str(trained_run["log_dir"]) in text and str(partial) in text
     assert "partial/version_0: no val/loss logged" in text
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("tiny/", "partial/"))
@@ -81,9 +95,9 @@ def test_training_curves_notebook(trained_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_generate_notebook(trained_run, monkeypatch):
+def test_generate_notebook(trained_run, kernel, monkeypatch):
     monkeypatch.setenv("LM_PRETRAIN_CKPT", str(trained_run["ckpt"]))
-    text, _ = execute("03_generate")
+    text, _ = execute("03_generate", kernel)
     assert f"checkpoint: {trained_run['ckpt']}" in text
     n = int(re.search(r"^(\d+) settings", text, re.M).group(1))
     headings = re.findall(r"^--- (temperature=\S+ top_k=\S+ top_p=\S+) ---\n(.*)", text, re.M)
@@ -93,8 +107,8 @@ def test_generate_notebook(trained_run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sizing_notebook():
-    text, _ = execute("04_sizing")
+def test_sizing_notebook(kernel):
+    text, _ = execute("04_sizing", kernel)
     presets = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
     assert presets and f"{len(presets)} presets" in text
     for name in presets:
@@ -104,10 +118,10 @@ def test_sizing_notebook():
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(trained_run, monkeypatch):
+def test_quickstart_notebook_runs(trained_run, kernel, monkeypatch):
     monkeypatch.setenv("LM_PRETRAIN_LOG_DIR", str(trained_run["log_dir"]))
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

@@ -37,7 +37,7 @@ from pathlib import Path
 WARM = {"scripts": ["/train.py", "/tests/sharded_equivalence.py", "/bench/gpu_acceptance.py",
                     "/bench/train_throughput.py", "/scripts/config_reference.py"],
         "modules": ["lm_pretrain.generate", "lm_pretrain.export", "lm_pretrain.evaluate", "lm_pretrain.prepare",
-                    "lm_pretrain.train_tokenizer", "torch.distributed.run"]}
+                    "lm_pretrain.train_tokenizer", "torch.distributed.run", "ipykernel_launcher"]}
 
 CLIENT = '''#!{python} -SE
 # python for the tests: runs warm commands in a child of the server at ADDRESS (tests/warm.py)
@@ -170,6 +170,9 @@ def become(request: dict, client: str) -> None:
     tempfile.tempdir = None  # found again from this environment's TMPDIR
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # fresh entropy, as in a new interpreter (random reseeds itself)
+    if request["args"][:2] == ["-m", "ipykernel_launcher"] and "matplotlib" in sys.modules and \
+            not os.environ.get("MPLBACKEND"):  # what ipykernel sets before a cold kernel imports matplotlib
+        sys.modules["matplotlib"].rcParams["backend"] = "module://matplotlib_inline.backend_inline"
     rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
     if rank_zero:  # Lightning reads the process's rank from the environment at import time
         rank_zero.rank_zero_only.rank = rank_zero._get_rank() or 0
