@@ -108,13 +108,21 @@ def harness_model(module, batch_size: int = 16):
     return HarnessModel()
 
 
-@functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None):
-    """The harness's index of its ~15k tasks (and of those under include_path). Building it reads
-    every task YAML (~15 s on 2 cores), so a process that evaluates again reuses it."""
+def task_manager(tasks: list[str], include_path: str | None):
+    """The harness's index of tasks: of those under include_path alone when it holds every task
+    asked for, else of all the harness's ~15k as well (reading them all takes ~15 s on 2 cores)."""
+    if include_path is not None:
+        own = task_index(include_path, include_defaults=False)
+        if all(task in own.all_tasks for task in tasks):
+            return own
+    return task_index(include_path, include_defaults=True)
+
+
+@functools.lru_cache(maxsize=4)  # a process that evaluates again reuses an index
+def task_index(include_path: str | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = None, num_fewshot: NonNegativeInt | None = None,
@@ -147,7 +155,7 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
         raise UserError(f"--include_path {include_path} is not a folder")
     lm_eval = require("lm_eval", "eval", "lm-pretrain-evaluate", "lm-eval")
     from lm_eval.utils import make_table
-    manager = task_manager(include_path)
+    manager = task_manager(tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; see lm-eval --tasks list, or give your own task "
