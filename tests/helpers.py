@@ -79,8 +79,8 @@ def python() -> str:
     """The interpreter for the commands the tests run: tests/warm.py's client (a new process that
     finds torch and Lightning imported), or sys.executable with TESTS_WARM=0."""
     global _warm
-    if os.environ.get("TESTS_WARM", "1") == "0":
-        return sys.executable
+    if os.environ.get("TESTS_WARM", "1") == "0" or len(sys.executable) > 120 or any(c.isspace() for c in sys.executable):
+        return sys.executable  # (the client's first line, #!PYTHON, must be short and unquoted)
     if _warm is None:
         from warm import WarmServer
 
