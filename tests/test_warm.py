@@ -41,6 +41,8 @@ def test_it_ends_as_python_ends(client):
     assert run(client, "print('hi', end='')\nimport atexit; atexit.register(print, ' bye')").stdout == "hi bye\n"
     late = "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('joined'))).start()"
     assert run(client, late).stdout == "joined\n"
+    pool = "import concurrent.futures as f\nf.ThreadPoolExecutor(1).submit(print, 'pooled')"  # never shut down
+    assert run(client, pool).stdout == "pooled\n"
     error = run(client, "raise ValueError('boom')")
     assert error.returncode == 1 and error.stderr.startswith("Traceback") and "ValueError: boom" in error.stderr
     message = run(client, "import sys; sys.exit('stopped')")

@@ -194,9 +194,7 @@ def exit_as_python(run) -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # as the interpreter does first: thread pools' exit hooks, then joins
     atexit._run_exitfuncs()
     sys.stdout.flush(), sys.stderr.flush()
     if interrupted:  # as Python does: die of SIGINT
