@@ -71,8 +71,13 @@ TINY_MODEL = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_hea
               "--model.learning_rate", "0.01", "--model.warmup_steps", "5"]
 
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # tests: helpers.py
 _warm = None
+
+
+def env() -> dict:
+    """The environment of the commands the tests run: this one, with the checkout and tests/
+    (helpers.py's callbacks) on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
 
 def python() -> str:
@@ -84,15 +89,14 @@ def python() -> str:
     if _warm is None:
         from warm import WarmServer
 
-        _warm = WarmServer(["lm_pretrain.cli"], ENV)
+        _warm = WarmServer(["lm_pretrain.cli"], env())
         atexit.register(_warm.close)
     return _warm.client
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python ARGS` in a new process, as a user would from a shell."""
-    env = {**os.environ, "PYTHONPATH": ENV["PYTHONPATH"]}
-    return subprocess.run([python(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([python(), *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config: str = "tiny") -> list[str]:

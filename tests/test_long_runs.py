@@ -1,6 +1,5 @@
 """Long runs: DDP, multi-node, exact resume, preemption, atomic checkpoints, NaN, integrity."""
 
-import os
 import socket
 import subprocess
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import callback, cli_error, last_line, python, ROOT, run_args, run_cli, scalars, tiny_checkpoint
+from helpers import callback, cli_error, env, last_line, python, run_args, run_cli, scalars, tiny_checkpoint
 from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -74,12 +73,11 @@ def torchrun_two_nodes(prepared, folder: Path, *extra: str) -> list[subprocess.C
     """docs/long-runs.md's torchrun command on one machine: two nodes (node ranks 0 and 1) of one CPU
     process each, meeting on 127.0.0.1."""
     port = str(free_port())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     nodes = [subprocess.Popen([python(), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                *run_args(prepared, 6, folder / "rec", every=2), "--trainer.accelerator", "cpu",
                                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
-                              cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=folder, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     return [subprocess.CompletedProcess(node.args, node.returncode, *out) for node, out in zip(nodes, outputs)]

@@ -4,7 +4,6 @@ The GPU path is the same code with nccl instead of gloo: what is proven here hol
 """
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import attach, callback, python, ROOT, run_args, run_cli
+from helpers import attach, callback, env, python, ROOT, run_args, run_cli
 from lm_pretrain.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -22,10 +21,9 @@ CLIP = 0.3  # tests/sharded_equivalence.py
 
 def equivalence_run(kind: str, devices: int, batch: int, data: Path, folder: Path) -> tuple[list, list]:
     """(per-step records, end-of-training records) of tests/sharded_equivalence.py, all ranks."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     record = folder / kind
     done = subprocess.run([python(), str(ROOT / "tests" / "sharded_equivalence.py"), kind, str(devices),
-                           str(batch), str(data), str(record)], cwd=folder, env=env, capture_output=True, text=True,
+                           str(batch), str(data), str(record)], cwd=folder, env=env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for f in sorted(folder.glob(f"{kind}.rank*")) for line in f.read_text().splitlines()]
