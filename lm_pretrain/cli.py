@@ -34,6 +34,12 @@ DEFAULTS_FILE = Path(__file__).resolve().with_name("defaults.yaml")
 
 
 class PretrainCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # fit and validate: the model has no test_step or predict_step, and each subcommand's parser
+        # costs start-up time (every one is built before the command line is read).
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         # This checkpoint callback keeps last.ckpt, the one to resume from, and gets its own flags:
         # --checkpoint.every_n_train_steps 500 (default: at each validation), --checkpoint.dirpath ...
@@ -164,7 +170,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         run(args)  # None: LightningCLI reads sys.argv
     except ArgumentError as err:
-        command = " ".join(["python train.py", *(args if args is not None else sys.argv[1:])[:1]])
+        given = (args if args is not None else sys.argv[1:])[:1]
+        command = " ".join(["python train.py", *[a for a in given if a in PretrainCLI.subcommands()]])
         raise UserError(f"{ranges.describe(str(err))} (see {command} --help)") from None
     except MisconfigurationException as err:  # Lightning refusing a combination of settings
         raise UserError(" ".join(str(err).split())) from None

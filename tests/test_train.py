@@ -89,6 +89,9 @@ def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
     for ckpt in (bad_ckpt, tmp_path / "absent.ckpt"):
         assert str(ckpt) in cli_error(generate, ["--ckpt_path", str(ckpt)], capsys)
 
+    # the model has no test_step or predict_step: those subcommands are not there to fail later
+    line = cli_error(train, ["test", "--config", str(ROOT / "configs" / "tiny.yaml")], capsys)
+    assert "invalid choice: 'test' (choose from 'fit', 'validate')" in line and line.endswith("(see python train.py --help)")
     assert "n_layers" in cli_error(train, [*args, "--model.n_layers", "3"], capsys)
     assert "model.n_layer" in cli_error(train, [*args, "--model.n_layer", "two"], capsys)
     assert "divisible by n_head" in cli_error(train, [*args, "--model.n_head", "3"], capsys)
