@@ -8,7 +8,8 @@ checkout of this repository, default: this one). Variants alternate within each 
 other processes falls on all of them alike; the table gives medians in seconds. Without --variant:
 this interpreter and this tree.
 
-"train.py to first step" is `train.py fit --config configs/tiny.yaml --trainer.max_steps 1`, timed
+"train.py to first step" is `train.py fit --config configs/tiny.yaml --trainer.max_steps 1` on GPT-2's
+tokens (the same first step for every tree: the demo had GPT-2's vocabulary until it got its own), timed
 from the start of the process to the end of the first optimizer step (a callback, FirstStep below,
 reports the time and ends the process there), with the run in a temporary folder and the
 Shakespeare corpus of data/shakespeare (prepared here on first use, ~20 s once).
@@ -66,7 +67,7 @@ def commands(data_dir: Path, run_dir: str) -> dict[str, list[str]]:
         "train.py fit --help": ["train.py", "fit", "--help"],
         "import lightning (for reference)": ["-c", "import lightning"],
         "train.py to first step": ["train.py", "fit", "--config", "configs/tiny.yaml", "--data.data_dir", str(data_dir),
-                                   "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                                   "--model.vocab_size", "50257", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
                                    "--trainer.default_root_dir", run_dir, "--trainer.callbacks+=startup.FirstStep"],
     }
 

@@ -7,7 +7,9 @@
         -- --trainer.max_steps 2000 --trainer.val_check_interval 500   # on a GPU
 
 Every config (a preset, or a preset and overlays joined by "+") trains with train.py on the same
-prepared data (default: the built-in Shakespeare; flags after -- go to every run) and is scored on
+prepared data (default: the built-in Shakespeare with GPT-2's tokenizer; the model takes the data's
+vocabulary; flags after -- go to every run, e.g. `-- --trainer.max_steps 350
+--trainer.val_check_interval 350` for configs/tiny.yaml's steps before it got its own tokenizer) and is scored on
 the same windows: the first 600 non-overlapping 129-token windows, in order, of the val
 split (the run's own validation is set to exactly these, and the last checkpoint is scored again here
 to check). Per config it reports the final val loss, the whole run's wall time (process start to
@@ -167,8 +169,9 @@ def run_config(config: str, data_dir: Path, work: Path, seed: int, extra: list[s
     batch_size = 8
     for path in configs:
         batch_size = (yaml.safe_load(Path(path).read_text()).get("data") or {}).get("batch_size", batch_size)
+    vocab_size = json.loads((data_dir / "metadata.json").read_text())["vocab_size"]  # the data's, whatever the config's
     command = [sys.executable, "train.py", "fit", *[a for path in configs for a in ("--config", path)],
-               "--data.data_dir", str(data_dir),
+               "--data.data_dir", str(data_dir), "--model.vocab_size", str(vocab_size),
                "--trainer.limit_val_batches", str(WINDOWS // batch_size), "--trainer.default_root_dir", str(work),
                "--trainer.callbacks+=time_to_loss.WallClock", "--seed_everything", str(seed), *extra]
     env = {**os.environ, "TIME_TO_LOSS_LOG": str(log),

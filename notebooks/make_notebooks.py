@@ -37,12 +37,13 @@ DATA = [
 # 01 · What is in a prepared dataset?
 
 `lm-pretrain-prepare` turns text into token shards: `DIR/train` and `DIR/val` hold litdata
-chunks of GPT-2 token ids (uint16), each document followed by the end-of-text token (`<|endoftext|>`,
-id 50256), and `DIR/metadata.json` says what went in. This notebook reads all of it back, so you can
+chunks of token ids (uint16; GPT-2's unless `--tokenizer` named another), each document followed by
+the end-of-text token (`<|endoftext|>`), and `DIR/metadata.json` says what went in. This notebook reads all of it back, so you can
 check the data before spending GPU hours on it: counts, document lengths, decoded text, frequent tokens.
 
-Set `LM_PRETRAIN_DATA_DIR` to look at another dataset (default: the demo `data/shakespeare`, made by
-`lm-pretrain-prepare --corpus shakespeare --output data/shakespeare`).
+Set `LM_PRETRAIN_DATA_DIR` to look at another dataset (default: the demo's `data/shakespeare-bpe2k`,
+which its first run makes: Shakespeare with a 2,048-token tokenizer trained on it; `data/shakespeare`
+holds it with GPT-2's).
 '''),
     code(SETUP + '''
 import json
@@ -52,7 +53,7 @@ import numpy as np
 from lm_pretrain.prepared import load_metadata
 from lm_pretrain.tokenizer import from_record
 
-data_dir = Path(os.environ.get("LM_PRETRAIN_DATA_DIR") or ROOT / "data" / "shakespeare")
+data_dir = Path(os.environ.get("LM_PRETRAIN_DATA_DIR") or ROOT / "data" / "shakespeare-bpe2k")
 metadata = load_metadata(data_dir)  # a one-line error if the folder is not a finished dataset
 enc = from_record(metadata)  # GPT-2's, or the copy of a tokenizer of your own that the dataset keeps
 EOT = metadata["eot_id"]
@@ -166,8 +167,9 @@ for i, doc in enumerate(docs["train"][:2]):
 '''),
     md('''
 ## The most frequent tokens
-Counts over the training split (the end-of-text separator left out). With GPT-2's tokenizer a leading
-space is part of the token, so `' the'` and `'the'` are different ids; newlines and punctuation are
+Counts over the training split (the end-of-text separator left out). With GPT-2's tokenizer, as with
+one of your own (GPT-4's split pattern), a leading space is part of the token, so `' the'` and `'the'` are
+different ids; newlines and punctuation are
 near the top for most English text.
 '''),
     code('''
@@ -235,7 +237,8 @@ if not runs:
 Train loss is logged every `log_every_n_steps` optimizer steps (one batch each, so it is noisy);
 validation loss at each validation, over `limit_val_batches` batches of held-out documents. A val
 curve that turns upward while train loss keeps falling means overfitting (rare in pre-training, where
-the data is seen about once). Both are cross-entropy in nats per token: ln(50257) ≈ 10.8 is chance.
+the data is seen about once). Both are cross-entropy in nats per token: ln(vocabulary) is chance (10.8 for GPT-2's 50,257 tokens, 7.6
+for the demo's 2,048), so compare runs of different tokenizers in bits per byte (`val/bpb`).
 '''),
     code('''
 def curve(label: str, tag: str):

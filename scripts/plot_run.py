@@ -7,6 +7,7 @@ from a real run of `bash scripts/demo.sh`.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +45,9 @@ def main() -> None:
     batch, block = (config.get("data") or {}).get("batch_size"), (config.get("model") or {}).get("block_size")
     ax.set_xlabel(f"optimizer step ({batch} x {block} tokens each)" if batch and block else "optimizer step")
     ax.set_ylabel("cross-entropy (nats per token)")
-    ax.set_title("bash scripts/demo.sh: the tiny model on Shakespeare, 2-core CPU")
+    vocab = (config.get("model") or {}).get("vocab_size")
+    ax.set_title("bash scripts/demo.sh: the tiny model on Shakespeare, 2-core CPU"
+                 + (f"\n({vocab:,}-token vocabulary: chance is ln {vocab} = {math.log(vocab):.2f})" if vocab else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

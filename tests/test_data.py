@@ -59,6 +59,28 @@ def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
     assert (tmp_path / "data" / "shakespeare" / "metadata.json").is_file()
 
 
+def test_own_tokenizer_folder_is_made_on_first_use(tmp_path, monkeypatch, corpus):
+    """data/shakespeare-bpe2k (the demo's): a BPE trained on the corpus's train split, then the
+    corpus prepared with it; the model takes that tokenizer, which never saw a val document."""
+    from lm_pretrain import assets, bpe
+    from lm_pretrain.prepare import CORPORA
+
+    monkeypatch.chdir(tmp_path)
+    texts = lambda: sorted(corpus[0].glob("*.txt"))  # noqa: E731
+    monkeypatch.setattr(assets, "shakespeare_texts", texts)
+    monkeypatch.setitem(CORPORA, "shakespeare", texts)
+    dm = attach(TokenDataModule("data/shakespeare-bpe2k"), vocab_size=2048)
+    dm.prepare_data()
+    dm.setup("fit")
+    tokenizer = tmp_path / "data" / "tokenizers" / "shakespeare-bpe2k.json"
+    meta = dm.sources[0].metadata
+    assert meta["tokenizer"] == "shakespeare-bpe2k" and meta["tokenizer_sha256"] == bpe.digest(bpe.read_raw(tokenizer))
+    assert dm.trainer.lightning_module.tokenizer_record["tokenizer_sha256"] == meta["tokenizer_sha256"]
+    trained_on = bpe.read(tokenizer)["trained_on"]
+    assert trained_on["held_out_val"] is not None and trained_on["documents"] == meta["splits"]["train"]["documents"]
+    assert meta["splits"]["val"]["documents"] > 0
+
+
 def test_bad_arguments():
     with pytest.raises(UserError, match="batch_size"):
         TokenDataModule(batch_size=0)

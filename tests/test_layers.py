@@ -22,9 +22,10 @@ LAYERS = [
     ["commands", "assets", "loss", "optim", "config", "readers", "bpe"],
     ["model", "tokenizer", "prepared"],
     ["hardware", "checkpoints", "sampling", "prepare"],  # what reads or feeds a model
+    ["train_tokenizer"],  # a tokenizer trained on what prepare reads
     ["strategies", "callbacks", "debug", "data"],  # training's parts: how the model is laid out, what runs beside it
     ["module"],  # the LightningModule: ties them together
-    ["cli", "generate", "export", "evaluate", "sizes", "train_tokenizer"],  # entry points
+    ["cli", "generate", "export", "evaluate", "sizes"],  # entry points
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -138,7 +138,7 @@ def test_example_overlay_parses_over_tiny(capsys):
         run(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config",
              str(ROOT / "configs" / "overlays" / "mixture.yaml"), "--print_config"])
     printed = capsys.readouterr().out
-    assert "data_dir: data/shakespeare" in printed and "data_dir: data/other" in printed
+    assert "data_dir: data/shakespeare-bpe2k" in printed and "data_dir: data/other" in printed
 
 
 @pytest.mark.slow

@@ -129,7 +129,8 @@ def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
     from lm_pretrain.prepare import main as prepare_main
 
     return {
-        "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared)]),
+        "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared),
+                           "--model.vocab_size", "50257"]),
         "prepare": (prepare_main, [str(corpus[0]), "--output", str(tmp_path / "out")]),
         "generate": (generate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt")]),
         "evaluate": (evaluate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt"), "--tasks", "x"]),
