@@ -25,7 +25,7 @@ from lm_pretrain import checkpoints, ranges
 from lm_pretrain.errors import UserError
 from lm_pretrain.hardware import peak_flops
 from lm_pretrain.config import model_size
-from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt
+from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Seed
 from lm_pretrain.sampling import sample
 from lm_pretrain.steps import due, ends_optimizer_step, every_or_log_steps, is_log_step
 
@@ -66,9 +66,9 @@ class TextSamples(L.Callback):
 
     def __init__(self, prompts: list[str] = ("",), max_new_tokens: NonNegativeInt = 100,
                  temperature: NonNegativeFloat = 0.8, top_k: PositiveInt | None = 200, every_n_steps: NonNegativeInt = 0,
-                 seed: int = 1234):
+                 seed: Seed = 1234):
         ranges.check(TextSamples.__init__, {"max_new_tokens": max_new_tokens, "temperature": temperature,
-                                            "top_k": top_k, "every_n_steps": every_n_steps}, "trainer.callbacks")
+                                            "top_k": top_k, "every_n_steps": every_n_steps, "seed": seed}, "trainer.callbacks")
         self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
         self.temperature, self.top_k, self.every_n_steps, self.seed = temperature, top_k, every_n_steps, seed
         self._last_logged_step = -1  # with gradient accumulation several batches share a step

@@ -7,6 +7,7 @@ and `init_from` read either kind on one process: a folder's shards are put toget
 
 import dataclasses
 import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -183,6 +184,39 @@ def resolve_last(config) -> None:
         config.ckpt_path = str(found[-1])
         logger.init_args[run_argument] = run_id(found[-1].parent.parent)
         log.info("resuming from %s", found[-1])
+
+
+CLAIMED_VERSION = "LM_PRETRAIN_RUN_VERSION"  # the version folder the launching process claimed, for its children
+
+
+def claim_run_folder(config) -> None:
+    """Give a new TensorBoard or CSV run its version_N folder atomically: created exclusively, the
+    next number taken on a clash. Lightning lists the folders and creates the next one later, in two
+    steps, so two runs started at once could both take version_N and one's checkpoints replace the
+    other's. The first process claims; the processes Lightning's launcher starts for the other
+    devices inherit its number through the environment (they log nothing themselves)."""
+    logger = config.trainer.get("logger")
+    if not hasattr(logger, "class_path") or RUN_LAYOUTS.get(str(logger.class_path).rsplit(".", 1)[-1]) is not _versioned:
+        return
+    args = logger.init_args
+    if args.get("version") is not None or "://" in str(args.get("save_dir") or ""):
+        return  # the user chose the run (or resolve_last did); a remote file system is left to Lightning
+    if any(os.environ.get(var, "0") != "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
+        if os.environ.get(CLAIMED_VERSION, "").isdigit():
+            args["version"] = int(os.environ[CLAIMED_VERSION])
+        return
+    root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            break
+        except FileExistsError:  # another run took it a moment ago
+            version += 1
+    args["version"] = version
+    os.environ[CLAIMED_VERSION] = str(version)
 
 
 # ---------------------------------------------------------------------------------------------

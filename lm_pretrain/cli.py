@@ -23,7 +23,7 @@ from lm_pretrain.commands import show_progress
 from lm_pretrain.data import TokenDataModule
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
-from lm_pretrain.files import check_can_create
+from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.module import LanguageModel
 
 
@@ -85,6 +85,7 @@ class PretrainCLI(LightningCLI):
             ckpt = config.get("ckpt_path")
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
                 checkpoints.check_resumable(ckpt, config.model.as_dict())
+            checkpoints.claim_run_folder(config)  # last: a refused config leaves no empty run folder
 
 
 def allow_mlflow_file_store(config) -> None:
@@ -121,6 +122,13 @@ def use_root_dir_for_runs(config) -> None:
         check_can_create(logger.init_args.save_dir, "--trainer.logger.init_args.save_dir")
     if config.get("checkpoint.dirpath"):
         check_can_create(config.checkpoint.dirpath, "--checkpoint.dirpath")
+        # Checkpoints are never written into what the run reads (last.ckpt over the init_from file,
+        # into the dataset). A resumed run's own checkpoint is not listed: replacing it is resuming.
+        mixture = config.get("data.mixture") or []
+        refuse_output_over_inputs(config.checkpoint.dirpath, {
+            "--data.data_dir": [config.get("data.data_dir"), *(m.get("data_dir") for m in mixture if isinstance(m, dict))],
+            "--model.init_from": config.get("model.init_from"), "--model.tokenizer": config.get("model.tokenizer")},
+            "--checkpoint.dirpath")
 
 
 def quiet_lightning() -> None:

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt
+from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt, VocabSize
 from lm_pretrain.ranges import check as check_ranges
 from lm_pretrain.ranges import plain
 
@@ -43,7 +43,7 @@ class GPTConfig:
             uses 30); empty means no cap.
     """
 
-    vocab_size: PositiveInt = 50257
+    vocab_size: VocabSize = 50257
     block_size: PositiveInt = 1024
     n_layer: PositiveInt = 12
     n_head: PositiveInt = 12

@@ -25,7 +25,7 @@ from lm_pretrain.errors import UserError
 from lm_pretrain.loss import IGNORE_INDEX
 from lm_pretrain.prepare import prepare
 from lm_pretrain.prepared import load_metadata, verify_shards
-from lm_pretrain.ranges import NonNegativeInt, PositiveInt
+from lm_pretrain.ranges import NonNegativeInt, PositiveInt, Seed
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 from lm_pretrain.train_tokenizer import train_tokenizer
 
@@ -155,7 +155,7 @@ class TokenDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 8,
         block_size: PositiveInt | None = None,
         num_workers: NonNegativeInt = 0,
-        seed: int = 42,
+        seed: Seed = 42,
         verify: Literal["sha256", "size", "none"] = "sha256",
         mixture: list[dict] | None = None,
         storage_options: dict | None = None,
@@ -196,7 +196,7 @@ class TokenDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["block_size"])
         self.hparams.update(ranges.plain(dict(self.hparams)))
         ranges.check(TokenDataModule.__init__, {"batch_size": batch_size, "block_size": block_size,
-                                                "num_workers": num_workers, "verify": verify}, "data")
+                                                "num_workers": num_workers, "verify": verify, "seed": seed}, "data")
         if mixture is not None and data_dir is not None:
             raise UserError("give data.data_dir or data.mixture, not both")
         if mixture is None and data_dir is None:
@@ -254,17 +254,32 @@ class TokenDataModule(L.LightningDataModule):
             # (and its drop_last) only applies to training, where every process gets as many.
             return StreamingDataset(source.split(split), item_loader=TokensLoader(block_size=self.block_size + 1),
                                     shuffle=shuffle, seed=self.seed, drop_last=True if shuffle else None,
-                                    storage_options=self.storage_options, cache_dir=self.cache_dir)
+                                    storage_options=storage.litdata_options(self.storage_options),
+                                    cache_dir=self.cache_dir)
 
         # Validation goes through every val split, the same windows in the same order each time.
         self.val_dataset = EvenSplit([dataset(s, "val", shuffle=False) for s in self.sources], self.batch_size,
                                      self.block_size + 1)
+        train = [dataset(s, "train", shuffle=True) for s in self.sources]
+        if stage == "fit":
+            self.check_one_batch(train)
         if len(self.sources) == 1:
-            self.train_dataset = dataset(self.sources[0], "train", shuffle=True)
+            self.train_dataset = train[0]
         else:  # each training sequence's dataset is drawn by weight; the epoch ends when one runs out
-            self.train_dataset = WeightedMixture([dataset(s, "train", shuffle=True) for s in self.sources],
-                                                 weights=[s.weight for s in self.sources], seed=self.seed,
+            self.train_dataset = WeightedMixture(train, weights=[s.weight for s in self.sources], seed=self.seed,
                                                  iterate_over_all=False)
+
+    def check_one_batch(self, train: list) -> None:
+        """A train split too small for one batch per process would end `fit` after 0 steps, exit 0 and
+        no checkpoint (the loader drops the incomplete batch): refused instead, naming the numbers."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        for source, data in zip(self.sources, train):
+            windows = windows_in(data)
+            if windows // processes < self.batch_size:
+                raise UserError(f"{source.split('train')} holds {windows} windows of block_size + 1 = "
+                                f"{self.block_size + 1} tokens, fewer than one batch of data.batch_size "
+                                f"{self.batch_size} for each of {processes} process(es): no training step could "
+                                f"be taken; use more text, or a smaller data.batch_size or block_size")
 
     def check_same_tokenizer(self) -> None:
         """Mixed datasets are one token stream to the model: the ids must mean the same everywhere."""

@@ -20,7 +20,7 @@ from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
-from lm_pretrain.files import check_can_create, write_atomically
+from lm_pretrain.files import check_can_create, refuse_output_over_inputs, write_atomically
 from lm_pretrain.ranges import NonNegativeInt, PositiveInt
 
 
@@ -140,16 +140,17 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
         device: cpu or cuda; empty means cuda when there is a GPU.
         output: the JSON file to write; empty means NAME-eval.json beside the checkpoint.
     """
-    import torch
-
+    from lm_pretrain.hardware import pick_device  # here, not above: --help stays quick without torch
     from lm_pretrain.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
     ranges.check(evaluate, {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}, "")
     tasks = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in item.split(",") if t.strip()]
     if not tasks:
         raise UserError("give at least one task: --tasks hellaswag,arc_easy")
+    device = pick_device(device)  # before minutes of indexing tasks
     ckpt = Path(ckpt_path)
     output = Path(output) if output else ckpt.with_name(f"{ckpt.name.removesuffix('.ckpt')}-eval.json")
+    refuse_output_over_inputs(output, {"--ckpt_path": ckpt_path, "--include_path": include_path})
     check_can_create(output.parent, "--output")
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include_path {include_path} is not a folder")
@@ -160,7 +161,7 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; see lm-eval --tasks list, or give your own task "
                         f"YAML with --include_path")
-    module = LanguageModel.from_checkpoint(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = LanguageModel.from_checkpoint(ckpt_path, device)
     results = lm_eval.simple_evaluate(model=harness_model(module, batch_size), tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, task_manager=manager, log_samples=False)
     print(make_table(results))

@@ -18,7 +18,7 @@ from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.extras import require
 from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
-                               remove_orphans)
+                               refuse_output_over_inputs, remove_orphans)
 from lm_pretrain.config import GPTConfig
 from lm_pretrain.tokenizer import eot_id
 
@@ -168,6 +168,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     from lm_pretrain.checkpoints import tensor_bytes  # here, not above: --help stays quick without Lightning
     from lm_pretrain.module import LanguageModel
 
+    refuse_output_over_inputs(output, {"--ckpt_path": ckpt_path})
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; pass --overwrite to replace it")

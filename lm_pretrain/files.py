@@ -79,6 +79,25 @@ def check_can_create(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path}: cannot be created, {existing} is not writable")
 
 
+def refuse_output_over_inputs(output: str | Path, inputs: dict[str, object], what: str = "--output") -> None:
+    """UserError, before any work, when `output` is, contains or lies inside one of `inputs` (a
+    {setting: path or paths} of what the command reads: corpus files and folders, tokenizer file,
+    checkpoint, dataset), symlinks followed on both sides. --overwrite replaces an earlier output; it
+    never makes a command delete or write into what it reads. Remote (s3://) paths are not compared."""
+    out = Path(output).resolve()
+    for setting, paths in inputs.items():
+        for given in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if given is None or str(given).startswith("s3://") or not Path(given).exists():
+                continue
+            read = Path(given).resolve()
+            relation = ("is" if out == read else "contains" if out in read.parents
+                        else "lies inside" if read in out.parents else None)
+            if relation:
+                theirs = "" if str(given) == str(read) else f" ({read})"
+                raise UserError(f"{what} {output} {relation} {given}{theirs}, one of its inputs ({setting}): a command "
+                                f"never writes over what it reads, with or without --overwrite; choose another {what}")
+
+
 PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:@(?P<host>.+))?$")  # .NAME.partial-PID@HOST
 _IN_FLIGHT: set[Path] = set()  # this process's partial files and folders, being written now
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from lm_pretrain import ranges
 from lm_pretrain.commands import call, command_parser
 from lm_pretrain.errors import exit_on_user_error
-from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
+from lm_pretrain.ranges import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability, Seed
 
 
 def load_model(ckpt: str | Path, device: str = "cpu"):
@@ -19,7 +19,7 @@ def load_model(ckpt: str | Path, device: str = "cpu"):
 
 def generate(ckpt_path: str, prompt: str = "", max_new_tokens: NonNegativeInt = 200, temperature: NonNegativeFloat = 0.8,
              top_k: NonNegativeInt = 200, top_p: Probability | None = None, stop_at_eot: bool = True,
-             num_samples: PositiveInt = 1, seed: int | None = None, device: str | None = None) -> list[str]:
+             num_samples: PositiveInt = 1, seed: Seed | None = None, device: str | None = None) -> list[str]:
     """Sample text from a checkpoint, continuing a prompt.
 
     Args:
@@ -36,11 +36,10 @@ def generate(ckpt_path: str, prompt: str = "", max_new_tokens: NonNegativeInt = 
         device: cpu or cuda; empty means cuda when there is a GPU.
     """
     ranges.check(generate, dict(locals()), "")
-    import torch  # here, not above: --help stays quick without torch
-
+    from lm_pretrain.hardware import pick_device  # here, not above: --help stays quick without torch
     from lm_pretrain.sampling import sample
 
-    model = load_model(ckpt_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(ckpt_path, pick_device(device))
     texts = []
     for i in range(num_samples):
         text = sample(model, prompt, max_new_tokens, temperature, top_k or None, None if seed is None else seed + i,

@@ -10,6 +10,7 @@ import math
 import torch
 
 from lm_pretrain.config import GPTConfig, model_size
+from lm_pretrain.errors import UserError
 
 # name fragment (as torch.cuda.get_device_name reports it) -> {precision: dense peak FLOP/s}. The
 # first fragment found in the name wins: PCIe and NVL cards come before the SXM parts ("NVIDIA H100
@@ -89,3 +90,20 @@ def days_to_train(config: GPTConfig, tokens: float, device_name: str, gpus: int 
     if not peak:
         return math.inf
     return tokens * model_size(config)["flops_per_token"] / (peak * mfu * gpus) / 86400
+
+
+def pick_device(device: str | None) -> str:
+    """The device a command runs on: `device` if this machine has it (UserError naming the ones it
+    has, if not); empty means cuda when there is a GPU, else cpu."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    present = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    present += ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else []
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name; this machine has {', '.join(present)}") from None
+    if wanted.type == "cpu" or (wanted.type == "cuda" and (wanted.index or 0) < torch.cuda.device_count()) or \
+            (wanted.type == "mps" and "mps" in present):
+        return device
+    raise UserError(f"--device {device}: this machine has no such device; it has {', '.join(present)}")

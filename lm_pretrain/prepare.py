@@ -42,9 +42,9 @@ from lm_pretrain import assets, ranges, storage
 from lm_pretrain.commands import call_with_inputs, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
-                               remove_orphans)
+                               refuse_output_over_inputs, remove_orphans)
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
-from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
+from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer import record as tokenizer_record
@@ -89,6 +89,7 @@ class Piece:
     tokens: np.ndarray  # tokens of each non-empty document, end-of-text included, in the order read
     text_bytes: np.ndarray  # UTF-8 bytes of each non-empty document's text
     skipped: int  # empty or undecodable documents
+    surrogates: int = 0  # lone surrogates (JSON escapes UTF-8 cannot hold) replaced by U+FFFD
 
 
 def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
@@ -96,9 +97,9 @@ def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
     number, piece, tokens_file, settings = job
     enc = from_record(settings.tokenizer)
     dtype = token_dtype(enc.n_vocab)
-    tokens, text_bytes, skipped = [], [], 0
+    tokens, text_bytes, skipped, counts = [], [], 0, {}
     with open(tokens_file, "wb") as out:
-        for batch in text_batches(read_documents(piece, settings.reading)):
+        for batch in text_batches(read_documents(piece, settings.reading, counts)):
             # Parsed a batch at a time, then tokenized: interleaving the two per document evicts the
             # tokenizer's tables from the CPU cache (3 % slower).
             skipped += batch.count(None)
@@ -111,7 +112,8 @@ def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
                 out.write(document.data)
                 tokens.append(len(document))
                 text_bytes.append(len(text) if text.isascii() else len(text.encode("utf-8")))  # isascii is O(1)
-    return Piece(number, tokens_file, np.array(tokens, dtype=np.int64), np.array(text_bytes, dtype=np.int64), skipped)
+    return Piece(number, tokens_file, np.array(tokens, dtype=np.int64), np.array(text_bytes, dtype=np.int64), skipped,
+                 counts.get("surrogates", 0))
 
 
 def text_batches(texts, batch_chars: int = 4 << 20):
@@ -129,16 +131,17 @@ def text_batches(texts, batch_chars: int = 4 << 20):
 
 def copy_as_jsonl(job: tuple[Input, Path, ReadOptions]) -> int:
     """Write the documents of an input into a plain JSON Lines file ({text_key: text} per line), which
-    can be cut into pieces; `job` is (input, path, reading options). Returns the documents skipped."""
+    can be cut into pieces; `job` is (input, path, reading options). Returns the documents skipped
+    and the lone surrogates replaced."""
     source, path, reading = job
-    skipped = 0
+    skipped, counts = 0, {}
     with open(path, "wb") as out:
-        for text in read_documents(source, reading):
+        for text in read_documents(source, reading, counts):
             if text is None:
                 skipped += 1
             else:
                 out.write(json.dumps({reading.text_key: text}, ensure_ascii=False).encode() + b"\n")
-    return skipped
+    return skipped, counts.get("surrogates", 0)
 
 
 def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[list[Piece], list[str | None]]:
@@ -148,7 +151,7 @@ def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
-    readable, skipped, workers = list(inputs), [0] * len(inputs), settings.workers
+    readable, skipped, repaired, workers = list(inputs), [0] * len(inputs), [0] * len(inputs), settings.workers
     with multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else nullcontext() as pool:
         # An input that cannot be cut (compressed, parquet, datasets, hub) is one piece, tokenized by
         # one worker. When that would leave workers idle, such inputs are first copied into plain
@@ -157,8 +160,8 @@ def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[
         if uncut and sum(len(source.pieces(PIECE_BYTES)) for source in inputs) < workers:
             copies = [(inputs[number], folder / f"copy-{number:06d}.jsonl", settings.reading) for number in uncut]
             counts = pool.map(copy_as_jsonl, copies, chunksize=1) if pool else [copy_as_jsonl(c) for c in copies]
-            for number, (_, copy, _), count in zip(uncut, copies, counts):
-                readable[number], skipped[number] = Input(copy), count
+            for number, (_, copy, _), (count, surrogates) in zip(uncut, copies, counts):
+                readable[number], skipped[number], repaired[number] = Input(copy), count, surrogates
         pieces = [(number, piece) for number, source in enumerate(readable) for piece in source.pieces(PIECE_BYTES)]
         jobs = [(number, piece, str(folder / f"{i:06d}.tokens"), settings) for i, (number, piece) in enumerate(pieces)]
         if pool:
@@ -167,8 +170,9 @@ def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[
             read, digests = reading.get(), digesting.get()
         else:
             read, digests = [read_piece(job) for job in jobs], [_sha256(f) for f in files]
-    for source, mine, copy_skipped in zip(inputs, by_input(read, len(inputs)), skipped):
+    for source, mine, copy_skipped, copy_repaired in zip(inputs, by_input(read, len(inputs)), skipped, repaired):
         mine[0].skipped += copy_skipped  # those left out of its plain copy
+        mine[0].surrogates += copy_repaired
         if sum(p.skipped for p in mine):
             log.warning("%s: skipped %d empty or undecodable document(s)", source, sum(p.skipped for p in mine))
     return read, digests
@@ -255,14 +259,14 @@ class WriteDocuments:
 
 
 def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
-            tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0, overwrite: bool = False,
+            tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: Seed = 0, overwrite: bool = False,
             encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None,
             text_key: str = DEFAULT_TEXT_KEY) -> dict:
     """Tokenize `inputs` (readers.Input, or paths of files) into the prepared dataset `output` (a
     folder, or an s3://bucket/prefix, for which `storage_options` are boto3 client arguments);
     returns its metadata."""
     inputs = [source if isinstance(source, Input) else Input(Path(source)) for source in inputs]
-    ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers, "encoding_errors": encoding_errors}, "")
+    ranges.check(prepare, {"val_fraction": val_fraction, "workers": workers, "seed": seed, "encoding_errors": encoding_errors}, "")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?B", chunk_bytes.strip(), re.IGNORECASE) or not float(
             re.match(r"[\d.]+", chunk_bytes.strip()).group()) > 0:
         raise UserError(f"--chunk_bytes {chunk_bytes!r} is not a size: give one like 64MB, 512KB or 1GB")
@@ -280,6 +284,7 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
             upload_dataset(Path(scratch) / "data", store)
         log.info("uploaded to %s", store.url)
         return metadata
+    refuse_output_over_inputs(output, {"INPUT": [source.path for source in inputs], "--tokenizer": tokenizer})
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; pass --overwrite to replace it")
@@ -356,6 +361,7 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
         "splits": splits,
         "shards": {split: shard_checksums(folder / split) for split in SPLITS},
         "skipped_documents": sum(p.skipped for p in pieces),
+        "replaced_surrogates": sum(p.surrogates for p in pieces),
         "sources": [source_entry(source, digest, mine)
                     for source, digest, mine in zip(inputs, digests, by_input(pieces, len(inputs)))],
         # last: a tokenizer of your own, whole (its ranks make it long)
@@ -367,6 +373,9 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
     log.info("prepared %d documents, %d tokens (train %d, val %d) in %.1f s (%.2fM tok/s): read and tokenized "
              "in %.1f s, shards written in %.1f s", n_docs, total, splits["train"]["tokens"], splits["val"]["tokens"],
              seconds, total / seconds / 1e6, read_seconds, seconds - read_seconds)
+    if metadata["replaced_surrogates"]:
+        log.warning("replaced %d lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair, which no UTF-8 text "
+                    "holds) with U+FFFD", metadata["replaced_surrogates"])
     return metadata
 
 
@@ -406,7 +415,7 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
 def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus | None = None,
                     hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                     text_key: str = DEFAULT_TEXT_KEY, val_fraction: OpenUnitInterval = 0.05,
-                    tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: int = 0,
+                    tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: Seed = 0,
                     overwrite: bool = False, encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB",
                     storage_options: dict | None = None) -> dict:
     """Tokenize text into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).
@@ -444,6 +453,8 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
         sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
     else:
         sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
+        if not storage.is_remote(output):  # the folders named, not only the files found in them
+            refuse_output_over_inputs(output, {"INPUT": inputs or []})
     return prepare(sources, output, val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
                    overwrite=overwrite, encoding_errors=encoding_errors, chunk_bytes=chunk_bytes,
                    storage_options=storage_options, text_key=text_key)

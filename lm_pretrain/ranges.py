@@ -25,7 +25,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt,
 from lm_pretrain.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "check", "check_config", "choices", "describe", "plain", "restrictions"]
+           "PositiveInt", "Probability", "Seed", "VocabSize", "check", "check_config", "choices", "describe", "plain", "restrictions"]
 
 # Unbounded above, but finite: jsonargparse's PositiveFloat takes inf (and a learning rate of inf
 # trains a run of NaNs); nan fails every comparison, so every range here refuses it.
@@ -36,10 +36,17 @@ Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [
 OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])  # (0, 1]: top_p
 AtLeastMinusOne = restricted_number_type("AtLeastMinusOne", int, (">=", -1))  # -1 means "no limit" in Lightning
+# Seeds: the range NumPy's legacy seeding and Lightning's seed_everything take, [0, 2**32).
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
+# Token ids: 8x the largest vocabularies in use (Gemma's 262,144); a larger one is a typo, and would
+# otherwise fail deep inside the tokenizer trainer or the model's memory.
+MAX_VOCAB = 1 << 21
+VocabSize = restricted_number_type("VocabSize", int, [(">", 0), ("<=", MAX_VOCAB)])
 
 # Lightning's settings that the presets use (train.py flag -> type), checked before the Trainer is
 # made: Lightning itself accepts some of these values silently, or fails later with a traceback.
 TRAINER_RANGES = {
+    "seed_everything": Seed | bool,
     "trainer.max_steps": AtLeastMinusOne,
     "trainer.accumulate_grad_batches": PositiveInt,
     "trainer.log_every_n_steps": NonNegativeInt,
@@ -81,6 +88,8 @@ def _in_range(annotation, value) -> bool:
         return any(_in_range(a, value) for a in args)
     if annotation is type(None):
         return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
     if typing.get_origin(annotation) is tuple:
         return isinstance(value, (tuple, list)) and len(value) == len(args) and all(map(_in_range, args, value))
     if restrictions(annotation) is None:

@@ -2,7 +2,8 @@
 
     .txt                        the whole file is one document
     .jsonl, .jsonl.gz,          one JSON object per line; its text field ("text", or --text_key) is a
-    .jsonl.zst                  document, other fields are ignored; blank lines skipped, CRLF fine
+    .jsonl.zst, .jsonl.bz2,     document, other fields are ignored; blank lines skipped, CRLF fine;
+    .jsonl.xz                   a compressed file must end with its format's end marker (not cut short)
     .parquet                    one document per row, in the text column ("text", or --text_key)
     a folder written by Hugging Face `datasets`' save_to_disk: one document per row, likewise
     --hf_dataset NAME           a dataset of the Hugging Face hub (or a local one load_dataset reads),
@@ -17,12 +18,15 @@ Every problem is a UserError naming the file (and line, row or byte).
 A new format is one reader function here and one entry in READERS.
 """
 
+import bz2
 import dataclasses
 import glob
 import gzip
 import io
 import json
+import lzma
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +36,7 @@ from lm_pretrain.extras import require
 
 log = logging.getLogger("lm_pretrain.readers")
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # halves of UTF-16 pairs: no UTF-8 text holds them alone
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
 DEFAULT_TEXT_KEY = "text"
 # What to do with bytes that are not UTF-8: fail naming the file and byte, write U+FFFD for them, or
@@ -102,16 +107,17 @@ def _present(text: str | None) -> str | None:
 # The readers: each yields the text of each document, or None
 
 
-def read_txt(source: Input, options: ReadOptions):
+def read_txt(source: Input, options: ReadOptions, counts: dict):
     data = source.path.read_bytes().removeprefix(BOM)
     if b"\x00" in data:
         raise UserError(f"{source}: binary file (NUL bytes); expected UTF-8 text")
     yield _present(decode(data, str(source), options.errors))
 
 
-def _json_lines(lines, where_prefix: str, options: ReadOptions, start: int = 0, end: int | None = None):
+def _json_lines(lines, where_prefix: str, options: ReadOptions, counts: dict, start: int = 0, end: int | None = None):
     """Texts of JSON Lines from an iterable of byte lines beginning at byte `start`, up to the last
-    line that begins before byte `end`."""
+    line that begins before byte `end`. A lone surrogate (an escape like \\ud800 that JSON allows and
+    UTF-8 cannot hold) becomes U+FFFD, counted in counts["surrogates"]."""
     offset = start
     for line_number, line in enumerate(lines, start=1):
         here, offset = offset, offset + len(line)
@@ -135,31 +141,80 @@ def _json_lines(lines, where_prefix: str, options: ReadOptions, start: int = 0, 
         if not isinstance(record, dict) or not isinstance(record.get(options.text_key), str):
             raise UserError(f'{where}: each line must be a JSON object with a string "{options.text_key}" field '
                             f'(--text_key chooses the field)')
-        yield _present(record[options.text_key])
+        text = record[options.text_key]
+        if b"\\u" in line and _SURROGATE.search(text):  # only a JSON \\u escape can make one
+            text, replaced = _SURROGATE.subn("\ufffd", text)
+            counts["surrogates"] = counts.get("surrogates", 0) + replaced
+        yield _present(text)
 
 
-def read_jsonl(source: Input, options: ReadOptions):
+def read_jsonl(source: Input, options: ReadOptions, counts: dict):
     with open(source.path, "rb") as f:
         start = source.start
         if start:  # the line that began before `start` belongs to the piece before
             f.seek(start - 1)
             f.readline()
             start = f.tell()
-        yield from _json_lines(f, str(source), options, start, source.end)
+        yield from _json_lines(f, str(source), options, counts, start, source.end)
 
 
 def _open_compressed(source: Input):
+    """The decompressed bytes of a compressed file, as a file that raises EOFError if the compressed
+    data stops before its end marker (a download or copy cut short): gzip, bz2 and xz do so
+    themselves; zstandard's own reader would end quietly, so its frames are checked here."""
     if source.format == ".jsonl.gz":
         return gzip.open(source.path, "rb")
-    import zstandard
+    if source.format == ".jsonl.bz2":
+        return bz2.open(source.path, "rb")
+    if source.format == ".jsonl.xz":
+        return lzma.open(source.path, "rb")
+    return io.BufferedReader(_ZstdFrames(source.path), buffer_size=1 << 20)
 
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), closefd=True))
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's decompressed bytes, every frame read to its end (several frames follow on, as
+    `cat a.zst b.zst` makes); EOFError when the file stops inside a frame."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self.file, self.decompressor = open(path, "rb"), zstandard.ZstdDecompressor()
+        self.frame, self.in_frame = self.decompressor.decompressobj(), False
+        self.pending, self.at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.pending):
+            compressed = self.file.read(1 << 20)
+            if not compressed:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            out = []
+            while compressed:
+                out.append(self.frame.decompress(compressed))
+                self.in_frame = not self.frame.eof
+                if self.in_frame:
+                    break
+                compressed = self.frame.unused_data  # the next frame, if any, begins here
+                self.frame = self.decompressor.decompressobj()
+            self.pending, self.at = b"".join(out), 0
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = self.pending[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
-def read_compressed_jsonl(source: Input, options: ReadOptions):
+def read_compressed_jsonl(source: Input, options: ReadOptions, counts: dict):
     try:
         with _open_compressed(source) as f:
-            yield from _json_lines(f, str(source), options)
+            yield from _json_lines(f, str(source), options, counts)
     except UserError:
         raise
     except Exception as err:  # gzip.BadGzipFile, zstd.ZstdError, EOFError: not an archive, or a truncated one
@@ -180,7 +235,7 @@ def _rows(table_batches, source: Input, text_key: str):
             yield _present(text)
 
 
-def read_parquet(source: Input, options: ReadOptions):
+def read_parquet(source: Input, options: ReadOptions, counts: dict):
     pq = require("pyarrow.parquet", "data", "reading .parquet files", "pyarrow")
 
     try:
@@ -193,7 +248,22 @@ def read_parquet(source: Input, options: ReadOptions):
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def read_hf_folder(source: Input, options: ReadOptions):
+ARROW_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # Arrow IPC's end-of-stream marker
+ARROW_FILE_END = b"ARROW1"  # the magic an Arrow IPC file (not stream) ends with
+
+
+def check_arrow_ends(file: Path) -> None:
+    """UserError unless an Arrow file written by `datasets` ends as a finished one does. pyarrow
+    reads a stream cut between two record batches as a shorter, valid one: the rows after the cut
+    would be lost without a word."""
+    with open(file, "rb") as f:
+        f.seek(max(0, file.stat().st_size - 8))
+        tail = f.read()
+    if not (tail.endswith(ARROW_STREAM_END) or tail.endswith(ARROW_FILE_END)):
+        raise UserError(f"{file}: truncated Arrow file (no end-of-stream marker); copy or save the dataset again")
+
+
+def read_hf_folder(source: Input, options: ReadOptions, counts: dict):
     datasets = require("datasets", "data", "reading a Hugging Face dataset folder")
 
     try:
@@ -204,10 +274,12 @@ def read_hf_folder(source: Input, options: ReadOptions):
     if isinstance(dataset, datasets.DatasetDict):
         raise UserError(f"{source} holds several splits ({', '.join(dataset)}); give the folder of one, "
                         f"e.g. {source.path / next(iter(dataset))}")
+    for file in sorted(source.path.glob("*.arrow")):
+        check_arrow_ends(file)
     yield from _rows(dataset.data.to_batches(max_chunksize=1024), source, options.text_key)
 
 
-def read_hf_hub(source: Input, options: ReadOptions):
+def read_hf_hub(source: Input, options: ReadOptions, counts: dict):
     datasets = require("datasets", "data", "--hf_dataset")
 
     text_key = options.text_key
@@ -230,16 +302,18 @@ def read_hf_hub(source: Input, options: ReadOptions):
 
 
 READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".jsonl.gz": read_compressed_jsonl,
-           ".jsonl.zst": read_compressed_jsonl, ".parquet": read_parquet, "hf-folder": read_hf_folder,
+           ".jsonl.zst": read_compressed_jsonl, ".jsonl.bz2": read_compressed_jsonl, ".jsonl.xz": read_compressed_jsonl,
+           ".parquet": read_parquet, "hf-folder": read_hf_folder,
            "hub": read_hf_hub}
 FILE_SUFFIXES = tuple(s for s in READERS if s.startswith("."))
 SUFFIXES = ", ".join(FILE_SUFFIXES)
 
 
-def read_documents(source: Input, options: ReadOptions = ReadOptions()):
-    """Yield the text (or None) of each document of `source`."""
+def read_documents(source: Input, options: ReadOptions = ReadOptions(), counts: dict | None = None):
+    """Yield the text (or None) of each document of `source`; `counts` gathers what was repaired on
+    the way ({"surrogates": n})."""
     try:
-        yield from READERS[source.format](source, options)
+        yield from READERS[source.format](source, options, {} if counts is None else counts)
     except OSError as err:
         raise UserError(f"{source}: cannot read ({err.strerror or err})") from None
 

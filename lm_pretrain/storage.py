@@ -10,7 +10,8 @@ seconds instead of disappearing into litdata's patient retries.
 Where the store is and who you are come from boto3's usual sources: the AWS_* environment variables
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION,
 AWS_PROFILE), ~/.aws, or an instance role. `storage_options` are boto3 client arguments on top of
-those, e.g. {"endpoint_url": "http://127.0.0.1:9000"} for MinIO or another S3-compatible store.
+those, e.g. {"endpoint_url": "http://127.0.0.1:9000"} for MinIO or another S3-compatible store, and
+our client's connect_timeout, read_timeout (seconds) and max_attempts (see TIMEOUTS).
 """
 
 import contextlib
@@ -20,10 +21,25 @@ from pathlib import Path
 from lm_pretrain.errors import UserError
 
 SCHEME = "s3://"
-# Our own requests fail fast: a handful of attempts, seconds to connect. (litdata's own client,
-# which streams the shards, keeps its long retries: a blip mid-run should not end a training run.)
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S, MAX_ATTEMPTS = 5, 60, 3
+# Our own requests fail fast: against an endpoint that never answers, at most max_attempts x
+# (connect_timeout + read_timeout) plus botocore's backoff between attempts: 3 x 7 + 3 = 24 s.
+# storage_options connect_timeout, read_timeout and max_attempts change them (e.g. a slow store
+# behind a proxy). litdata's own client, which streams the shards while training, keeps its long
+# retries: a blip mid-run should not end a training run.
+TIMEOUTS = {"connect_timeout": 2, "read_timeout": 5, "max_attempts": 3}
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+
+
+def worst_case_seconds(storage_options: dict | None = None) -> float:
+    """How long one of our requests can take against an endpoint that never answers."""
+    t = {**TIMEOUTS, **{k: v for k, v in (storage_options or {}).items() if k in TIMEOUTS}}
+    backoff = sum(min(2 ** i, 20) for i in range(t["max_attempts"] - 1))  # botocore's standard retries: <= 1 s, 2 s, ...
+    return t["max_attempts"] * (t["connect_timeout"] + t["read_timeout"]) + backoff
+
+
+def litdata_options(storage_options: dict | None) -> dict | None:
+    """`storage_options` less our own client's settings (TIMEOUTS), for litdata's client."""
+    return None if storage_options is None else {k: v for k, v in storage_options.items() if k not in TIMEOUTS}
 
 
 def is_remote(location) -> bool:
@@ -36,13 +52,20 @@ def make_client(storage_options: dict | None):
     import botocore.config
 
     options = dict(storage_options or {})
+    timeouts = {key: options.pop(key, default) for key, default in TIMEOUTS.items()}
+    for key, value in timeouts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600 or \
+                (key == "max_attempts" and not isinstance(value, int)):
+            raise UserError(f"storage_options: {key} {value!r} must be a number > 0 and < 3600"
+                            f"{' (a whole number)' if key == 'max_attempts' else ' (seconds)'}")
     allowed = set(inspect.signature(boto3.session.Session.client).parameters) - {"self", "service_name"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"storage_options: unknown option(s) {', '.join(unknown)}; expected boto3 client arguments "
-                        f"such as endpoint_url, region_name, aws_access_key_id, aws_secret_access_key")
-    config = botocore.config.Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+                        f"such as endpoint_url, region_name, aws_access_key_id, aws_secret_access_key, or our "
+                        f"{', '.join(TIMEOUTS)}")
+    config = botocore.config.Config(connect_timeout=timeouts["connect_timeout"], read_timeout=timeouts["read_timeout"],
+                                    retries={"total_max_attempts": timeouts["max_attempts"], "mode": "standard"})
     theirs = options.pop("config", None)
     if theirs is not None and not isinstance(theirs, botocore.config.Config):
         raise UserError("storage_options: config must be a botocore.config.Config, made in Python; YAML and flags "
@@ -65,6 +88,7 @@ class ObjectStore:
             raise UserError(f"{url}: no bucket name; expected s3://BUCKET/PREFIX")
         self.url, self.bucket, self.prefix = str(url).rstrip("/"), bucket, prefix.strip("/")
         self.client = make_client(storage_options)
+        self.worst_case_s = worst_case_seconds(storage_options)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -120,8 +144,11 @@ class ObjectStore:
             raise UserError(f"{where}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             f"(or AWS_PROFILE)") from None
         except (ConnectionError, HTTPClientError) as err:
+            waited = f", gave up after {self.client.meta.config.retries['total_max_attempts']} attempts" if "Timeout" in \
+                type(err).__name__ else ""
             raise UserError(f"{where}: endpoint {self.client.meta.endpoint_url} is unreachable "
-                            f"({type(err).__name__}); check AWS_ENDPOINT_URL or storage_options endpoint_url") from None
+                            f"({type(err).__name__}{waited}); check AWS_ENDPOINT_URL or storage_options endpoint_url "
+                            f"(and connect_timeout, read_timeout, max_attempts for a slow store)") from None
         except ClientError as err:
             code = _code(err)
             if code == "NoSuchBucket":

@@ -22,9 +22,9 @@ from pathlib import Path
 from lm_pretrain import bpe, ranges
 from lm_pretrain.commands import call_with_inputs, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
-from lm_pretrain.files import check_can_create
+from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
-from lm_pretrain.ranges import OpenUnitInterval, PositiveInt
+from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed, VocabSize
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
 from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name
 
@@ -33,10 +33,10 @@ log = logging.getLogger("lm_pretrain.train_tokenizer")
 VAL_SAMPLE_CHARS = 5_000_000  # held-out text kept to report the new tokenizer's compression on
 
 
-def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | None = None, corpus: Corpus | None = None,
+def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None = None, corpus: Corpus | None = None,
                     hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                     text_key: str = DEFAULT_TEXT_KEY, max_chars: PositiveInt = 2_000_000_000,
-                    hold_out_val: bool = True, val_fraction: OpenUnitInterval = 0.05, seed: int = 0,
+                    hold_out_val: bool = True, val_fraction: OpenUnitInterval = 0.05, seed: Seed = 0,
                     trainer: bpe.Trainer = "rustbpe", name: str | None = None,
                     encoding_errors: EncodingErrors = "strict", overwrite: bool = False) -> dict:
     """Train a byte-level BPE tokenizer on a corpus and write it to one file.
@@ -65,7 +65,7 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
         encoding_errors: non-UTF-8 bytes: strict fails, replace writes U+FFFD, skip drops the document.
         overwrite: replace OUTPUT if it exists.
     """
-    ranges.check(train_tokenizer, {"vocab_size": vocab_size, "max_chars": max_chars, "val_fraction": val_fraction,
+    ranges.check(train_tokenizer, {"vocab_size": vocab_size, "max_chars": max_chars, "val_fraction": val_fraction, "seed": seed,
                                    "corpus": corpus, "trainer": trainer, "encoding_errors": encoding_errors}, "")
     if vocab_size < 258:
         raise UserError(f"--vocab_size {vocab_size} is too small: the 256 single bytes and <|endoftext|> come first, "
@@ -75,16 +75,17 @@ def train_tokenizer(output: str, vocab_size: PositiveInt, inputs: list[str] | No
     out = Path(output)
     if out.is_dir():
         raise UserError(f"--output {out} is a folder; give the tokenizer file's path, e.g. {out / 'tokenizer.json'}")
+    if hf_dataset:
+        sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
+    else:
+        sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
+    refuse_output_over_inputs(out, {"INPUT": [*(inputs or []), *(s.path for s in sources)]})
     if out.exists() and not overwrite:
         raise UserError(f"--output {out} exists; pass --overwrite to replace it")
     check_can_create(out.parent, "--output's folder")
     if is_tiktoken_name(name or out.name.removesuffix(".json")):
         raise UserError(f"the name {name or out.name.removesuffix('.json')!r} is a tiktoken encoding's (datasets and "
                         "checkpoints would confuse the two): give --name, or another --output file name")
-    if hf_dataset:
-        sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
-    else:
-        sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
     options = ReadOptions(text_key=text_key, errors=encoding_errors)
 
     is_val, offsets = None, None

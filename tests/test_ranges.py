@@ -26,7 +26,7 @@ from lm_pretrain.errors import UserError
 from lm_pretrain.module import LanguageModel
 from lm_pretrain.prepare import CORPORA, Corpus, prepare, prepare_command
 
-UNRESTRICTED = {"seed"}  # any integer is a seed
+UNRESTRICTED = set()  # seeds too: [0, 2**32), what NumPy and Lightning take
 
 
 def parameters(function, skip=("self", "architecture")) -> dict:
