@@ -131,11 +131,15 @@ class Preemption(L.Callback):
         ranges.check(Preemption.__init__, {"check_every_n_steps": check_every_n_steps}, "trainer.callbacks")
         self.check_every_n_steps = check_every_n_steps
         self.requested: int | None = None  # the signal received
+        self.saved: str | None = None  # "PATH at step N", once saved on a signal
         self._previous_handlers: dict = {}
 
     def _request(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            previous = self._previous_handlers.get(signum)
+            if callable(previous):
+                previous(signum, frame)  # the entry point's (lm_pretrain.errors): it raises KeyboardInterrupt
+            raise KeyboardInterrupt
         self.requested = signum
 
     def on_fit_start(self, trainer, module) -> None:
@@ -184,7 +188,9 @@ class Preemption(L.Callback):
         for callback in trainer.checkpoint_callbacks:
             callback.save_last = False
         name = signal.Signals(self.requested).name if self.requested else "another process's signal"
-        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; continue with --ckpt_path last")
+        self.saved = f"saved {path} at step {trainer.global_step}; continue with --ckpt_path last"
+        if self.requested != signal.SIGINT:  # Ctrl-C: the command's last line says it (exit status 130)
+            rank_zero_info(f"{name}: {self.saved}")
 
 
 class Throughput(L.Callback):

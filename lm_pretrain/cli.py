@@ -6,6 +6,7 @@ is a flag (`--model.n_layer 6`) and a YAML key (see configs/); `python train.py 
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from lm_pretrain import checkpoints, ranges
 from lm_pretrain.callbacks import Preemption, ProgressBar, Throughput
 from lm_pretrain.commands import show_progress
 from lm_pretrain.data import TokenDataModule
-from lm_pretrain.errors import UserError, exit_on_user_error
+from lm_pretrain.errors import Interrupted, UserError, exit_on_user_error
 from lm_pretrain.extras import require
 from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.module import LanguageModel
@@ -176,10 +177,13 @@ def run(args: list[str] | None = None) -> PretrainCLI:
 @exit_on_user_error
 def main(args: list[str] | None = None) -> None:
     try:
-        run(args)  # None: LightningCLI reads sys.argv
+        cli = run(args)  # None: LightningCLI reads sys.argv
     except ArgumentError as err:
         given = (args if args is not None else sys.argv[1:])[:1]
         command = " ".join(["python train.py", *[a for a in given if a in PretrainCLI.subcommands()]])
         raise UserError(f"{ranges.describe(str(err))} (see {command} --help)") from None
     except MisconfigurationException as err:  # Lightning refusing a combination of settings
         raise UserError(" ".join(str(err).split())) from None
+    stopped = next((c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, Preemption)), None)
+    if stopped is not None and stopped.requested == signal.SIGINT:  # Ctrl-C: stopped between steps, saved
+        raise Interrupted(stopped.saved or "nothing new was saved (the run's earlier checkpoints are kept)")

@@ -22,13 +22,17 @@ strict`); `replace` swaps bad bytes for U+FFFD, `skip` drops the documents that 
 Files with NUL bytes are taken to be binary and refused. Empty documents are skipped and counted.
 """
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 import dataclasses
@@ -46,7 +50,7 @@ from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_lin
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, from_record
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, encode_document, from_record
 from lm_pretrain.tokenizer import record as tokenizer_record
 
 log = logging.getLogger("lm_pretrain.prepare")
@@ -104,9 +108,9 @@ def read_piece(job: tuple[int, Input, str, Settings]) -> Piece:
             # tokenizer's tables from the CPU cache (3 % slower).
             skipped += batch.count(None)
             for text in filter(None, batch):
-                # Straight into a NumPy array (a third faster than a list of ints). With no special
-                # tokens disallowed nor allowed this is encode_ordinary: "<|endoftext|>" in text is text.
-                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+                # Straight into a NumPy array (a third faster than a list of ints), a long document
+                # in segments; "<|endoftext|>" in text is text.
+                ids = encode_document(enc, text)
                 document = np.empty(len(ids) + 1, dtype=dtype)
                 document[:-1], document[-1] = ids, enc.eot_token
                 out.write(document.data)
@@ -147,12 +151,11 @@ def copy_as_jsonl(job: tuple[Input, Path, ReadOptions]) -> int:
 def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[list[Piece], list[str | None]]:
     """Read and tokenize every input, `settings.workers` pieces at a time, into token files in `folder`;
     returns the pieces in input order and each input's sha256 (None for folders and hub datasets)."""
-    import multiprocessing
-
     folder.mkdir(parents=True, exist_ok=True)
     files = [source.path if source.path is not None and source.path.is_file() else None for source in inputs]
     readable, skipped, repaired, workers = list(inputs), [0] * len(inputs), [0] * len(inputs), settings.workers
-    with multiprocessing.get_context(START_METHOD).Pool(workers) if workers > 1 else nullcontext() as pool:
+    with multiprocessing.get_context(START_METHOD).Pool(workers, initializer=leave_ctrl_c_to_the_main_process) \
+            if workers > 1 else nullcontext() as pool:
         # An input that cannot be cut (compressed, parquet, datasets, hub) is one piece, tokenized by
         # one worker. When that would leave workers idle, such inputs are first copied into plain
         # JSON Lines (one worker each), which is cut into pieces like any other.
@@ -176,6 +179,102 @@ def read_inputs(inputs: list[Input], folder: Path, settings: Settings) -> tuple[
         if sum(p.skipped for p in mine):
             log.warning("%s: skipped %d empty or undecodable document(s)", source, sum(p.skipped for p in mine))
     return read, digests
+
+
+def leave_ctrl_c_to_the_main_process() -> None:
+    """In a worker: ignore SIGINT, which Ctrl-C sends to every process of the group. The main process
+    stops the workers and removes the partial output (each worker would print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def ctrl_c_in_optimize():
+    """Ctrl-C while litdata's `optimize` writes shards: a KeyboardInterrupt in this process, the
+    workers stopped, so that the partial output is removed on the way out.
+
+    `optimize` installs a SIGINT handler of its own that ends the process with exit status 0 and no
+    clean-up (os._exit), leaving a partial folder behind: it is kept from doing so while it runs (its
+    module's reference to `signal`; tests/test_prepare.py fails if litdata changes this). The handler
+    in force instead raises KeyboardInterrupt in this process; litdata's workers and their helper
+    processes, forked from it, inherit it and there pass the signal on to their own children and end
+    at once, quietly (a Ctrl-C reaches them all anyway; a SIGINT sent to this process alone reaches
+    them through it).
+    """
+    from litdata.processing import data_processor
+
+    main_pid, previous = os.getpid(), signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame) -> None:
+        if os.getpid() == main_pid:
+            if callable(previous):
+                previous(signum, frame)  # the entry point's handler (lm_pretrain.errors) raises
+            raise KeyboardInterrupt
+        stop(multiprocessing.active_children())  # in a worker: its own helper processes first
+        os._exit(130)
+
+    def stop(processes) -> None:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    class KeepOurSigint:  # the `signal` module, less SIGINT handlers set by litdata
+        def __getattr__(self, name):
+            return getattr(signal, name)
+
+        @staticmethod
+        def signal(signum, handler):
+            return signal.getsignal(signum) if signum == signal.SIGINT else signal.signal(signum, handler)
+
+    theirs = getattr(data_processor, "signal", None)
+    if threading.current_thread() is not threading.main_thread() or theirs is not signal:
+        yield  # signals are the main thread's; or litdata changed how it installs its handler
+        return
+    data_processor.signal = KeepOurSigint()
+    signal.signal(signal.SIGINT, on_sigint)
+    others = set(multiprocessing.active_children())
+    _children_die_with_parent(True)
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop(list(set(multiprocessing.active_children()) - others))  # litdata's workers
+        raise
+    finally:
+        _children_die_with_parent(False)
+        data_processor.signal = theirs
+        signal.signal(signal.SIGINT, previous)
+
+
+_die_with_parent = {"on": False, "registered": False, "parent": 0}
+
+
+def _children_die_with_parent(on: bool) -> None:
+    """While on, a process forked from this one (or from those) is killed when the process that forked
+    it ends (Linux's PR_SET_PDEATHSIG): a worker forked at the moment of a Ctrl-C, not yet known to
+    multiprocessing, would otherwise be left waiting on its queue forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    _die_with_parent["on"] = on
+    if on and not _die_with_parent["registered"]:
+        os.register_at_fork(before=_note_parent, after_in_child=_set_death_signal)
+        _die_with_parent["registered"] = True
+
+
+def _note_parent() -> None:
+    _die_with_parent["parent"] = os.getpid()
+
+
+def _set_death_signal() -> None:
+    if _die_with_parent["on"]:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != _die_with_parent["parent"]:  # the parent ended before that took effect
+            os._exit(130)
 
 
 def by_input(pieces: list[Piece], n_inputs: int) -> list[list[Piece]]:
@@ -332,10 +431,11 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
             splits = {}
             for split, numbers in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
                 items = work_items(pieces, numbers, settings.seed)
-                optimize(fn=WriteDocuments(pieces, token_dtype(enc.n_vocab)), inputs=items,
-                         output_dir=str(folder / split), chunk_bytes=settings.chunk_bytes, item_loader=TokensLoader(),
-                         num_workers=min(settings.workers, len(items)), verbose=False, start_method=START_METHOD,
-                         keep_data_ordered=True)  # static work per worker: the same run gives the same shards
+                with ctrl_c_in_optimize():
+                    optimize(fn=WriteDocuments(pieces, token_dtype(enc.n_vocab)), inputs=items,
+                             output_dir=str(folder / split), chunk_bytes=settings.chunk_bytes,
+                             item_loader=TokensLoader(), num_workers=min(settings.workers, len(items)), verbose=False,
+                             start_method=START_METHOD, keep_data_ordered=True)  # static work per worker: same shards
                 # a worker that died without raising would leave a short index
                 written, expected = read_index(folder / split), (len(numbers), int(tokens[numbers].sum()))
                 if written != expected:

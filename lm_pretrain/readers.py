@@ -266,6 +266,8 @@ def check_arrow_ends(file: Path) -> None:
 def read_hf_folder(source: Input, options: ReadOptions, counts: dict):
     datasets = require("datasets", "data", "reading a Hugging Face dataset folder")
 
+    for file in sorted(source.path.glob("*.arrow")):
+        check_arrow_ends(file)
     try:
         dataset = datasets.load_from_disk(str(source.path))
     except Exception as err:
@@ -274,8 +276,6 @@ def read_hf_folder(source: Input, options: ReadOptions, counts: dict):
     if isinstance(dataset, datasets.DatasetDict):
         raise UserError(f"{source} holds several splits ({', '.join(dataset)}); give the folder of one, "
                         f"e.g. {source.path / next(iter(dataset))}")
-    for file in sorted(source.path.glob("*.arrow")):
-        check_arrow_ends(file)
     yield from _rows(dataset.data.to_batches(max_chunksize=1024), source, options.text_key)
 
 

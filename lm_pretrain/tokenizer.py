@@ -10,6 +10,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 from tiktoken.load import load_tiktoken_bpe
@@ -25,6 +26,38 @@ HOW_TO_PROVIDE = (
     "connect to the internet once, or point $LM_PRETRAIN_BPE_FILE at a GPT-2 ranks file "
     "(r50k_base.tiktoken, also shipped as whisper/assets/gpt2.tiktoken in the openai-whisper sdist)"
 )
+
+
+# The most text one call of the tokenizer sees. tiktoken takes ~50 bytes per character of a
+# pre-token (a run of letters, digits or symbols): a 50 MB line without spaces took 2.7 GB in one
+# call. Cut into pieces of this size, any document tokenizes in a few MB.
+SEGMENT_CHARS = 1 << 16
+
+
+def segments(text: str, size: int = SEGMENT_CHARS):
+    """`text` in consecutive pieces of at most `size` characters that tokenize as the whole does: each
+    cut is made before a space that stands between two other characters (every split pattern here
+    starts a new pre-token there, and none reaches across it). A stretch of `size` characters without
+    such a space (one long line of letters, say) is cut where it ends: only there can the tokens
+    differ from those of the whole text."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_document(enc: tiktoken.Encoding, text: str) -> np.ndarray:
+    """The token ids of `text`, "<|endoftext|>" in it being plain text, in memory bounded by
+    SEGMENT_CHARS whatever the text's shape."""
+    if len(text) <= SEGMENT_CHARS:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return np.concatenate([enc.encode_to_numpy(s, allowed_special=set(), disallowed_special=()) for s in segments(text)])
 
 
 def is_tiktoken_name(name: str) -> bool:

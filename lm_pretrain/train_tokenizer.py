@@ -26,7 +26,7 @@ from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
 from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed, VocabSize
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name
+from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name, segments
 
 log = logging.getLogger("lm_pretrain.train_tokenizer")
 
@@ -122,7 +122,7 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
                     log.info("read %s characters of at most %s, %d documents (input %d of %d), %.0f s",
                              f"{used['chars']:,}", f"{max_chars:,}", used["documents"], i + 1, len(sources),
                              last_report - started)
-                yield text
+                yield from segments(text)  # the trainer's memory, too, grows with its longest piece
             budget -= taken
 
     started = time.perf_counter()

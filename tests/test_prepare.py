@@ -269,7 +269,9 @@ FORMAT_TEXTS = [f"Document {i}: " + " ".join(["the king loves the crown", "a ros
 
 def write_formats(root: Path, texts: list[str], key: str = "text") -> dict[str, list[str]]:
     """The same documents in every input format: {name: INPUT arguments for prepare}."""
+    import bz2
     import gzip
+    import lzma
 
     import datasets
     import pyarrow as pa
@@ -284,13 +286,16 @@ def write_formats(root: Path, texts: list[str], key: str = "text") -> dict[str, 
     (root / "docs.jsonl").write_bytes(lines)
     (root / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
     (root / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (root / "docs.jsonl.bz2").write_bytes(bz2.compress(lines))
+    (root / "docs.jsonl.xz").write_bytes(lzma.compress(lines))
     table = pa.table({"id": list(range(len(texts))), key: texts})
     pq.write_table(table, root / "docs.parquet", row_group_size=5)  # several row groups
     datasets.Dataset.from_dict({key: texts}).save_to_disk(str(root / "hf-folder"))
     (root / "hub").mkdir()
     (root / "hub" / "train.jsonl").write_bytes(lines)  # load_dataset reads a local folder as the hub would
     return {"txt": [str(root / "txt")], "jsonl": [str(root / "docs.jsonl")], "jsonl.gz": [str(root / "docs.jsonl.gz")],
-            "jsonl.zst": [str(root / "docs.jsonl.zst")], "parquet": [str(root / "docs.parquet")],
+            "jsonl.zst": [str(root / "docs.jsonl.zst")], "jsonl.bz2": [str(root / "docs.jsonl.bz2")],
+            "jsonl.xz": [str(root / "docs.jsonl.xz")], "parquet": [str(root / "docs.parquet")],
             "hf-folder": [str(root / "hf-folder")], "hub": ["--hf_dataset", str(root / "hub")]}
 
 
@@ -423,3 +428,227 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tmp
     assert re.fullmatch(f"error: no space left to write {small_disk / 'data'}: [\\d,]+ [KM]iB are free there; nothing was written",
                         line), line
     assert list(small_disk.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user gave is never lost, and what was cut short is never taken for whole
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_output_over_an_input_is_refused_with_or_without_overwrite(corpus, tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    write_formats(folder, FORMAT_TEXTS[:4])
+    (tmp_path / "link").symlink_to(folder)
+    from lm_pretrain.train_tokenizer import train_tokenizer
+
+    tokenizer = folder / "txt" / "tok.json"
+    train_tokenizer(str(tokenizer), 300, [str(corpus[0])], hold_out_val=False)
+    before = tree(folder)
+    cases = {  # (INPUTs, output): how the output stands to them
+        ((folder,), folder): "is", ((folder,), folder / "shards"): "lies inside", ((folder,), tmp_path): "contains",
+        ((folder,), tmp_path / "link"): "is", ((folder,), tmp_path / "link" / "txt"): "lies inside",  # a symlink
+        ((tmp_path / "link" / "txt",), folder / "txt"): "is", ((folder / "docs.jsonl",), folder / "docs.jsonl"): "is",
+        ((folder / "txt", folder / "docs.jsonl"), folder): "contains",
+    }
+    for (inputs, output), relation in cases.items():
+        for overwrite in ([], ["--overwrite"]):
+            line = cli_error(main, [*map(str, inputs), "--output", str(output), *overwrite], capsys)
+            assert line.startswith(f"error: --output {output} {relation} ") and "one of its inputs (INPUT)" in line, line
+    line = cli_error(main, [str(corpus[0]), "--tokenizer", str(tokenizer), "--output", str(folder / "txt"),
+                            "--overwrite"], capsys)
+    assert "one of its inputs (--tokenizer)" in line, line
+    assert tree(folder) == before  # not a byte changed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def truncations(data: bytes, every: int = 1):
+    """Every proper prefix of `data` (or every `every`-th), the last byte's cut included."""
+    return [data[:cut] for cut in sorted({*range(1, len(data), every), len(data) - 1})]
+
+
+def test_compressed_inputs_cut_anywhere_are_refused_naming_the_file(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    from lm_pretrain.readers import Input, read_documents
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in FORMAT_TEXTS).encode()
+    half = lines.index(b"\n", len(lines) // 2) + 1
+    two_frames = zstandard.ZstdCompressor().compress(lines[:half]) + zstandard.ZstdCompressor().compress(lines[half:])
+    compressed = {".jsonl.gz": gzip.compress(lines), ".jsonl.bz2": bz2.compress(lines), ".jsonl.xz": lzma.compress(lines),
+                  ".jsonl.zst": zstandard.ZstdCompressor().compress(lines), ".jsonl.zst ": two_frames}
+    for suffix, data in compressed.items():
+        path = tmp_path / f"docs{suffix.strip()}"
+        path.write_bytes(data)
+        assert list(read_documents(Input(path))) == FORMAT_TEXTS, suffix  # whole: every document, frames joined
+        accepted = []
+        for cut in truncations(data):
+            path.write_bytes(cut)
+            try:
+                list(read_documents(Input(path)))
+                accepted.append(len(cut))
+            except UserError as err:
+                assert str(err).startswith(str(path)), err
+        # only where a frame of several ends exactly: the first frame, a whole file of its own
+        assert accepted == ([len(data) - len(zstandard.ZstdCompressor().compress(lines[half:]))]
+                            if suffix == ".jsonl.zst " else []), suffix
+
+
+def test_parquet_and_arrow_inputs_cut_short_are_refused(tmp_path, capsys):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm_pretrain.readers import Input, read_documents
+
+    texts = [t * 20 for t in FORMAT_TEXTS] * 10
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": texts}), parquet, row_group_size=10)
+    data = parquet.read_bytes()
+    for cut in truncations(data, every=max(1, len(data) // 300)):
+        parquet.write_bytes(cut)
+        with pytest.raises(UserError, match=f"^{parquet}: not a readable parquet file"):
+            list(read_documents(Input(parquet)))
+
+    folder = tmp_path / "hf"
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(folder), max_shard_size="20KB")
+    arrow = sorted(folder.glob("*.arrow"))[0]
+    data = arrow.read_bytes()
+    assert len(list(read_documents(Input(folder)))) == len(texts)
+    # cut between two record batches (pyarrow alone reads the rest as a shorter, valid stream) and anywhere
+    source = pa.BufferReader(data)
+    stream = pa.ipc.open_stream(source)
+    stream.read_next_batch()
+    between = [source.tell(), len(data) - 8]  # after the first batch; the end-of-stream marker alone removed
+    with pa.ipc.open_stream(pa.BufferReader(data[:between[0]])) as first:
+        assert first.read_all().num_rows < len(texts)  # pyarrow takes it for whole
+    for cut in [*between, *range(16, len(data) - 1, max(1, len(data) // 50))]:
+        arrow.write_bytes(data[:cut])
+        line = cli_error(main, [str(folder), str(parquet), "--output", str(tmp_path / "out")], capsys)
+        assert str(arrow) in line or str(parquet) in line, line
+        with pytest.raises(UserError, match=str(arrow)):
+            list(read_documents(Input(folder)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lone_surrogates_are_replaced_and_counted_once(tmp_path, caplog):
+    import gzip
+
+    lines = '{"text": "half a pair \\ud800 here"}\n{"text": "a whole pair \\ud83d\\ude00 stays"}\n' \
+            '{"text": "LOW \\uDC00 and high \\uD801"}\n{"text": "plain"}\n'
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))  # read through a plain copy by 2 workers
+    enc = get_tokenizer()
+    for name, workers in (("a.jsonl", 1), ("b.jsonl.gz", 2)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lm_pretrain"):
+            metadata = prepare([tmp_path / name], tmp_path / f"out-{workers}", workers=workers, val_fraction=0.25)
+        assert metadata["replaced_surrogates"] == 3
+        assert [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()] == [
+            "replaced 3 lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair, which no UTF-8 text holds) "
+            "with U+FFFD"]
+        written = set(read_documents_back(tmp_path / f"out-{workers}" / "train")) | \
+            set(read_documents_back(tmp_path / f"out-{workers}" / "val"))
+        expected = ["half a pair \ufffd here", "a whole pair \U0001F600 stays", "LOW \ufffd and high \ufffd", "plain"]
+        assert written == {tuple(enc.encode_ordinary(t)) + (enc.eot_token,) for t in expected}
+
+
+LONG_LINE_MEMORY = """
+import json, resource, sys
+from pathlib import Path
+from lm_pretrain.prepare import Settings, read_piece
+from lm_pretrain.readers import Input
+path = Path(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+piece = read_piece((0, Input(path), sys.argv[2], Settings()))
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"kib": grown, "tokens": int(piece.tokens.sum())}))
+"""
+
+
+def test_a_long_line_without_spaces_prepares_in_bounded_memory(tmp_path):
+    """One 20 MB line of letters: tokenized in SEGMENT_CHARS pieces. In one piece tiktoken took ~50
+    bytes per character (1 GB here); now the text itself (and its JSON parse) is most of it."""
+    import subprocess
+    import sys
+
+    from helpers import env
+    from lm_pretrain.tokenizer import SEGMENT_CHARS
+
+    n = 20_000_000
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "a" * n}) + "\n")
+    done = subprocess.run([sys.executable, "-c", LONG_LINE_MEMORY, str(tmp_path / "long.jsonl"), str(tmp_path / "t")],
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["kib"] * 1024 < 6 * n, result  # the line, its text and its tokens: not 50x
+    # the same tokens as whole segments of the text would give (a cut every SEGMENT_CHARS letters)
+    enc = get_tokenizer()
+    assert result["tokens"] == (n // SEGMENT_CHARS) * len(enc.encode_ordinary("a" * SEGMENT_CHARS)) + \
+        len(enc.encode_ordinary("a" * (n % SEGMENT_CHARS))) + 1
+
+
+def test_litdata_still_installs_its_sigint_handler_as_we_expect():
+    """prepare.ctrl_c_in_optimize keeps litdata's optimize from ending the process on Ctrl-C with exit
+    status 0 through its module's reference to `signal`: if litdata changes that, this fails."""
+    import inspect
+    import signal
+
+    from litdata.processing import data_processor
+
+    assert data_processor.signal is signal
+    assert "signal.signal(signal.SIGINT, self._signal_handler)" in inspect.getsource(data_processor.DataProcessor.run)
+
+
+INTERRUPT_PHASES = {"reading": lambda staging: list((staging / ".tokens").glob("*.tokens")),
+                    "writing shards": lambda staging: list((staging / "train").glob("*.bin"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "sigint-to-the-main-process"])
+@pytest.mark.parametrize("phase", list(INTERRUPT_PHASES))
+def test_ctrl_c_at_any_phase_exits_130_in_one_line_and_leaves_nothing(tmp_path, phase, to_group):
+    """A real interpreter in a session of its own, so that SIGINT goes to every process of the group
+    as Ctrl-C sends it (the reading pool's workers, litdata's workers and their helpers)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import env
+
+    rng, words = random.Random(0), "the king queen lord duke loves fears calls night sea rose moon".split()
+    (tmp_path / "corpus").mkdir()
+    for i in range(24):
+        (tmp_path / "corpus" / f"{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(60_000)))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("an earlier output, replaced only by a finished one")
+    out = tmp_path / "old"
+    command = [sys.executable, "-m", "lm_pretrain.prepare", str(tmp_path / "corpus"), "--output", str(out),
+               "--overwrite", "--workers", "2", "--chunk_bytes", "16KB"]
+    process = subprocess.Popen(command, env=env(), start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    reached = False
+    while process.poll() is None and not reached:
+        staging = [p for p in tmp_path.glob(".old.partial-*")]
+        reached = bool(staging) and bool(INTERRUPT_PHASES[phase](staging[0]))
+        time.sleep(0.005)
+    assert reached, "the run ended before the phase was reached"
+    (os.killpg if to_group else os.kill)(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "old"]  # no partial folder
+    assert tree(out) == {"keep.txt": b"an earlier output, replaced only by a finished one"}
+    time.sleep(0.5)
+    leftovers = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], leftovers  # no worker or helper process outlives the command
