@@ -206,6 +206,11 @@ def claim_run_folder(config) -> None:
             args["version"] = int(os.environ[CLAIMED_VERSION])
         return
     root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    created = []  # the folders above it that this claim creates (runs/, runs/NAME/)
+    for folder in (root, *root.parents):
+        if folder.exists():
+            break
+        created.append(folder)
     root.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
     version = max(taken, default=-1) + 1
@@ -217,6 +222,21 @@ def claim_run_folder(config) -> None:
             version += 1
     args["version"] = version
     os.environ[CLAIMED_VERSION] = str(version)
+    _claimed.extend([root / f"version_{version}", *created])
+
+
+_claimed: list[Path] = []  # run folders this process claimed, each followed by the folders made for it
+
+
+def release_unused_run_folders() -> None:
+    """Remove the run folders this process claimed and left empty (a config refused after the claim,
+    e.g. by the model's own checks): a refused run leaves nothing behind."""
+    for folder in _claimed:  # deepest first
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+    _claimed.clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class PretrainCLI(LightningCLI):
             ckpt = config.get("ckpt_path")
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
                 checkpoints.check_resumable(ckpt, config.model.as_dict())
-            checkpoints.claim_run_folder(config)  # last: a refused config leaves no empty run folder
+            checkpoints.claim_run_folder(config)  # last of the checks here; main removes it if left unused
 
 
 def allow_mlflow_file_store(config) -> None:
@@ -184,6 +184,8 @@ def main(args: list[str] | None = None) -> None:
         raise UserError(f"{ranges.describe(str(err))} (see {command} --help)") from None
     except MisconfigurationException as err:  # Lightning refusing a combination of settings
         raise UserError(" ".join(str(err).split())) from None
+    finally:
+        checkpoints.release_unused_run_folders()
     stopped = next((c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, Preemption)), None)
     if stopped is not None and stopped.requested == signal.SIGINT:  # Ctrl-C: stopped between steps, saved
         raise Interrupted(stopped.saved or "nothing new was saved (the run's earlier checkpoints are kept)")

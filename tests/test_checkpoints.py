@@ -157,3 +157,49 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_checkpoint_whole_across_file_s
     assert torch.load(path, weights_only=True)["step"] == 2 and [p.name for p in path.parent.iterdir()] == [LAST]
     assert list(temporary.iterdir()) == []  # nothing was ever written to $TMPDIR
     temporary.rmdir()
+
+
+def claim(save_dir: str, barrier, versions) -> None:
+    """One run's start: wait for the others, then claim a version folder."""
+    from lm_pretrain.checkpoints import claim_run_folder
+
+    config = run_config(Path(save_dir))
+    barrier.wait()
+    claim_run_folder(config)
+    versions.put(config.trainer.logger.init_args.version)
+
+
+def test_runs_started_at_once_under_load_each_claim_their_own_version_folder(tmp_path):
+    import multiprocessing
+    import subprocess
+    import sys
+
+    fork = multiprocessing.get_context("fork")  # the runs start with this module imported: at once
+    barrier, versions = fork.Barrier(8), fork.Queue()
+    runs = [fork.Process(target=claim, args=(str(tmp_path), barrier, versions)) for _ in range(8)]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]  # both cores taken
+    try:
+        for run in runs:
+            run.start()
+        claimed = sorted(versions.get(timeout=60) for _ in runs)
+        for run in runs:
+            run.join(timeout=60)
+    finally:
+        for process in busy:
+            process.kill()
+    assert claimed == list(range(8))  # none shared, none skipped
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [f"version_{v}" for v in range(8)]
+
+
+def test_a_chosen_version_or_a_launched_process_claims_nothing(tmp_path, monkeypatch):
+    from lm_pretrain.checkpoints import CLAIMED_VERSION, claim_run_folder
+
+    config = run_config(tmp_path)
+    config.trainer.logger.init_args.version = 3
+    claim_run_folder(config)
+    assert not (tmp_path / "tiny").exists()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's launcher started for another device
+    monkeypatch.setenv(CLAIMED_VERSION, "5")
+    config = run_config(tmp_path)
+    claim_run_folder(config)
+    assert config.trainer.logger.init_args.version == 5 and not (tmp_path / "tiny").exists()

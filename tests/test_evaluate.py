@@ -108,6 +108,18 @@ def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys)
                                                 "--include_path", str(task_folder)], capsys)
     assert "--batch_size 0 is out of range" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "x",
                                                                 "--batch_size", "0"], capsys)
+    saved = checkpoint.read_bytes()
+    line = cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc", "--include_path", str(task_folder),
+                            "--output", str(checkpoint)], capsys)
+    assert line.startswith(f"error: --output {checkpoint} is {checkpoint}, one of its inputs (--ckpt_path)"), line
+    line = cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc", "--include_path", str(task_folder),
+                            "--output", str(task_folder / "results.json")], capsys)
+    assert "lies inside" in line and "(--include_path)" in line, line
+    assert checkpoint.read_bytes() == saved and not (task_folder / "results.json").exists()
+    for device, says in (("cuda:3", "--device cuda:3: this machine has no such device; it has cpu"),
+                         ("gpu0", "--device 'gpu0' is not a device name; this machine has cpu")):
+        assert cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc", "--device", device], capsys) == \
+            f"error: {says}"
 
 
 def test_generation_is_the_models_greedy_continuation_cut_at_a_stop_string(checkpoint):

@@ -83,3 +83,21 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(small_disk, tmp_p
     assert line.startswith(f"error: no space left to write {small_disk / 'hf'}: it needs ~") and \
         re.search(r"[\d,]+ [KM]iB are free there; the previous hf is kept$", line), line
     assert [p.name for p in small_disk.iterdir()] == ["hf"] and (small_disk / "hf" / "config.json").read_text() == "{}"
+
+
+def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
+    from lm_pretrain.export import main
+
+    _, ckpt = checkpoint(tmp_path)
+    saved = ckpt.read_bytes()
+    (tmp_path / "link").symlink_to(tmp_path)
+    for output, relation in ((tmp_path, "contains"), (ckpt, "is"), (tmp_path / "link", "contains")):
+        for overwrite in ([], ["--overwrite"]):
+            line = cli_error(main, ["--ckpt_path", str(ckpt), "--output", str(output), *overwrite], capsys)
+            assert line.startswith(f"error: --output {output} {relation} {ckpt}") and "(--ckpt_path)" in line, line
+    sharded = tmp_path / "sharded.ckpt"  # a sharded run's checkpoint is a folder: nothing may go inside it
+    sharded.mkdir()
+    line = cli_error(main, ["--ckpt_path", str(sharded), "--output", str(sharded / "hf"), "--overwrite"], capsys)
+    assert line.startswith(f"error: --output {sharded / 'hf'} lies inside {sharded}"), line
+    assert ckpt.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["link", "model.ckpt",
+                                                                                        "sharded.ckpt"]

@@ -120,3 +120,22 @@ def test_publish_without_an_atomic_swap_moves_the_old_copy_aside_first(tmp_path,
     (staged / "x").write_text("newer")
     files.publish(staged, target)  # the atomic swap: the old copy ends at the staged name, then goes
     assert (target / "x").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path):
+    from lm_pretrain.files import refuse_output_over_inputs
+
+    (tmp_path / "corpus" / "deep").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("text")
+    (tmp_path / "alias").symlink_to(tmp_path / "corpus")
+    inputs = {"INPUT": [str(tmp_path / "corpus"), None, "s3://bucket/data"], "--tokenizer": "gpt2"}
+    for output, relation in ((tmp_path / "corpus", "is"), (tmp_path / "corpus" / "deep" / "out", "lies inside"),
+                             (tmp_path, "contains"), (tmp_path / "alias", "is"), (tmp_path / "alias" / "x", "lies inside")):
+        with pytest.raises(UserError, match=f"^--output {output} {relation} {tmp_path / 'corpus'}, one of its inputs "
+                                            r"\(INPUT\): a command never writes over what it reads"):
+            refuse_output_over_inputs(output, inputs)
+    # a symlinked input is compared by what it points to, and named as given
+    with pytest.raises(UserError, match=rf"is {tmp_path / 'alias'} \({tmp_path / 'corpus'}\)"):
+        refuse_output_over_inputs(tmp_path / "corpus", {"INPUT": str(tmp_path / "alias")})
+    for output in (tmp_path / "elsewhere", tmp_path / "corpus-2", "s3://bucket/data"):  # a sibling, a prefix, remote
+        refuse_output_over_inputs(output, inputs)

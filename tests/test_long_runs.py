@@ -104,9 +104,14 @@ def test_two_torchrun_nodes_train_as_two_ddp_processes_and_resume_exactly_after_
 def test_preemption_saves_and_resumes(prepared, straight, tmp_path, signal_name):
     args = run_args(prepared, 8, tmp_path / "rec", every=100)  # no periodic checkpoint: only the signal saves
     stopped = run_cli([*args, callback("SignalAt", step=3, signal_name=signal_name)], cwd=tmp_path)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert f"{signal_name}: saved" in stopped.stderr + stopped.stdout
     ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    if signal_name == "SIGINT":  # Ctrl-C: saved the same way, then the interrupted command's status and line
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert last_line(stopped) == f"error: interrupted: saved {ckpt.relative_to(tmp_path)} at step 3; continue " \
+                                     f"with --ckpt_path last"
+    else:  # a scheduler's notice: a clean stop
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert f"{signal_name}: saved" in stopped.stderr + stopped.stdout
     assert torch.load(ckpt, weights_only=False)["global_step"] == 3
     resumed = run_cli([*args, "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -197,3 +202,34 @@ def test_corrupted_or_truncated_shards_are_refused(prepared, tmp_path):
         done = run_cli(run_args(data, 2, tmp_path / "rec"), cwd=tmp_path)
         assert done.returncode == 2
         assert {"corrupt": "corrupted", "truncate": "truncated"}[damage] in last_line(done) and chunk.name in last_line(done)
+
+
+@pytest.mark.parametrize("when", ["between steps", "twice"])
+def test_ctrl_c_to_the_process_group_exits_130_and_keeps_a_whole_checkpoint(prepared, tmp_path, when):
+    """A real interpreter in a session of its own, SIGINT to the whole group as a terminal sends it.
+    Once: the step ends, last.ckpt is saved, exit 130. Twice (impatient): it stops at once, exit 130,
+    and the checkpoint saved before is whole."""
+    import os
+    import signal
+    import sys
+    import time
+
+    args = [*run_args(prepared, 100_000, tmp_path / "rec", every=2), "--data.num_workers", "1"]
+    process = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env(), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    while process.poll() is None and not ckpt.exists():
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    if when == "twice":
+        time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    # (twice: the second signal may come before or after the first one's save ended the run)
+    assert line.startswith("error: interrupted" if when == "twice" else "error: interrupted: saved "), line
+    saved = torch.load(ckpt, weights_only=False)  # whole: it loads
+    assert saved["global_step"] >= 2
+    assert not [p for p in ckpt.parent.iterdir() if p.name != "last.ckpt" and not p.name.startswith("best")]

@@ -25,6 +25,7 @@ from lm_pretrain.model import GPTConfig
 from lm_pretrain.errors import UserError
 from lm_pretrain.module import LanguageModel
 from lm_pretrain.prepare import CORPORA, Corpus, prepare, prepare_command
+from lm_pretrain.train_tokenizer import train_tokenizer
 
 UNRESTRICTED = set()  # seeds too: [0, 2**32), what NumPy and Lightning take
 
@@ -44,6 +45,7 @@ FLAGS = {
     "prepare": parameters(prepare_command),
     "generate": parameters(generate),
     "evaluate": parameters(evaluate),
+    "tokenizer": parameters(train_tokenizer),
 }
 
 
@@ -127,6 +129,7 @@ def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
     from lm_pretrain.evaluate import main as evaluate_main
     from lm_pretrain.generate import main as generate_main
     from lm_pretrain.prepare import main as prepare_main
+    from lm_pretrain.train_tokenizer import main as tokenizer_main
 
     return {
         "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared),
@@ -134,6 +137,7 @@ def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
         "prepare": (prepare_main, [str(corpus[0]), "--output", str(tmp_path / "out")]),
         "generate": (generate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt")]),
         "evaluate": (evaluate_main, ["--ckpt_path", str(tmp_path / "absent.ckpt"), "--tasks", "x"]),
+        "tokenizer": (tokenizer_main, [str(corpus[0]), "--vocab_size", "300", "--output", str(tmp_path / "tok.json")]),
     }[entry]
 
 

@@ -188,3 +188,31 @@ def test_litdata_still_has_the_client_options_we_extend():
     from litdata.streaming import downloader
 
     assert isinstance(getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None), dict)
+
+
+def test_a_silent_endpoint_fails_within_the_stated_bound(monkeypatch):
+    """An endpoint that accepts the connection and never answers: our client gives up after
+    max_attempts x (connect_timeout + read_timeout) plus the backoff, in one line. The defaults bound
+    that under 30 s; the test runs with short settings (the same code path) to stay quick."""
+    import threading
+    import time
+
+    from lm_pretrain.storage import worst_case_seconds
+
+    assert worst_case_seconds() < 30 and worst_case_seconds() == 3 * (2 + 5) + 1 + 2
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    silent, held = socket.socket(), []
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(16)], daemon=True).start()
+    options = {"endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}", "read_timeout": 1, "max_attempts": 2}
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"is unreachable \(ReadTimeoutError, gave up after 2 attempts\)"):
+        ObjectStore("s3://bucket/data", options).read("metadata.json")
+    assert time.perf_counter() - started < worst_case_seconds(options) + 1
+    assert len(held) == 2  # two attempts, as set
+    for bad in ({"read_timeout": 0}, {"max_attempts": 1.5}, {"connect_timeout": True}):
+        with pytest.raises(UserError, match=f"storage_options: {next(iter(bad))}"):
+            ObjectStore("s3://bucket/data", bad)
+    silent.close()

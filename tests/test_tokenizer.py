@@ -76,3 +76,26 @@ def test_non_gpt2_offline_error(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="cl100k_base.*TIKTOKEN_CACHE_DIR"):
         tokenizer.get_tokenizer("cl100k_base")
+
+
+def test_long_texts_tokenize_in_segments_as_a_whole():
+    """Cut before a space between two other characters, the tokens are the whole text's, for GPT-2's
+    split pattern and the own tokenizers' (GPT-4's); a run without such a space is cut at the limit."""
+    import random
+
+    import numpy as np
+
+    from lm_pretrain import bpe
+    from lm_pretrain.tokenizer import encode_document, encoding_from_ranks, segments
+
+    rng = random.Random(0)
+    pieces = ["the", "king", "  ", "\n", "\n\n", " ", "!", "12345", "don't", "\t", "caf\u00e9", "\u2014", "\u4e2d\u6587"]
+    text = "".join(rng.choice(pieces) + rng.choice([" ", "", "  ", "\n", " \n"]) for _ in range(60_000))
+    for size in (1000, 4096):
+        parts = list(segments(text, size))
+        assert "".join(parts) == text and len(parts) > len(text) // size and max(map(len, parts)) <= size
+    own = encoding_from_ranks(bpe.train([text], 600, "rustbpe"), bpe.SPLIT_PATTERN, "own")
+    for enc in (get_tokenizer(), own):
+        whole = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        assert len(text) > 2 * 65536 and np.array_equal(encode_document(enc, text), whole)
+    assert [len(p) for p in segments("a" * 2500, 1000)] == [1000, 1000, 500]

@@ -1,6 +1,7 @@
 """End to end: train.py fit on a small corpus, then validate and generate from its checkpoint."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -88,6 +89,8 @@ def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
     bad_ckpt.write_text("not a checkpoint")
     for ckpt in (bad_ckpt, tmp_path / "absent.ckpt"):
         assert str(ckpt) in cli_error(generate, ["--ckpt_path", str(ckpt)], capsys)
+    assert cli_error(generate, ["--ckpt_path", str(bad_ckpt), "--device", "cuda"], capsys) == \
+        "error: --device cuda: this machine has no such device; it has cpu"  # before the checkpoint is read
 
     # the model has no test_step or predict_step: those subcommands are not there to fail later
     line = cli_error(train, ["test", "--config", str(ROOT / "configs" / "tiny.yaml")], capsys)
@@ -178,3 +181,54 @@ def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path):
     wrong = run_cli([*train_args(prepared, max_steps=2, config="tiny-llama"), "--model.init_from", str(ckpt)], cwd=tmp_path)
     line = one_line_error(wrong)
     assert "another architecture" in line and "n_kv_head=1 (config: 2)" in line
+
+
+def test_a_run_never_writes_into_what_it_reads(tmp_path, prepared, capsys, monkeypatch):
+    from lm_pretrain.cli import main as train
+
+    monkeypatch.chdir(tmp_path)
+    args = train_args(prepared, max_steps=2)[1:]
+    before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    for dirpath, relation in ((prepared, "is"), (prepared / "ckpts", "lies inside"), (prepared.parent, "contains")):
+        line = cli_error(train, [*args, "--checkpoint.dirpath", str(dirpath)], capsys)
+        assert line.startswith(f"error: --checkpoint.dirpath {dirpath} {relation} {prepared}") and \
+            "one of its inputs (--data.data_dir)" in line, line
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.ckpt").write_bytes(b"the weights a new run starts from")
+    line = cli_error(train, [*args, "--model.init_from", "old/last.ckpt", "--checkpoint.dirpath", "old"], capsys)
+    assert line.startswith("error: --checkpoint.dirpath old contains old/last.ckpt") and "(--model.init_from)" in line
+    assert (tmp_path / "old" / "last.ckpt").read_bytes() == b"the weights a new run starts from"
+    assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # refused before any work: no run folder
+
+
+def test_a_train_split_smaller_than_one_batch_is_an_error_not_a_run_of_no_steps(tmp_path, capsys, monkeypatch):
+    from lm_pretrain.cli import main as train
+    from lm_pretrain.prepare import prepare
+    from lm_pretrain.readers import find_inputs
+
+    for i in range(6):  # ~60 tokens each: train ~240 tokens, 7 windows of 33 -- fewer than a batch of 8
+        (tmp_path / f"{i}.txt").write_text(" ".join(["the king loves the crown, and the queen the sea."] * 5))
+    data = tmp_path / "small"
+    prepare(find_inputs([str(tmp_path / f"{i}.txt") for i in range(6)]), data, val_fraction=0.34, workers=1)
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(train, train_args(data, max_steps=2)[1:], capsys)
+    assert re.fullmatch(rf"error: {data}/train holds \d windows of block_size \+ 1 = 33 tokens, fewer than one batch of "
+                        r"data.batch_size 8 for each of 1 process\(es\): no training step could be taken; use more "
+                        r"text, or a smaller data.batch_size or block_size", line), line
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_runs_started_at_once_each_get_their_own_run_folder(prepared, tmp_path):
+    import concurrent.futures
+
+    args = [*train_args(prepared, max_steps=2, val_every=2), "--trainer.limit_val_batches", "2"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda _: run_cli(args, cwd=tmp_path), range(3)))
+    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr[-2000:] for r in runs]
+    folders = sorted((tmp_path / "runs" / "tiny").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1", "version_2"]
+    for folder in folders:  # each its own checkpoint and config: none replaced another's
+        assert (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "config.yaml").is_file()
+        assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

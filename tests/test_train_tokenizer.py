@@ -74,6 +74,18 @@ def test_errors_are_one_line(corpus, tmp_path, capsys):
     (one / "a.txt").write_text("just one document")
     assert "--hold_out_val false" in cli_error(main, [str(one), "--vocab_size", "300", "--output", str(tmp_path / "v.json")],
                                                capsys)
+    assert "--vocab_size 4000000 is out of range: it must be > 0 and <= 2097152" in cli_error(
+        main, [corpus_dir, "--vocab_size", "4000000", "--output", str(tmp_path / "w.json")], capsys)
+    assert "--seed -1 is out of range" in cli_error(
+        main, [corpus_dir, "--vocab_size", "300", "--seed", "-1", "--output", str(tmp_path / "w.json")], capsys)
+    # never written over or into what it reads, with or without --overwrite
+    before = {p: p.read_bytes() for p in corpus[0].iterdir()}
+    first = sorted(corpus[0].iterdir())[0]
+    for given, output, relation in ((corpus_dir, first, "lies inside"), (str(first), first, "is"),
+                                    (corpus_dir, corpus[0] / "tok.json", "lies inside")):
+        line = cli_error(main, [given, "--vocab_size", "300", "--output", str(output), "--overwrite"], capsys)
+        assert line.startswith(f"error: --output {output} {relation} ") and "one of its inputs (INPUT)" in line, line
+    assert {p: p.read_bytes() for p in corpus[0].iterdir()} == before
     # prepare refuses a file that is not a tokenizer in one line, before reading anything
     from lm_pretrain.prepare import main as prepare_main
 
