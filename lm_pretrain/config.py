@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from lm_pretrain.ranges import Fraction, PositiveFloat, PositiveInt, VocabSize
+from lm_pretrain.ranges import Context, Fraction, Heads, Layers, PositiveFloat, VocabSize, Width
 from lm_pretrain.ranges import check as check_ranges
 from lm_pretrain.ranges import plain
 
@@ -44,11 +44,11 @@ class GPTConfig:
     """
 
     vocab_size: VocabSize = 50257
-    block_size: PositiveInt = 1024
-    n_layer: PositiveInt = 12
-    n_head: PositiveInt = 12
-    n_embd: PositiveInt = 768
-    n_kv_head: PositiveInt | None = None
+    block_size: Context = 1024
+    n_layer: Layers = 12
+    n_head: Heads = 12
+    n_embd: Width = 768
+    n_kv_head: Heads | None = None
     dropout: Fraction = 0.0
     bias: bool = True
     tie_embeddings: bool = True
@@ -57,7 +57,7 @@ class GPTConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: PositiveFloat = 1e-5
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
-    mlp_hidden: PositiveInt | None = None
+    mlp_hidden: Width | None = None
     qk_norm: bool = False
     logit_softcap: PositiveFloat | None = None
 

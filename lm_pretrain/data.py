@@ -25,7 +25,7 @@ from lm_pretrain.errors import UserError
 from lm_pretrain.loss import IGNORE_INDEX
 from lm_pretrain.prepare import prepare
 from lm_pretrain.prepared import load_metadata, verify_shards
-from lm_pretrain.ranges import NonNegativeInt, PositiveInt, Seed
+from lm_pretrain.ranges import Context, NonNegativeWorkers, PositiveInt, Seed
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER
 from lm_pretrain.train_tokenizer import train_tokenizer
 
@@ -153,8 +153,8 @@ class TokenDataModule(L.LightningDataModule):
         self,
         data_dir: str | None = None,
         batch_size: PositiveInt = 8,
-        block_size: PositiveInt | None = None,
-        num_workers: NonNegativeInt = 0,
+        block_size: Context | None = None,
+        num_workers: NonNegativeWorkers = 0,
         seed: Seed = 42,
         verify: Literal["sha256", "size", "none"] = "sha256",
         mixture: list[dict] | None = None,

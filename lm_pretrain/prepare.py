@@ -48,7 +48,7 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_line, partial_path, publish,
                                refuse_output_over_inputs, remove_orphans)
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
-from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed
+from lm_pretrain.ranges import OpenUnitInterval, Seed, Workers
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, encode_document, from_record
 from lm_pretrain.tokenizer import record as tokenizer_record
@@ -358,7 +358,7 @@ class WriteDocuments:
 
 
 def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUnitInterval = 0.05,
-            tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: Seed = 0, overwrite: bool = False,
+            tokenizer: str = DEFAULT_TOKENIZER, workers: Workers | None = None, seed: Seed = 0, overwrite: bool = False,
             encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB", storage_options: dict | None = None,
             text_key: str = DEFAULT_TEXT_KEY) -> dict:
     """Tokenize `inputs` (readers.Input, or paths of files) into the prepared dataset `output` (a
@@ -515,7 +515,7 @@ def upload_dataset(folder: Path, store: "storage.ObjectStore") -> None:
 def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus | None = None,
                     hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                     text_key: str = DEFAULT_TEXT_KEY, val_fraction: OpenUnitInterval = 0.05,
-                    tokenizer: str = DEFAULT_TOKENIZER, workers: PositiveInt | None = None, seed: Seed = 0,
+                    tokenizer: str = DEFAULT_TOKENIZER, workers: Workers | None = None, seed: Seed = 0,
                     overwrite: bool = False, encoding_errors: EncodingErrors = "strict", chunk_bytes: str = "64MB",
                     storage_options: dict | None = None) -> dict:
     """Tokenize text into a prepared dataset of token shards (OUTPUT/train, val, metadata.json).

@@ -20,12 +20,31 @@ import re
 import types
 import typing
 
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt, restricted_number_type
+from jsonargparse.typing import ClosedUnitInterval, restricted_number_type
 
 from lm_pretrain.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "Seed", "VocabSize", "check", "check_config", "choices", "describe", "plain", "restrictions"]
+           "PositiveInt", "Probability", "Seed", "VocabSize", "Workers", "NonNegativeWorkers", "Layers", "Heads", "Width",
+           "Context", "check", "check_config", "choices", "describe", "plain", "restrictions"]
+
+# Every count has both bounds. 2**31 - 1 at most: beyond, torch's and NumPy's index types overflow,
+# and a count that large asks for more processes, memory or steps than any machine has (prepare
+# --workers 100000 hung starting processes). jsonargparse's PositiveInt and NonNegativeInt have no
+# upper bound, hence these.
+MAX_COUNT = 2**31 - 1
+PositiveInt = restricted_number_type("PositiveCount", int, [(">", 0), ("<=", MAX_COUNT)])
+NonNegativeInt = restricted_number_type("NonNegativeCount", int, [(">=", 0), ("<=", MAX_COUNT)])
+# Processes: more than a machine's cores only wait on each other.
+MAX_WORKERS = 512
+Workers = restricted_number_type("Workers", int, [(">", 0), ("<=", MAX_WORKERS)])
+NonNegativeWorkers = restricted_number_type("NonNegativeWorkers", int, [(">=", 0), ("<=", MAX_WORKERS)])
+# The architecture, at 8x or more the largest in use (126 layers, 128 heads, width 25,600, contexts
+# of 10M tokens): beyond, the model cannot be built on any machine, and building it would take hours.
+Layers = restricted_number_type("Layers", int, [(">", 0), ("<=", 2048)])
+Heads = restricted_number_type("Heads", int, [(">", 0), ("<=", 1024)])
+Width = restricted_number_type("Width", int, [(">", 0), ("<=", 1 << 18)])
+Context = restricted_number_type("Context", int, [(">", 0), ("<=", 1 << 27)])
 
 # Unbounded above, but finite: jsonargparse's PositiveFloat takes inf (and a learning rate of inf
 # trains a run of NaNs); nan fails every comparison, so every range here refuses it.
@@ -35,7 +54,7 @@ FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1): dropout, AdamW betas
 OpenUnitInterval = restricted_number_type("OpenUnitInterval", float, [(">", 0), ("<", 1)])  # (0, 1): val_fraction
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])  # (0, 1]: top_p
-AtLeastMinusOne = restricted_number_type("AtLeastMinusOne", int, (">=", -1))  # -1 means "no limit" in Lightning
+AtLeastMinusOne = restricted_number_type("AtLeastMinusOne", int, [(">=", -1), ("<=", MAX_COUNT)])  # -1: "no limit"
 # Seeds: the range NumPy's legacy seeding and Lightning's seed_everything take, [0, 2**32).
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
 # Token ids: 8x the largest vocabularies in use (Gemma's 262,144); a larger one is a typo, and would
