@@ -73,7 +73,8 @@ def read_hyperparameters(path: str | Path, what: str = "checkpoint", full: bool 
         raise UserError(f"{what} {path} is not a checkpoint ({type(err).__name__})") from None
     if not isinstance(saved, dict) or "hyper_parameters" not in saved:
         raise UserError(f"{what} {path} is not a checkpoint written by train.py")
-    return saved if full else {"hyper_parameters": saved["hyper_parameters"]}
+    return saved if full else {key: saved[key] for key in ("hyper_parameters", "datamodule_hyper_parameters")
+                               if key in saved}
 
 
 def _gather_shards(path: Path, hparams: dict) -> dict:
@@ -121,16 +122,30 @@ def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> Non
         raise UserError(f"{what} has another architecture: {', '.join(different)}")
 
 
-def check_resumable(ckpt: str, model_args: dict) -> None:
-    """UserError unless `ckpt` (a file or a sharded folder) exists and holds the architecture that the
-    model flags describe. (LightningCLI would rebuild the model from the checkpoint's hyperparameters
-    and silently ignore the flags.)"""
-    saved = read_hyperparameters(ckpt)["hyper_parameters"]
+def check_resumable(ckpt: str, model_args: dict, data_args: dict | None = None) -> None:
+    """UserError unless `ckpt` (a file or a sharded folder) exists, holds the architecture that the
+    model flags describe (LightningCLI would rebuild the model from the checkpoint's hyperparameters
+    and silently ignore the flags) and was trained on the data the flags name (the run resumes at its
+    place in those shards; litdata would stop with a traceback deep in the restore)."""
+    saved = read_hyperparameters(ckpt)
     try:
         config = GPTConfig.from_dict(model_args)
     except (TypeError, ValueError) as err:
         raise UserError(f"model: {err}") from None
-    check_architecture(saved, config, f"checkpoint {ckpt}")
+    check_architecture(saved["hyper_parameters"], config, f"checkpoint {ckpt}")
+    trained_on = data_locations(saved.get("datamodule_hyper_parameters") or {})
+    if data_args is not None and trained_on and trained_on != data_locations(data_args):
+        raise UserError(f"checkpoint {ckpt} was trained on {', '.join(trained_on)}, not {', '.join(data_locations(data_args))}: "
+                        f"--ckpt_path continues a run where it stopped in its own data; to train its weights on other "
+                        f"data, start a new run with --model.init_from {ckpt} instead")
+
+
+def data_locations(data_args: dict) -> list[str]:
+    """The datasets a data module's arguments name (data_dir, or each of a mixture), local ones as
+    absolute paths."""
+    mixture = data_args.get("mixture")
+    named = [m.get("data_dir") for m in mixture if isinstance(m, dict)] if mixture else [data_args.get("data_dir")]
+    return [str(d) if storage.is_remote(d) else str(Path(d).resolve()) for d in named if d]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,7 +85,9 @@ class PretrainCLI(LightningCLI):
                 checkpoints.resolve_last(config)
             ckpt = config.get("ckpt_path")
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-                checkpoints.check_resumable(ckpt, config.model.as_dict())
+                # (validate may score a checkpoint on any data; fit resumes a run on its own)
+                checkpoints.check_resumable(ckpt, config.model.as_dict(),
+                                            config.data.as_dict() if subcommand == "fit" else None)
             checkpoints.claim_run_folder(config)  # last of the checks here; main removes it if left unused
 
 

@@ -232,3 +232,24 @@ def test_runs_started_at_once_each_get_their_own_run_folder(prepared, tmp_path):
     for folder in folders:  # each its own checkpoint and config: none replaced another's
         assert (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "config.yaml").is_file()
         assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_resuming_on_other_data_says_to_use_init_from(trained_run, tmp_path, capsys, monkeypatch):
+    """litdata would stop deep in the restore ("input_dir path state doesn't match"); validate may
+    still score the checkpoint on any data."""
+    import shutil
+
+    from lm_pretrain.cli import main as train
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_run["data"], other)
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(trained_run["ckpt"])
+    line = cli_error(train, [*train_args(other, max_steps=70)[1:], "--ckpt_path", ckpt], capsys)
+    assert line == (f"error: checkpoint {ckpt} was trained on {trained_run['data']}, not {other}: --ckpt_path continues "
+                    f"a run where it stopped in its own data; to train its weights on other data, start a new run "
+                    f"with --model.init_from {ckpt} instead")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    scored = run_cli([str(ROOT / "train.py"), "validate", *train_args(other)[2:], "--ckpt_path", ckpt], cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]
