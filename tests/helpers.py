@@ -149,6 +149,26 @@ def cli_error(main, argv: list[str], capsys) -> str:
     return line
 
 
+def interrupted_at(monkeypatch, target, name: str, main, argv: list[str], capsys) -> str:
+    """Run an entry point's main in this process with `target.name` raising KeyboardInterrupt (Ctrl-C
+    at that moment); it must exit 130 with one `error: interrupted` line. Returns that line."""
+    import pytest
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, name, ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    line = err.splitlines()[-1]
+    assert line.startswith("error: interrupted"), line
+    return line
+
+
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

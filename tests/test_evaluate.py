@@ -99,7 +99,7 @@ def test_rolling_loglikelihood_scores_every_token_once(checkpoint):
     assert total == pytest.approx(expected, abs=1e-3) and total < 0 and math.isfinite(total)
 
 
-def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys):
+def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
     from lm_pretrain.evaluate import main
 
     assert "unknown task(s) no_such_task" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "no_such_task",
@@ -116,6 +116,13 @@ def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys)
                             "--output", str(task_folder / "results.json")], capsys)
     assert "lies inside" in line and "(--include_path)" in line, line
     assert checkpoint.read_bytes() == saved and not (task_folder / "results.json").exists()
+    import lm_eval
+
+    from helpers import interrupted_at
+
+    interrupted_at(monkeypatch, lm_eval, "simple_evaluate", main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc",
+                   "--include_path", str(task_folder), "--output", str(tmp_path / "results.json")], capsys)
+    assert not (tmp_path / "results.json").exists()  # Ctrl-C while scoring: no results file
     for device, says in (("cuda:3", "--device cuda:3: this machine has no such device; it has cpu"),
                          ("gpu0", "--device 'gpu0' is not a device name; this machine has cpu")):
         assert cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "tiny_mc", "--device", device], capsys) == \

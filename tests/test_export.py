@@ -101,3 +101,18 @@ def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
     assert line.startswith(f"error: --output {sharded / 'hf'} lies inside {sharded}"), line
     assert ckpt.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["link", "model.ckpt",
                                                                                         "sharded.ckpt"]
+
+
+def test_ctrl_c_while_exporting_leaves_the_earlier_export_and_nothing_else(tmp_path, monkeypatch, capsys):
+    import transformers.modeling_utils
+
+    from helpers import interrupted_at
+    from lm_pretrain.export import main
+
+    _, ckpt = checkpoint(tmp_path)
+    main(["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    interrupted_at(monkeypatch, transformers.modeling_utils.PreTrainedModel, "save_pretrained", main,
+                   ["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf"), "--overwrite"], capsys)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.ckpt"]  # no partial folder

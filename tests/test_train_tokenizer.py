@@ -222,3 +222,15 @@ def test_a_model_loaded_with_one_tokenizer_refuses_data_of_another(own, prepared
 def test_a_tokenizer_may_not_take_a_tiktoken_name(corpus, tmp_path, capsys):
     line = cli_error(main, [str(corpus[0]), "--vocab_size", "300", "--output", str(tmp_path / "gpt2.json")], capsys)
     assert "'gpt2' is a tiktoken encoding's" in line and not (tmp_path / "gpt2.json").exists()
+
+
+def test_ctrl_c_while_training_a_tokenizer_writes_nothing(corpus, tmp_path, monkeypatch, capsys):
+    from helpers import interrupted_at
+    from lm_pretrain import bpe as bpe_module
+
+    args = [str(corpus[0]), "--vocab_size", "300", "--output", str(tmp_path / "tok.json")]
+    interrupted_at(monkeypatch, bpe_module, "train", main, args, capsys)
+    (tmp_path / "tok.json").write_text("an earlier tokenizer")
+    interrupted_at(monkeypatch, bpe_module, "write", main, [*args, "--overwrite"], capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"] and (tmp_path / "tok.json").read_text() == \
+        "an earlier tokenizer"
