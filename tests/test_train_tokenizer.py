@@ -124,15 +124,16 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     assert torch.load(ckpt, weights_only=False)["global_step"] == 6
     other = [*train_args(prepared, max_steps=8, val_every=4), "--model.vocab_size", str(VOCAB), "--ckpt_path", str(ckpt),
              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2")]
-    line = one_line_error(run_cli(other, cwd=tmp_path))
-    assert "has token ids up to 50256 but model.vocab_size is 300" in line, line  # GPT-2's data: caught by its ids first
+    line = one_line_error(run_cli(other, cwd=tmp_path))  # a resume continues its own data: init_from starts anew
+    assert f"was trained on {own['data']}, not {prepared}" in line and "--model.init_from" in line, line
     # another tokenizer of the same name (and size): told apart by its sha256
     other_tok, other_data = tmp_path / "tok.json", tmp_path / "other-data"
     train_tokenizer(str(other_tok), VOCAB - 20, inputs=[str(corpus[0])], val_fraction=0.2)
     prepare(find_inputs([str(corpus[0])]), other_data, val_fraction=0.2, tokenizer=str(other_tok), workers=2)
-    line = one_line_error(run_cli([*other[:other.index("--data.data_dir") + 1], str(other_data),
-                                   *other[other.index("--data.data_dir") + 2:]], cwd=tmp_path))
-    assert "the checkpoint resumed from was trained with tokenizer 'tok' (sha256 " in line and \
+    line = one_line_error(run_cli([*train_args(other_data, max_steps=2), "--model.vocab_size", str(VOCAB),
+                                   "--model.init_from", str(ckpt), "--trainer.logger.init_args.save_dir",
+                                   str(tmp_path / "runs2")], cwd=tmp_path))
+    assert "was trained with tokenizer 'tok' (sha256 " in line and \
         f"but the data was prepared with 'tok' (sha256 {bpe.digest(json.loads(other_tok.read_text()))[:12]})" in line, line
     line = one_line_error(run_cli([*train_args(prepared, max_steps=2), "--model.init_from", str(ckpt),
                                    "--trainer.logger.init_args.save_dir", str(tmp_path / "runs3")], cwd=tmp_path))
