@@ -5,8 +5,8 @@
 Each case is one JSON line of `--mb` million characters, either letters without a space (one
 pre-token: the worst case for tiktoken, ~50 bytes per character in one call) or words with spaces.
 It is read and tokenized by `prepare.read_piece`, the function every prepare worker runs, in a
-fresh process; the figures are that process's peak resident memory above what it had before the
-call (ru_maxrss) and the seconds the call took. "one call" sets `tokenizer.SEGMENT_CHARS` above the
+fresh process; the figures are that process's peak resident memory during the call above what it
+had before (VmHWM, reset first, less VmRSS; Linux) and the seconds the call took. "one call" sets `tokenizer.SEGMENT_CHARS` above the
 document's length, which is what prepare did before documents were cut into segments. The two run
 alternately; medians of `--repeats`. Results are appended to BENCHMARKS.md.
 """
@@ -21,18 +21,20 @@ from pathlib import Path
 from common import ROOT, median, record
 
 MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from lm_pretrain import tokenizer
 from lm_pretrain.prepare import Settings, read_piece
 from lm_pretrain.readers import Input
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 if sys.argv[3] == "one call":
     tokenizer.SEGMENT_CHARS = 1 << 40
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the memory in use now
+before = kib("VmRSS:")
 started = time.perf_counter()
 piece = read_piece((0, Input(Path(sys.argv[1])), sys.argv[2], Settings()))
-print(json.dumps({"seconds": time.perf_counter() - started,
-                  "mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+print(json.dumps({"seconds": time.perf_counter() - started, "mib": (kib("VmHWM:") - before) / 1024,
                   "tokens": int(piece.tokens.sum())}))
 """
 

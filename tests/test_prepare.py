@@ -560,21 +560,23 @@ def test_lone_surrogates_are_replaced_and_counted_once(tmp_path, caplog):
 
 
 LONG_LINE_MEMORY = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from lm_pretrain.prepare import Settings, read_piece
 from lm_pretrain.readers import Input
-path = Path(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-piece = read_piece((0, Input(path), sys.argv[2], Settings()))
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(json.dumps({"kib": grown, "tokens": int(piece.tokens.sum())}))
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the memory in use now
+before = kib("VmRSS:")
+piece = read_piece((0, Input(Path(sys.argv[1])), sys.argv[2], Settings()))
+print(json.dumps({"kib": kib("VmHWM:") - before, "tokens": int(piece.tokens.sum())}))
 """
 
 
 def test_a_long_line_without_spaces_prepares_in_bounded_memory(tmp_path):
     """One 20 MB line of letters: tokenized in SEGMENT_CHARS pieces. In one piece tiktoken took ~50
-    bytes per character (1 GB here); now the text itself (and its JSON parse) is most of it."""
+    bytes per character (1 GB here); now the line, its text and its tokens are all of it, ~6 bytes
+    per character as for any line (bench/long_document.py)."""
     import subprocess
     import sys
 
@@ -587,7 +589,7 @@ def test_a_long_line_without_spaces_prepares_in_bounded_memory(tmp_path):
                           capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
-    assert result["kib"] * 1024 < 6 * n, result  # the line, its text and its tokens: not 50x
+    assert 0 < result["kib"] * 1024 < 10 * n, result  # the line, its text and its tokens (~6x): not ~50x
     # the same tokens as whole segments of the text would give (a cut every SEGMENT_CHARS letters)
     enc = get_tokenizer()
     assert result["tokens"] == (n // SEGMENT_CHARS) * len(enc.encode_ordinary("a" * SEGMENT_CHARS)) + \
