@@ -134,39 +134,31 @@ def one_line_error(done) -> str:
     return line
 
 
-def cli_error(main, argv: list[str], capsys) -> str:
-    """Run an entry point's main in this process; it must exit 2 with one `error: ...` line on
-    stderr (what a user sees last). Returns that line."""
+def cli_error(main, argv: list[str], capsys, status: int = 2, starts: str = "error: ") -> str:
+    """Run an entry point's main in this process; it must exit with `status` and one line on stderr
+    that starts with `starts` (what a user sees last), no traceback. Returns that line."""
     import pytest
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err[-2000:]
+    assert exit_info.value.code == status, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     line = err.splitlines()[-1]
-    assert line.startswith("error: "), line
+    assert line.startswith(starts), line
     return line
 
 
 def interrupted_at(monkeypatch, target, name: str, main, argv: list[str], capsys) -> str:
     """Run an entry point's main in this process with `target.name` raising KeyboardInterrupt (Ctrl-C
     at that moment); it must exit 130 with one `error: interrupted` line. Returns that line."""
-    import pytest
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(target, name, ctrl_c)
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    monkeypatch.undo()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 130, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    line = err.splitlines()[-1]
-    assert line.startswith("error: interrupted"), line
-    return line
+    with monkeypatch.context() as patched:
+        patched.setattr(target, name, ctrl_c)
+        return cli_error(main, argv, capsys, status=130, starts="error: interrupted")
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
