@@ -73,8 +73,7 @@ def read_hyperparameters(path: str | Path, what: str = "checkpoint", full: bool 
         raise UserError(f"{what} {path} is not a checkpoint ({type(err).__name__})") from None
     if not isinstance(saved, dict) or "hyper_parameters" not in saved:
         raise UserError(f"{what} {path} is not a checkpoint written by train.py")
-    return saved if full else {key: saved[key] for key in ("hyper_parameters", "datamodule_hyper_parameters")
-                               if key in saved}
+    return saved if full else {"hyper_parameters": saved["hyper_parameters"], "streamed_from": streamed_from(saved)}
 
 
 def _gather_shards(path: Path, hparams: dict) -> dict:
@@ -133,19 +132,40 @@ def check_resumable(ckpt: str, model_args: dict, data_args: dict | None = None) 
     except (TypeError, ValueError) as err:
         raise UserError(f"model: {err}") from None
     check_architecture(saved["hyper_parameters"], config, f"checkpoint {ckpt}")
-    trained_on = data_locations(saved.get("datamodule_hyper_parameters") or {})
-    if data_args is not None and trained_on and trained_on != data_locations(data_args):
-        raise UserError(f"checkpoint {ckpt} was trained on {', '.join(trained_on)}, not {', '.join(data_locations(data_args))}: "
-                        f"--ckpt_path continues a run where it stopped in its own data; to train its weights on other "
-                        f"data, start a new run with --model.init_from {ckpt} instead")
+    if data_args is not None and saved["streamed_from"] and saved["streamed_from"] != train_splits(data_args):
+        trained_on = ", ".join(sorted(str(Path(p).parent) for p in saved["streamed_from"]))
+        given = ", ".join(sorted(str(Path(p).parent) for p in train_splits(data_args)))
+        raise UserError(f"checkpoint {ckpt} was trained on {trained_on}, not {given}: --ckpt_path continues a run "
+                        f"where it stopped in its own data; to train its weights on other data, start a new run "
+                        f"with --model.init_from {ckpt} instead")
 
 
-def data_locations(data_args: dict) -> list[str]:
-    """The datasets a data module's arguments name (data_dir, or each of a mixture), local ones as
-    absolute paths."""
+def streamed_from(saved: dict) -> set[str]:
+    """The train splits a checkpoint's data loader was reading, as litdata saved them in its state
+    (absolute paths as they were in training, or s3:// URLs): what litdata checks on resume."""
+    found = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("input_dir_url"), str) or isinstance(node.get("input_dir_path"), str):
+                found.add(node.get("input_dir_url") or node["input_dir_path"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(saved.get("loops") or {})
+    return found
+
+
+def train_splits(data_args: dict) -> set[str]:
+    """The train splits a data module's arguments name (data_dir, or each of a mixture), as litdata
+    records them: absolute paths, or URLs."""
     mixture = data_args.get("mixture")
     named = [m.get("data_dir") for m in mixture if isinstance(m, dict)] if mixture else [data_args.get("data_dir")]
-    return [str(d) if storage.is_remote(d) else str(Path(d).resolve()) for d in named if d]
+    return {f"{str(d).rstrip('/')}/train" if storage.is_remote(d) else str(Path(d).resolve() / "train")
+            for d in named if d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,40 +224,46 @@ def resolve_last(config) -> None:
 CLAIMED_VERSION = "LM_PRETRAIN_RUN_VERSION"  # the version folder the launching process claimed, for its children
 
 
-def claim_run_folder(config) -> None:
+def claim_run_folder(config) -> int | None:
     """Give a new TensorBoard or CSV run its version_N folder atomically: created exclusively, the
-    next number taken on a clash. Lightning lists the folders and creates the next one later, in two
-    steps, so two runs started at once could both take version_N and one's checkpoints replace the
-    other's. The first process claims; the processes Lightning's launcher starts for the other
-    devices inherit its number through the environment (they log nothing themselves)."""
+    next number taken on a clash, and set as the logger's version; returns N (None when nothing was
+    claimed). Lightning lists the folders and creates the next one later, in two steps, so two runs
+    started at once could both take version_N and one's checkpoints replace the other's. The first
+    process claims; the processes Lightning's launcher starts for the other devices inherit its
+    number through the environment (torchrun's other ranks need none: Lightning gives them the
+    first one's checkpoint folder). The caller keeps N out of the run's saved config.yaml, so that
+    a new run started from that file claims a folder of its own."""
     logger = config.trainer.get("logger")
     if not hasattr(logger, "class_path") or RUN_LAYOUTS.get(str(logger.class_path).rsplit(".", 1)[-1]) is not _versioned:
         return
     args = logger.init_args
     if args.get("version") is not None or "://" in str(args.get("save_dir") or ""):
-        return  # the user chose the run (or resolve_last did); a remote file system is left to Lightning
+        return None  # the user chose the run (or resolve_last did); a remote file system is left to Lightning
     if any(os.environ.get(var, "0") != "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
         if os.environ.get(CLAIMED_VERSION, "").isdigit():
             args["version"] = int(os.environ[CLAIMED_VERSION])
-        return
+            return args["version"]
+        return None
     root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
     created = []  # the folders above it that this claim creates (runs/, runs/NAME/)
     for folder in (root, *root.parents):
         if folder.exists():
             break
         created.append(folder)
-    root.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
     version = max(taken, default=-1) + 1
     while True:
         try:
-            (root / f"version_{version}").mkdir()
+            (root / f"version_{version}").mkdir(parents=True)
             break
         except FileExistsError:  # another run took it a moment ago
             version += 1
+        except OSError as err:
+            raise UserError(f"cannot create the run folder {root / f'version_{version}'}: {err.strerror or err}") from None
     args["version"] = version
     os.environ[CLAIMED_VERSION] = str(version)
     _claimed.extend([root / f"version_{version}", *created])
+    return version
 
 
 _claimed: list[Path] = []  # run folders this process claimed, each followed by the folders made for it

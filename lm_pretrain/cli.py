@@ -51,7 +51,15 @@ class PretrainCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.enable_version_counter": False})
 
+    claimed_version: int | None = None
+
     def instantiate_trainer(self, **kwargs):
+        # The logger (built by now) has the version claimed for it; the config saved beside the run
+        # (config.yaml) goes back to none, so that a new run started from that file claims a folder
+        # of its own instead of writing into this one.
+        subcommand = self.config.get("subcommand")
+        if self.claimed_version is not None and subcommand:
+            self.config[subcommand].trainer.logger.init_args.version = None
         # Our progress bar (numbers read from the GPU only on log steps) unless the bar is switched
         # off or the config brings its own; Lightning refuses a bar in callbacks with the bar off.
         trainer = self._get(self.config_init, "trainer", default={})
@@ -88,7 +96,7 @@ class PretrainCLI(LightningCLI):
                 # (validate may score a checkpoint on any data; fit resumes a run on its own)
                 checkpoints.check_resumable(ckpt, config.model.as_dict(),
                                             config.data.as_dict() if subcommand == "fit" else None)
-            checkpoints.claim_run_folder(config)  # last of the checks here; main removes it if left unused
+            self.claimed_version = checkpoints.claim_run_folder(config)  # last; main removes it if left unused
 
 
 def allow_mlflow_file_store(config) -> None:
@@ -125,13 +133,15 @@ def use_root_dir_for_runs(config) -> None:
         check_can_create(logger.init_args.save_dir, "--trainer.logger.init_args.save_dir")
     if config.get("checkpoint.dirpath"):
         check_can_create(config.checkpoint.dirpath, "--checkpoint.dirpath")
-        # Checkpoints are never written into what the run reads (last.ckpt over the init_from file,
-        # into the dataset). A resumed run's own checkpoint is not listed: replacing it is resuming.
+        # Checkpoints are never written into what the run reads: into the dataset, or as last.ckpt over
+        # the init_from file (the writer only writes files at the folder's top level). A resumed run's
+        # own checkpoint is not listed: replacing it is resuming.
         mixture = config.get("data.mixture") or []
         refuse_output_over_inputs(config.checkpoint.dirpath, {
             "--data.data_dir": [config.get("data.data_dir"), *(m.get("data_dir") for m in mixture if isinstance(m, dict))],
-            "--model.init_from": config.get("model.init_from"), "--model.tokenizer": config.get("model.tokenizer")},
-            "--checkpoint.dirpath")
+            "--model.tokenizer": config.get("model.tokenizer")}, "--checkpoint.dirpath", contains_depth=0)
+        refuse_output_over_inputs(config.checkpoint.dirpath, {"--model.init_from": config.get("model.init_from")},
+                                  "--checkpoint.dirpath", contains_depth=1)
 
 
 def quiet_lightning() -> None:
@@ -189,5 +199,7 @@ def main(args: list[str] | None = None) -> None:
     finally:
         checkpoints.release_unused_run_folders()
     stopped = next((c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, Preemption)), None)
-    if stopped is not None and stopped.requested == signal.SIGINT:  # Ctrl-C: stopped between steps, saved
-        raise Interrupted(stopped.saved or "nothing new was saved (the run's earlier checkpoints are kept)")
+    if stopped is not None and stopped.requested == signal.SIGINT and stopped.saved:  # Ctrl-C: stopped and saved
+        if cli.trainer.global_rank == 0:
+            raise Interrupted(stopped.saved)
+        sys.exit(130)  # the other processes of the run: the first one says it

@@ -79,18 +79,23 @@ def check_can_create(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path}: cannot be created, {existing} is not writable")
 
 
-def refuse_output_over_inputs(output: str | Path, inputs: dict[str, object], what: str = "--output") -> None:
+def refuse_output_over_inputs(output: str | Path, inputs: dict[str, object], what: str = "--output",
+                              contains_depth: int | None = None) -> None:
     """UserError, before any work, when `output` is, contains or lies inside one of `inputs` (a
     {setting: path or paths} of what the command reads: corpus files and folders, tokenizer file,
     checkpoint, dataset), symlinks followed on both sides. --overwrite replaces an earlier output; it
-    never makes a command delete or write into what it reads. Remote (s3://) paths are not compared."""
+    never makes a command delete or write into what it reads. Remote (s3://) paths are not compared.
+    `contains_depth` limits "contains" to inputs that many levels down (1: directly inside), for an
+    output folder whose writer only ever writes its top level; 0 never refuses it."""
     out = Path(output).resolve()
     for setting, paths in inputs.items():
         for given in paths if isinstance(paths, (list, tuple)) else [paths]:
             if given is None or str(given).startswith("s3://") or not Path(given).exists():
                 continue
             read = Path(given).resolve()
-            relation = ("is" if out == read else "contains" if out in read.parents
+            depth = read.parents.index(out) + 1 if out in read.parents else None
+            contained = depth is not None and (contains_depth is None or depth <= contains_depth)
+            relation = ("is" if out == read else "contains" if contained
                         else "lies inside" if read in out.parents else None)
             if relation:
                 theirs = "" if str(given) == str(read) else f" ({read})"

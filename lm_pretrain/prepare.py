@@ -50,7 +50,7 @@ from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_lin
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, Seed, Workers
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
-from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, encode_document, from_record
+from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, encode_document, from_record, is_file_spec
 from lm_pretrain.tokenizer import record as tokenizer_record
 
 log = logging.getLogger("lm_pretrain.prepare")
@@ -231,9 +231,10 @@ def ctrl_c_in_optimize():
             return signal.getsignal(signum) if signum == signal.SIGINT else signal.signal(signum, handler)
 
     theirs = getattr(data_processor, "signal", None)
-    if threading.current_thread() is not threading.main_thread() or theirs is not signal:
-        yield  # signals are the main thread's; or litdata changed how it installs its handler
-        return
+    if threading.current_thread() is not threading.main_thread() or theirs is not signal or \
+            previous in (signal.SIG_IGN, None):
+        yield  # signals are the main thread's; litdata changed how it installs its handler; or Ctrl-C is
+        return  # ignored here (a command started with & by a shell script) or handled outside Python
     data_processor.signal = KeepOurSigint()
     signal.signal(signal.SIGINT, on_sigint)
     others = set(multiprocessing.active_children())
@@ -249,7 +250,7 @@ def ctrl_c_in_optimize():
         signal.signal(signal.SIGINT, previous)
 
 
-_die_with_parent = {"on": False, "registered": False, "parent": 0}
+_die_with_parent = {"on": False, "registered": False, "parent": 0, "prctl": None}
 
 
 def _children_die_with_parent(on: bool) -> None:
@@ -260,6 +261,9 @@ def _children_die_with_parent(on: bool) -> None:
         return
     _die_with_parent["on"] = on
     if on and not _die_with_parent["registered"]:
+        import ctypes
+
+        _die_with_parent["prctl"] = ctypes.CDLL(None).prctl  # looked up here, not in a child just forked
         os.register_at_fork(before=_note_parent, after_in_child=_set_death_signal)
         _die_with_parent["registered"] = True
 
@@ -270,9 +274,7 @@ def _note_parent() -> None:
 
 def _set_death_signal() -> None:
     if _die_with_parent["on"]:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        _die_with_parent["prctl"](1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != _die_with_parent["parent"]:  # the parent ended before that took effect
             os._exit(130)
 
@@ -383,7 +385,8 @@ def prepare(inputs: list[Input | Path], output: Path | str, val_fraction: OpenUn
             upload_dataset(Path(scratch) / "data", store)
         log.info("uploaded to %s", store.url)
         return metadata
-    refuse_output_over_inputs(output, {"INPUT": [source.path for source in inputs], "--tokenizer": tokenizer})
+    refuse_output_over_inputs(output, {"INPUT": [source.path for source in inputs],
+                                       "--tokenizer": tokenizer if is_file_spec(tokenizer) else None})
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; pass --overwrite to replace it")
@@ -553,8 +556,8 @@ def prepare_command(output: str, inputs: list[str] | None = None, corpus: Corpus
         sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
     else:
         sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
-        if not storage.is_remote(output):  # the folders named, not only the files found in them
-            refuse_output_over_inputs(output, {"INPUT": inputs or []})
+    if not storage.is_remote(output):  # the folders named, not only the files found in them
+        refuse_output_over_inputs(output, {"INPUT": inputs or [], "--hf_dataset": hf_dataset})
     return prepare(sources, output, val_fraction=val_fraction, tokenizer=tokenizer, workers=workers, seed=seed,
                    overwrite=overwrite, encoding_errors=encoding_errors, chunk_bytes=chunk_bytes,
                    storage_options=storage_options, text_key=text_key)

@@ -25,7 +25,7 @@ from jsonargparse.typing import ClosedUnitInterval, restricted_number_type
 from lm_pretrain.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "Seed", "VocabSize", "Workers", "NonNegativeWorkers", "Layers", "Heads", "Width",
+           "PositiveInt", "Probability", "Seed", "VocabSize", "Characters", "Workers", "NonNegativeWorkers", "Layers", "Heads", "Width",
            "Context", "check", "check_config", "choices", "describe", "plain", "restrictions"]
 
 # Every count has both bounds. 2**31 - 1 at most: beyond, torch's and NumPy's index types overflow,
@@ -35,6 +35,7 @@ __all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", 
 MAX_COUNT = 2**31 - 1
 PositiveInt = restricted_number_type("PositiveCount", int, [(">", 0), ("<=", MAX_COUNT)])
 NonNegativeInt = restricted_number_type("NonNegativeCount", int, [(">=", 0), ("<=", MAX_COUNT)])
+Characters = restricted_number_type("Characters", int, [(">", 0), ("<=", 10**15)])  # a petabyte of text
 # Processes: more than a machine's cores only wait on each other.
 MAX_WORKERS = 512
 Workers = restricted_number_type("Workers", int, [(">", 0), ("<=", MAX_WORKERS)])
@@ -125,10 +126,15 @@ def _in_range(annotation, value) -> bool:
 def range_text(annotation) -> str:
     """"> 0", ">= 0 and < 1", ...: the allowed values of `annotation`, for messages."""
     limits = restrictions(_first(annotation))
-    text = _bounds_text(" and ".join(f"{op} {bound:g}" for op, bound in limits)) if limits else "a valid value"
+    text = _bounds_text(" and ".join(f"{op} {_number(bound)}" for op, bound in limits)) if limits else "a valid value"
     if any(a is type(None) for a in typing.get_args(annotation)):
         text += ", or null"
     return text
+
+
+def _number(bound: float) -> str:
+    """A bound as written: whole numbers in full (4294967295, not 4.29497e+09), others short."""
+    return str(int(bound)) if math.isfinite(bound) and float(bound).is_integer() else f"{bound:g}"
 
 
 def refusal(flag: str, value, annotation) -> str:

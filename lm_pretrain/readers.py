@@ -187,7 +187,7 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self.at == len(self.pending):
-            compressed = self.file.read(1 << 20)
+            compressed = self.file.read(1 << 14)  # small: what one read decompresses to stays bounded
             if not compressed:
                 if self.in_frame:
                     raise EOFError("the file ends inside a zstd frame (truncated)")

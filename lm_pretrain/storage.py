@@ -144,8 +144,8 @@ class ObjectStore:
             raise UserError(f"{where}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             f"(or AWS_PROFILE)") from None
         except (ConnectionError, HTTPClientError) as err:
-            waited = f", gave up after {self.client.meta.config.retries['total_max_attempts']} attempts" if "Timeout" in \
-                type(err).__name__ else ""
+            attempts = (self.client.meta.config.retries or {}).get("total_max_attempts")
+            waited = f", gave up after {attempts} attempts" if attempts and "Timeout" in type(err).__name__ else ""
             raise UserError(f"{where}: endpoint {self.client.meta.endpoint_url} is unreachable "
                             f"({type(err).__name__}{waited}); check AWS_ENDPOINT_URL or storage_options endpoint_url "
                             f"(and connect_timeout, read_timeout, max_attempts for a slow store)") from None

@@ -24,7 +24,7 @@ from lm_pretrain.commands import call_with_inputs, show_progress
 from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
-from lm_pretrain.ranges import OpenUnitInterval, PositiveInt, Seed, VocabSize
+from lm_pretrain.ranges import Characters, OpenUnitInterval, Seed, VocabSize
 from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
 from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name, segments
 
@@ -35,7 +35,7 @@ VAL_SAMPLE_CHARS = 5_000_000  # held-out text kept to report the new tokenizer's
 
 def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None = None, corpus: Corpus | None = None,
                     hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
-                    text_key: str = DEFAULT_TEXT_KEY, max_chars: PositiveInt = 2_000_000_000,
+                    text_key: str = DEFAULT_TEXT_KEY, max_chars: Characters = 2_000_000_000,
                     hold_out_val: bool = True, val_fraction: OpenUnitInterval = 0.05, seed: Seed = 0,
                     trainer: bpe.Trainer = "rustbpe", name: str | None = None,
                     encoding_errors: EncodingErrors = "strict", overwrite: bool = False) -> dict:
@@ -79,7 +79,7 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
         sources = [Input(hf_name=hf_dataset, hf_config=hf_config, hf_split=hf_split)]
     else:
         sources = [Input(p) for p in CORPORA[corpus]()] if corpus else find_inputs(inputs)
-    refuse_output_over_inputs(out, {"INPUT": [*(inputs or []), *(s.path for s in sources)]})
+    refuse_output_over_inputs(out, {"INPUT": [*(inputs or []), *(s.path for s in sources)], "--hf_dataset": hf_dataset})
     if out.exists() and not overwrite:
         raise UserError(f"--output {out} exists; pass --overwrite to replace it")
     check_can_create(out.parent, "--output's folder")

@@ -139,3 +139,9 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path)
         refuse_output_over_inputs(tmp_path / "corpus", {"INPUT": str(tmp_path / "alias")})
     for output in (tmp_path / "elsewhere", tmp_path / "corpus-2", "s3://bucket/data"):  # a sibling, a prefix, remote
         refuse_output_over_inputs(output, inputs)
+    # a writer of top-level files only (checkpoints): "contains" counts only so many levels down
+    refuse_output_over_inputs(tmp_path, {"--data.data_dir": str(tmp_path / "corpus")}, contains_depth=0)
+    refuse_output_over_inputs(tmp_path, {"--model.init_from": str(tmp_path / "corpus" / "a.txt")}, contains_depth=1)
+    with pytest.raises(UserError, match="contains"):
+        refuse_output_over_inputs(tmp_path / "corpus", {"--model.init_from": str(tmp_path / "corpus" / "a.txt")},
+                                  contains_depth=1)

@@ -460,8 +460,14 @@ def test_an_output_over_an_input_is_refused_with_or_without_overwrite(corpus, tm
     line = cli_error(main, [str(corpus[0]), "--tokenizer", str(tokenizer), "--output", str(folder / "txt"),
                             "--overwrite"], capsys)
     assert "one of its inputs (--tokenizer)" in line, line
+    line = cli_error(main, ["--hf_dataset", str(folder / "hf-folder"), "--output", str(folder / "hf-folder"),
+                            "--overwrite"], capsys)  # a dataset folder given as the hub's would be
+    assert "one of its inputs (--hf_dataset)" in line, line
     assert tree(folder) == before  # not a byte changed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+    (tmp_path / "gpt2").mkdir()  # a folder named like a tiktoken encoding is not the --tokenizer
+    main([str(folder / "docs.jsonl"), "--output", str(tmp_path / "gpt2" / "data"), "--workers", "1",
+          "--val_fraction", "0.25"])
 
 
 def truncations(data: bytes, every: int = 1):
@@ -528,10 +534,11 @@ def test_parquet_and_arrow_inputs_cut_short_are_refused(tmp_path, capsys):
     between = [source.tell(), len(data) - 8]  # after the first batch; the end-of-stream marker alone removed
     with pa.ipc.open_stream(pa.BufferReader(data[:between[0]])) as first:
         assert first.read_all().num_rows < len(texts)  # pyarrow takes it for whole
+    (tmp_path / "more.txt").write_text("another document")
     for cut in [*between, *range(16, len(data) - 1, max(1, len(data) // 50))]:
         arrow.write_bytes(data[:cut])
-        line = cli_error(main, [str(folder), str(parquet), "--output", str(tmp_path / "out")], capsys)
-        assert str(arrow) in line or str(parquet) in line, line
+        line = cli_error(main, [str(folder), str(tmp_path / "more.txt"), "--output", str(tmp_path / "out")], capsys)
+        assert str(arrow) in line, line
         with pytest.raises(UserError, match=str(arrow)):
             list(read_documents(Input(folder)))
     assert not (tmp_path / "out").exists()

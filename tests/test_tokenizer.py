@@ -91,11 +91,15 @@ def test_long_texts_tokenize_in_segments_as_a_whole():
     rng = random.Random(0)
     pieces = ["the", "king", "  ", "\n", "\n\n", " ", "!", "12345", "don't", "\t", "caf\u00e9", "\u2014", "\u4e2d\u6587"]
     text = "".join(rng.choice(pieces) + rng.choice([" ", "", "  ", "\n", " \n"]) for _ in range(60_000))
-    for size in (1000, 4096):
-        parts = list(segments(text, size))
-        assert "".join(parts) == text and len(parts) > len(text) // size and max(map(len, parts)) <= size
     own = encoding_from_ranks(bpe.train([text], 600, "rustbpe"), bpe.SPLIT_PATTERN, "own")
     for enc in (get_tokenizer(), own):
         whole = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         assert len(text) > 2 * 65536 and np.array_equal(encode_document(enc, text), whole)
+        for size in (1000, 4096):  # hundreds of cuts, each before a space between two other characters
+            parts = list(segments(text, size))
+            assert "".join(parts) == text and len(parts) > len(text) // size and max(map(len, parts)) <= size
+            ends = np.cumsum([len(p) for p in parts])[:-1]
+            assert all(text[e] == " " and not text[e - 1].isspace() and not text[e + 1].isspace() for e in ends)
+            cut = np.concatenate([enc.encode_to_numpy(p, allowed_special=set(), disallowed_special=()) for p in parts])
+            assert np.array_equal(cut, whole), (enc.name, size)
     assert [len(p) for p in segments("a" * 2500, 1000)] == [1000, 1000, 500]

@@ -189,7 +189,8 @@ def test_a_run_never_writes_into_what_it_reads(tmp_path, prepared, capsys, monke
     monkeypatch.chdir(tmp_path)
     args = train_args(prepared, max_steps=2)[1:]
     before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
-    for dirpath, relation in ((prepared, "is"), (prepared / "ckpts", "lies inside"), (prepared.parent, "contains")):
+    for dirpath, relation in ((prepared, "is"), (prepared / "ckpts", "lies inside")):  # (a folder above: no file
+        # of the data can be written over, checkpoints go to its top level)
         line = cli_error(train, [*args, "--checkpoint.dirpath", str(dirpath)], capsys)
         assert line.startswith(f"error: --checkpoint.dirpath {dirpath} {relation} {prepared}") and \
             "one of its inputs (--data.data_dir)" in line, line
@@ -232,6 +233,10 @@ def test_runs_started_at_once_each_get_their_own_run_folder(prepared, tmp_path):
     for folder in folders:  # each its own checkpoint and config: none replaced another's
         assert (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "config.yaml").is_file()
         assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    # a run started again from a saved config.yaml claims a folder of its own (its version is not pinned)
+    again = run_cli([str(ROOT / "train.py"), "fit", "--config", str(folders[0] / "config.yaml")], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "runs" / "tiny").iterdir())[-1] == "version_3"
 
 
 @pytest.mark.slow
@@ -253,3 +258,7 @@ def test_resuming_on_other_data_says_to_use_init_from(trained_run, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
     scored = run_cli([str(ROOT / "train.py"), "validate", *train_args(other)[2:], "--ckpt_path", ckpt], cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr[-2000:]
+    # the same data by another path (relative, from another folder, through a link): the run continues
+    (tmp_path / "link").symlink_to(trained_run["data"])
+    same = run_cli([*train_args("link", max_steps=60), "--ckpt_path", ckpt], cwd=tmp_path)  # its step: ends at once
+    assert same.returncode == 0, same.stderr[-2000:]
