@@ -39,7 +39,8 @@ def segments(text: str, size: int = SEGMENT_CHARS):
     cut is made before a space that stands between two other characters (every split pattern here
     starts a new pre-token there, and none reaches across it). A stretch of `size` characters without
     such a space (one long line of letters, say) is cut where it ends: only there can the tokens
-    differ from those of the whole text."""
+    differ from those of the whole text. (True of tiktoken's split patterns and bpe.SPLIT_PATTERN; a
+    tokenizer file edited by hand to a pattern whose tokens hold inner spaces would be cut alike.)"""
     start = 0
     while len(text) - start > size:
         end = start + size

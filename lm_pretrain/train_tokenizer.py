@@ -96,13 +96,13 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
             is_val = split_documents(sum(counts), val_fraction, seed)
         except UserError as err:
             raise UserError(f"{err}; or pass --hold_out_val false") from None
-    used, val_sample = {"documents": 0, "chars": 0, "val_chars": 0}, []
+    used, val_sample, repaired = {"documents": 0, "chars": 0, "val_chars": 0}, [], {}
 
     def training_texts():
         budget, started, last_report = max_chars, time.perf_counter(), 0.0
         for i, source in enumerate(sources):
             share, taken, index = budget // (len(sources) - i), 0, offsets[i] if offsets else 0
-            for text in read_documents(source, options):
+            for text in read_documents(source, options, repaired):
                 if text is None:
                     continue
                 index += 1
@@ -130,6 +130,9 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
     seconds = time.perf_counter() - started
     if used["chars"] == 0:
         raise UserError("the inputs hold no text to train on (every document is empty, skipped or held out)")
+    if repaired.get("surrogates"):
+        log.warning("replaced %d lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair) with U+FFFD",
+                    repaired["surrogates"])
     name = name or out.name.removesuffix(".json")
     trained_on = {"inputs": [str(s) for s in sources[:20]] + ([f"... {len(sources) - 20} more"] if len(sources) > 20 else []),
                   "documents": used["documents"], "characters": used["chars"], "trainer": trainer,

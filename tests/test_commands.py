@@ -130,5 +130,5 @@ def test_help_shows_a_switch(capsys):
     assert done.value.code in (0, None)
     printed = " ".join(capsys.readouterr().out.split())
     assert "[--overwrite [{true,false}]]" in printed  # the usage line: the value may be left out
-    assert "--overwrite [{true,false}] replace OUTPUT if it exists (only once the new one is complete). " \
+    assert "--overwrite [{true,false}] replace OUTPUT if it exists (only once the new one is complete); never an input. " \
            "(type: bool, default: False)" in printed
