@@ -154,7 +154,21 @@ def quiet_lightning() -> None:
         lambda record: "litlogger" not in record.getMessage())
 
 
+def use_omp_num_threads() -> None:
+    """OMP_NUM_THREADS, when given, is the intra-op thread count, whoever started this process. torch
+    reads it only as it starts: a process forked from a running interpreter (or a notebook) would
+    keep that one's count, and Lightning, seeing the variable set, changes nothing. Rounding depends
+    on the count, so a bitwise comparison depends on this. Without it, Lightning gives each process
+    of a machine its share of the cores."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def run(args: list[str] | None = None) -> PretrainCLI:
+    use_omp_num_threads()
     quiet_lightning()
     show_progress()  # e.g. "preparing the default corpus ..."
     # jsonargparse would silently skip a missing defaults file, and the presets would quietly change.

@@ -219,7 +219,9 @@ def peak_cpu_bytes(step) -> int:
 
 
 class RecordBatches(L.Callback):
-    """Append {rank, step, loss, batch sha} per training batch to a JSON Lines file (one per rank)."""
+    """Append {rank, step, loss, batch sha, threads} per training batch to a JSON Lines file (one per
+    rank). The intra-op thread count is there because rounding depends on it: two runs compared
+    bitwise with different counts then differ by name, not by a loss's last bit."""
 
     def __init__(self, path: str):
         self.path = path
@@ -228,7 +230,8 @@ class RecordBatches(L.Callback):
         x, _ = batch
         loss = float(outputs["loss"]) if outputs else None  # None: the batch was skipped
         row = {"rank": trainer.global_rank, "step": trainer.global_step, "loss": loss,
-               "rows": [hashlib.sha1(r.cpu().numpy().tobytes()).hexdigest()[:16] for r in x]}
+               "rows": [hashlib.sha1(r.cpu().numpy().tobytes()).hexdigest()[:16] for r in x],
+               "threads": torch.get_num_threads()}
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
             f.write(json.dumps(row) + "\n")
 

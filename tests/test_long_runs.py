@@ -71,13 +71,16 @@ def free_port() -> int:
 
 def torchrun_two_nodes(prepared, folder: Path, *extra: str) -> list[subprocess.CompletedProcess]:
     """docs/long-runs.md's torchrun command on one machine: two nodes (node ranks 0 and 1) of one CPU
-    process each, meeting on 127.0.0.1."""
+    process each, meeting on 127.0.0.1. The two share this machine's cores as 2 DDP processes on one
+    node do, one thread each (torchrun leaves OMP_NUM_THREADS unset for one process per node, and
+    Lightning would then give each both cores: other rounding, and a last-bit difference)."""
     port = str(free_port())
     nodes = [subprocess.Popen([python(), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                *run_args(prepared, 6, folder / "rec", every=2), "--trainer.accelerator", "cpu",
                                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
-                              cwd=folder, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=folder, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     return [subprocess.CompletedProcess(node.args, node.returncode, *out) for node, out in zip(nodes, outputs)]

@@ -262,3 +262,21 @@ def test_resuming_on_other_data_says_to_use_init_from(trained_run, tmp_path, cap
     (tmp_path / "link").symlink_to(trained_run["data"])
     same = run_cli([*train_args("link", max_steps=60), "--ckpt_path", ckpt], cwd=tmp_path)  # its step: ends at once
     assert same.returncode == 0, same.stderr[-2000:]
+
+
+def test_omp_num_threads_sets_the_thread_count_of_a_process_already_started(monkeypatch):
+    """A process forked from a running interpreter (the tests' warm processes, a notebook) keeps its
+    thread count unless told: rounding, and so bitwise comparisons, depend on it."""
+    from lm_pretrain.cli import use_omp_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+            use_omp_num_threads()
+            assert torch.get_num_threads() == threads
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        use_omp_num_threads()  # unset: left to Lightning
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
