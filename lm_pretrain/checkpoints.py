@@ -176,8 +176,13 @@ def train_splits(data_args: dict) -> set[str]:
 # run to continue, and that argument's value for a run folder.
 
 
+def _versioned_root(args: dict) -> Path:
+    """Where a TensorBoard or CSV logger puts its version_N folders (no name: the save_dir itself)."""
+    return Path(args.get("save_dir") or ".") / (args.get("name") or "")
+
+
 def _versioned(args: dict) -> tuple[list[Path], str, callable]:
-    root = Path(args.get("save_dir") or ".") / (args.get("name") or "lightning_logs")
+    root = _versioned_root(args)
     return sorted(root.glob("version_*")), "version", lambda run: int(run.name.removeprefix("version_"))
 
 
@@ -235,7 +240,7 @@ def claim_run_folder(config) -> int | None:
     a new run started from that file claims a folder of its own."""
     logger = config.trainer.get("logger")
     if not hasattr(logger, "class_path") or RUN_LAYOUTS.get(str(logger.class_path).rsplit(".", 1)[-1]) is not _versioned:
-        return
+        return None
     args = logger.init_args
     if args.get("version") is not None or "://" in str(args.get("save_dir") or ""):
         return None  # the user chose the run (or resolve_last did); a remote file system is left to Lightning
@@ -244,13 +249,14 @@ def claim_run_folder(config) -> int | None:
             args["version"] = int(os.environ[CLAIMED_VERSION])
             return args["version"]
         return None
-    root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    root = _versioned_root(args)
     created = []  # the folders above it that this claim creates (runs/, runs/NAME/)
     for folder in (root, *root.parents):
         if folder.exists():
             break
         created.append(folder)
-    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    taken = [int(p.name.removeprefix("version_")) for p in root.glob("version_*")
+             if p.name.removeprefix("version_").isdigit()]
     version = max(taken, default=-1) + 1
     while True:
         try:

@@ -88,7 +88,6 @@ class ObjectStore:
             raise UserError(f"{url}: no bucket name; expected s3://BUCKET/PREFIX")
         self.url, self.bucket, self.prefix = str(url).rstrip("/"), bucket, prefix.strip("/")
         self.client = make_client(storage_options)
-        self.worst_case_s = worst_case_seconds(storage_options)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
