@@ -49,7 +49,8 @@ from lm_pretrain.files import (check_can_create, done_with, full_disk_is_one_lin
                                refuse_output_over_inputs, remove_orphans)
 from lm_pretrain.prepared import METADATA_FILE, METADATA_FORMAT, SPLITS, read_index, shard_checksums, token_dtype
 from lm_pretrain.ranges import OpenUnitInterval, Seed, Workers
-from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
+from lm_pretrain.readers import (DEFAULT_TEXT_KEY, SURROGATES_REPLACED, EncodingErrors, Input, ReadOptions, find_inputs,
+                                  read_documents)
 from lm_pretrain.tokenizer import DEFAULT_TOKENIZER, encode_document, from_record, is_file_spec
 from lm_pretrain.tokenizer import record as tokenizer_record
 
@@ -477,8 +478,7 @@ def build(inputs: list[Input], folder: Path, settings: Settings) -> dict:
              "in %.1f s, shards written in %.1f s", n_docs, total, splits["train"]["tokens"], splits["val"]["tokens"],
              seconds, total / seconds / 1e6, read_seconds, seconds - read_seconds)
     if metadata["replaced_surrogates"]:
-        log.warning("replaced %d lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair, which no UTF-8 text "
-                    "holds) with U+FFFD", metadata["replaced_surrogates"])
+        log.warning(SURROGATES_REPLACED, metadata["replaced_surrogates"])
     return metadata
 
 

@@ -37,6 +37,8 @@ from lm_pretrain.extras import require
 log = logging.getLogger("lm_pretrain.readers")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # halves of UTF-16 pairs: no UTF-8 text holds them alone
+SURROGATES_REPLACED = ("replaced %d lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair, which no UTF-8 "
+                       "text holds) with U+FFFD")  # the one warning, with counts["surrogates"]
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and exporters put first: not text
 DEFAULT_TEXT_KEY = "text"
 # What to do with bytes that are not UTF-8: fail naming the file and byte, write U+FFFD for them, or

@@ -25,7 +25,8 @@ from lm_pretrain.errors import UserError, exit_on_user_error
 from lm_pretrain.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.prepare import CORPORA, Corpus, split_documents
 from lm_pretrain.ranges import Characters, OpenUnitInterval, Seed, VocabSize
-from lm_pretrain.readers import DEFAULT_TEXT_KEY, EncodingErrors, Input, ReadOptions, find_inputs, read_documents
+from lm_pretrain.readers import (DEFAULT_TEXT_KEY, SURROGATES_REPLACED, EncodingErrors, Input, ReadOptions, find_inputs,
+                                  read_documents)
 from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer, is_tiktoken_name, segments
 
 log = logging.getLogger("lm_pretrain.train_tokenizer")
@@ -131,8 +132,7 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
     if used["chars"] == 0:
         raise UserError("the inputs hold no text to train on (every document is empty, skipped or held out)")
     if repaired.get("surrogates"):
-        log.warning("replaced %d lone surrogate(s) (JSON escapes \\ud800-\\udfff that are not a pair) with U+FFFD",
-                    repaired["surrogates"])
+        log.warning(SURROGATES_REPLACED, repaired["surrogates"])
     name = name or out.name.removesuffix(".json")
     trained_on = {"inputs": [str(s) for s in sources[:20]] + ([f"... {len(sources) - 20} more"] if len(sources) > 20 else []),
                   "documents": used["documents"], "characters": used["chars"], "trainer": trainer,
