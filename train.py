@@ -4,7 +4,7 @@
 `python train.py fit --help` lists every flag. See README.md.
 """
 
-from lm_pretrain.cli import main
+from lm_pretrain.commands.train import main
 
 if __name__ == "__main__":
     main()

@@ -34,11 +34,11 @@ def versions() -> str:
 
 
 def preset_values(path: str | Path) -> dict:
-    """A preset as train.py reads it: lm_pretrain/defaults.yaml with the preset's YAML over it (for
+    """A preset as train.py reads it: lm_pretrain/training/defaults.yaml with the preset's YAML over it (for
     scripts that take settings such as gradient clipping from a preset without the CLI)."""
     import yaml
 
-    from lm_pretrain.cli import DEFAULTS_FILE
+    from lm_pretrain.commands.train import DEFAULTS_FILE
 
     def merged(base: dict, over: dict) -> dict:
         out = dict(base)

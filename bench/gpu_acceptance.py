@@ -131,14 +131,14 @@ class Acceptance:
     def prepare(self) -> None:
         """Shakespeare, repeated on a GPU so that no timed window reaches the end of an epoch (1.5M
         tokens are 11 optimizer steps of gpt2-124m; a new epoch restarts the loader's workers)."""
-        from lm_pretrain import assets
+        from lm_pretrain.utils import assets
 
         corpus = self.work / "corpus"
         for copy in range(1 if self.smoke else CORPUS_COPIES):
             (corpus / str(copy)).mkdir(parents=True)
             for text in assets.shakespeare_texts():
                 shutil.copyfile(text, corpus / str(copy) / text.name)  # copies: prepare reads a link once, by its target
-        done = self.run("prepare", ["-m", "lm_pretrain.prepare", str(corpus), "--output", str(self.work / "data")],
+        done = self.run("prepare", ["-m", "lm_pretrain.commands.prepare", str(corpus), "--output", str(self.work / "data")],
                         timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"could not prepare the corpus: {self.failure(done)}")
@@ -215,7 +215,7 @@ class Acceptance:
 
             def fit(kind: str, label: str, *extra: str) -> subprocess.CompletedProcess:
                 folders[kind].mkdir(exist_ok=True)
-                record_cb = json.dumps({"class_path": "lm_pretrain.debug.RecordBatches",
+                record_cb = json.dumps({"class_path": "lm_pretrain.training.debug.RecordBatches",
                                         "init_args": {"path": str(folders[kind] / "rec")}})
                 args = [str(ROOT / "train.py"), "fit", "--config", self.preset("gpt2-124m"), *overlay,
                         "--data.data_dir", self.data, *RESUME_MODEL,
@@ -232,13 +232,13 @@ class Acceptance:
                 self.rows.append(f"| {title} | straight run {self.failure(straight)} |")
                 return
             killed = fit("resumed", "killed", "--trainer.callbacks+=" + json.dumps(
-                {"class_path": "lm_pretrain.debug.SignalAt", "init_args": {"step": 6}}))
+                {"class_path": "lm_pretrain.training.debug.SignalAt", "init_args": {"step": 6}}))
             resumed = fit("resumed", "resumed", "--ckpt_path", "last")
             if killed.returncode != -9 or resumed.returncode != 0:
                 self.rows.append(f"| {title} | killed run exit {killed.returncode} (want -9); resumed "
                                  f"{self.failure(resumed) if resumed.returncode else 'ok'} |")
                 return
-            from lm_pretrain.debug import read_records
+            from lm_pretrain.training.debug import read_records
 
             a, b = read_records(folders["straight"] / "rec"), read_records(folders["resumed"] / "rec")
             same_batches = [r["rows"] for r in a] == [r["rows"] for r in b]
@@ -247,10 +247,10 @@ class Acceptance:
             self.rows.append(f"| {title} | 8 steps, killed after step 6, resumed from the step-4 checkpoint: {verdict} |")
             ckpt = next((folders["resumed"] / "runs").glob("*/version_*/checkpoints/last.ckpt"))
             device = "cpu" if self.smoke else "cuda"
-            sample = self.run(f"{name}-generate", ["-m", "lm_pretrain.generate", "--ckpt_path", str(ckpt), "--prompt",
+            sample = self.run(f"{name}-generate", ["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(ckpt), "--prompt",
                                                    "ROMEO:", "--max_new_tokens", "12", "--seed", "0", "--device",
                                                    device], timeout=90)
-            export = self.run(f"{name}-export", ["-m", "lm_pretrain.export", "--ckpt_path", str(ckpt), "--output",
+            export = self.run(f"{name}-export", ["-m", "lm_pretrain.commands.export", "--ckpt_path", str(ckpt), "--output",
                                                  str(self.work / f"{name}-hf")], timeout=120)
             text = " ".join(sample.stdout.split())[:80]
             self.rows.append(f"| {title}: generate and export from its {'folder' if ckpt.is_dir() else 'file'} "

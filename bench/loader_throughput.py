@@ -15,8 +15,8 @@ import time
 import yaml
 
 from common import median, record
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.sizes import config_from_yaml
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.commands.sizes import config_from_yaml
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from common import ROOT, median, record
 MEASURE = """
 import json, sys, time
 from pathlib import Path
-from lm_pretrain import tokenizer
-from lm_pretrain.prepare import Settings, read_piece
-from lm_pretrain.readers import Input
+from lm_pretrain.tokenizer import encoding as tokenizer
+from lm_pretrain.data.prepare import Settings, read_piece
+from lm_pretrain.data.readers import Input
 def kib(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 if sys.argv[3] == "one call":

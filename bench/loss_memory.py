@@ -7,7 +7,7 @@ tokens floats, ~200 MB here; everything else is a few MB), profiled with torch.p
 tracking on the CPU. The peak of the allocator's total above its value at the start of the step is
 given in float32 logits tensors (tokens x vocab x 4 bytes): 1.0 is one float32 buffer, 0.5 one bf16
 buffer. --bf16 runs under bf16 autocast as a bf16-mixed GPU run does (on this CPU ~10x slower: the
-times are for float32 only). The paths are those of lm_pretrain.loss (model.loss): plain and fused,
+times are for float32 only). The paths are those of lm_pretrain.model.loss (model.loss): plain and fused,
 eager and compiled; "auto" takes fused when eager and plain when compiled. Each path also gets its
 step time (median of --repeats). Results go to BENCHMARKS.md.
 """
@@ -18,9 +18,9 @@ import time
 import torch
 
 from common import median, record
-from lm_pretrain.debug import peak_cpu_bytes
-from lm_pretrain.config import GPTConfig
-from lm_pretrain.loss import next_token_loss
+from lm_pretrain.training.debug import peak_cpu_bytes
+from lm_pretrain.model.config import GPTConfig
+from lm_pretrain.model.loss import next_token_loss
 from lm_pretrain.model import GPT
 
 

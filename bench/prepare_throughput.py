@@ -12,7 +12,7 @@ processes over texts already in memory, with nothing read or written (for the la
 `--ceiling_mb` of documents: the ceiling is a rate, and the whole corpus would not fit the memory
 budget being measured). `encode_ordinary_batch` (threads) is not the ceiling: it builds Python lists
 of ints, and on a 2-core machine it is slower than prepare itself. `prepare` runs as its own process (`python -m
-lm_pretrain.prepare`), timed end to end: start-up, the first pass (reading, parsing, tokenizing,
+lm_pretrain.data.prepare`), timed end to end: start-up, the first pass (reading, parsing, tokenizing,
 checksums of the inputs), writing the shuffled shards in litdata workers, checksums of the shards. Its first pass (reading, parsing and
 tokenizing every input, from prepare's log) is also reported against the ceiling: it is the part
 that tokenizes; the rest is start-up and writing the shuffled shards. Its peak memory is the
@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, median, record
-from lm_pretrain import assets
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.utils import assets
+from lm_pretrain.tokenizer.encoding import get_tokenizer
 
 FILE_BYTES = 128 << 20
 _TEXTS: list[str] = []  # the ceiling's texts, inherited by its forked workers
@@ -119,7 +119,7 @@ def run_prepare(files: list[Path] | Path, output: Path, workers: int) -> tuple[f
     """Run prepare in its own process: (seconds, seconds of its first pass, tokens written, peak
     resident bytes of its tree)."""
     inputs = [str(files)] if isinstance(files, Path) else [str(f) for f in files]
-    command = [sys.executable, "-m", "lm_pretrain.prepare", *inputs, "--output", str(output), "--workers", str(workers)]
+    command = [sys.executable, "-m", "lm_pretrain.commands.prepare", *inputs, "--output", str(output), "--workers", str(workers)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

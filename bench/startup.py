@@ -62,7 +62,7 @@ def commands(data_dir: Path, run_dir: str) -> dict[str, list[str]]:
         ("lm-pretrain-sizes", "sizes"), ("lm-pretrain-prepare", "prepare"), ("lm-pretrain-generate", "generate"),
         ("lm-pretrain-export", "export"), ("lm-pretrain-evaluate", "evaluate")]}
     return {
-        "lm-pretrain-sizes configs/*.yaml": ["-m", "lm_pretrain.sizes", *configs],
+        "lm-pretrain-sizes configs/*.yaml": ["-m", "lm_pretrain.commands.sizes", *configs],
         **table,
         "train.py fit --help": ["train.py", "fit", "--help"],
         "import lightning (for reference)": ["-c", "import lightning"],
@@ -105,7 +105,7 @@ def main() -> None:
     data_dir = ROOT / "data" / "shakespeare"
     if not data_dir.exists():  # the built-in corpus, prepared by train.py on first use of the default folder
         print(f"preparing {data_dir} (once) ...", file=sys.stderr)
-        subprocess.run([variants[0][1], "-c", "from lm_pretrain import assets; from lm_pretrain.prepare import prepare; "
+        subprocess.run([variants[0][1], "-c", "from lm_pretrain import assets; from lm_pretrain.data.prepare import prepare; "
                         f"prepare(assets.shakespeare_texts(), {str(data_dir)!r})"], cwd=ROOT, check=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(variants[0][2])})
     with tempfile.TemporaryDirectory() as tmp:

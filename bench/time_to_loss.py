@@ -95,7 +95,7 @@ class WallClock(L.Callback):
 
 def ensure_prepared(data_dir: Path, corpus: str = "shakespeare") -> None:
     if not (data_dir / "metadata.json").is_file():
-        subprocess.run([sys.executable, "-m", "lm_pretrain.prepare", "--corpus", corpus, "--output", str(data_dir)],
+        subprocess.run([sys.executable, "-m", "lm_pretrain.commands.prepare", "--corpus", corpus, "--output", str(data_dir)],
                        cwd=ROOT, check=True)
 
 
@@ -119,7 +119,7 @@ def mean_loss(logits_of, data: torch.Tensor, batch_size: int = 25) -> float:
 
 
 def our_scorer(ckpt: Path):
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.training.module import LanguageModel
 
     module = LanguageModel.from_checkpoint(str(ckpt)).eval()
     return module.model
@@ -305,7 +305,7 @@ def second_corpus(tmp: Path) -> dict:
     corpus, prepared = tmp / "stdlib", tmp / "stdlib-prepared"
     corpus.mkdir()
     files = stdlib_docstrings(corpus)
-    subprocess.run([sys.executable, "-m", "lm_pretrain.prepare", str(corpus), "--output", str(prepared),
+    subprocess.run([sys.executable, "-m", "lm_pretrain.commands.prepare", str(corpus), "--output", str(prepared),
                     "--val_fraction", "0.5"], cwd=ROOT, check=True, capture_output=True)
     split = json.loads((prepared / "metadata.json").read_text())["splits"]["val"]
     return {"files": files, "windows": windows(prepared / "val", WINDOW, WINDOWS),

@@ -60,13 +60,13 @@ def main() -> None:
         if args.second_corpus:
             docstrings.mkdir()
             stdlib_docstrings(docstrings)
-            run("lm_pretrain.prepare", str(docstrings), "--output", str(tmp / "stdlib-gpt2"), "--val_fraction", "0.5")
+            run("lm_pretrain.commands.prepare", str(docstrings), "--output", str(tmp / "stdlib-gpt2"), "--val_fraction", "0.5")
         for size in args.vocab_sizes:
             tokenizer, data = tmp / f"bpe-{size}.json", tmp / f"shakespeare-{size}"
-            run("lm_pretrain.train_tokenizer", "--corpus", "shakespeare", "--vocab_size", str(size), "--output", str(tokenizer))
-            run("lm_pretrain.prepare", "--corpus", "shakespeare", "--tokenizer", str(tokenizer), "--output", str(data))
+            run("lm_pretrain.commands.tokenizer", "--corpus", "shakespeare", "--vocab_size", str(size), "--output", str(tokenizer))
+            run("lm_pretrain.commands.prepare", "--corpus", "shakespeare", "--tokenizer", str(tokenizer), "--output", str(data))
             if args.second_corpus:
-                run("lm_pretrain.prepare", str(docstrings), "--output", str(tmp / f"stdlib-{size}"), "--val_fraction", "0.5",
+                run("lm_pretrain.commands.prepare", str(docstrings), "--output", str(tmp / f"stdlib-{size}"), "--val_fraction", "0.5",
                     "--tokenizer", str(tokenizer))
             datasets[f"own BPE ({size:,})"] = (data, size, tmp / f"stdlib-{size}")
         datasets["GPT-2 (50,257)"] = (gpt2_data, 50257, tmp / "stdlib-gpt2")

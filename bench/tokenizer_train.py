@@ -3,7 +3,7 @@
     python bench/tokenizer_train.py [--vocab_sizes 2048 4096 8192 16384] [--repeats 2] [--record]
 
 Both train on Shakespeare's train split (the 40 plays and poems that `lm-pretrain-prepare` puts
-into train; the 2 of val are held out) with lm_pretrain.bpe's split pattern, on every core.
+into train; the 2 of val are held out) with lm_pretrain.tokenizer.bpe's split pattern, on every core.
 Reported per trainer and vocabulary size: training time (median of --repeats, alternating the
 trainers) and MB/s of training text, and compression as UTF-8 bytes per token on held-out text: the
 val split, and text unlike Shakespeare (the docstrings of Python's standard library, as in
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, record  # noqa: E402
 
 from lm_pretrain import assets, bpe  # noqa: E402
-from lm_pretrain.prepare import split_documents  # noqa: E402
-from lm_pretrain.tokenizer import encoding_from_ranks, get_tokenizer  # noqa: E402
+from lm_pretrain.data.prepare import split_documents  # noqa: E402
+from lm_pretrain.tokenizer.encoding import encoding_from_ranks, get_tokenizer  # noqa: E402
 
 
 def stdlib_docstrings(limit_bytes: int = 2_000_000) -> str:

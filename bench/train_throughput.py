@@ -35,11 +35,11 @@ import torch
 import yaml
 
 from common import median, preset_values, record
-from lm_pretrain.hardware import peak_flops
-from lm_pretrain.loss import next_token_loss, pick_loss
+from lm_pretrain.training.hardware import peak_flops
+from lm_pretrain.model.loss import next_token_loss, pick_loss
 from lm_pretrain.model import GPT, model_size
-from lm_pretrain.optim import lr_multiplier
-from lm_pretrain.sizes import config_from_yaml
+from lm_pretrain.training.optim import lr_multiplier
+from lm_pretrain.commands.sizes import config_from_yaml
 
 
 class StepTimer(L.Callback):
@@ -72,7 +72,7 @@ def peak_memory_gib() -> float:
 
 def template_run(config: str, warmup: int, steps: int, extra: list[str]) -> float:
     """Tokens per second of train.py over the timed steps."""
-    from lm_pretrain.cli import run
+    from lm_pretrain.commands.train import run
 
     timer = ('--trainer.callbacks+={"class_path": "train_throughput.StepTimer", "init_args": '
              f'{{"warmup": {warmup}, "steps": {steps}}}}}')
@@ -109,7 +109,7 @@ class Windows(L.Callback):
 def steady_run(config: str, warmup: int, steps: int, extra: list[str]) -> dict:
     """The template's tok/s before and after a sample, a validation and a checkpoint (at step
     warmup + steps), and whether debug.CompiledStepCheck passed (None when the config does not compile)."""
-    from lm_pretrain.cli import run
+    from lm_pretrain.commands.train import run
 
     events = warmup + steps + 1  # one step after the first window: preset callbacks run before Windows
     total = events + 1 + steps + 1  # the last step is profiled by CompiledStepCheck, after the timed ones
@@ -125,7 +125,7 @@ def steady_run(config: str, warmup: int, steps: int, extra: list[str]) -> dict:
             '--trainer.callbacks+={"class_path": "train_throughput.Windows", "init_args": '
             f'{{"warmup": {warmup}, "steps": {steps}, "events": {events}}}}}']
     if compiled:
-        args.append('--trainer.callbacks+={"class_path": "lm_pretrain.debug.CompiledStepCheck", "init_args": '
+        args.append('--trainer.callbacks+={"class_path": "lm_pretrain.training.debug.CompiledStepCheck", "init_args": '
                     f'{{"early": {warmup - 1}, "late": {total - 1}}}}}')
     with tempfile.TemporaryDirectory() as logs:
         try:
@@ -148,15 +148,15 @@ def setting(config: str, extra: list[str], key: str, default=None):
 
 def sync_check(config: str, extra: list[str]) -> dict:
     """A short template run under HostSyncCheck: {"passed": bool, "checked_steps": n, "error": text}."""
-    from lm_pretrain.debug import HostSyncCheck
-    from lm_pretrain.cli import run
+    from lm_pretrain.training.debug import HostSyncCheck
+    from lm_pretrain.commands.train import run
 
     with tempfile.TemporaryDirectory() as logs:
         try:
             cli = run(["fit", "--config", config, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "5",
                        "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "0",
                        "--trainer.logger.init_args.save_dir", logs, "--checkpoint.save_last", "false", *extra,
-                       "--trainer.callbacks+=lm_pretrain.debug.HostSyncCheck"])
+                       "--trainer.callbacks+=lm_pretrain.training.debug.HostSyncCheck"])
         except Exception as err:  # set_sync_debug_mode("error") raises RuntimeError at the culprit
             return {"passed": False, "checked_steps": None, "error": f"{type(err).__name__}: {err}"[-2000:]}
         finally:

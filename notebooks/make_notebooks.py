@@ -50,8 +50,8 @@ import json
 
 import numpy as np
 
-from lm_pretrain.prepared import load_metadata
-from lm_pretrain.tokenizer import from_record
+from lm_pretrain.data.prepared import load_metadata
+from lm_pretrain.tokenizer.encoding import from_record
 
 data_dir = Path(os.environ.get("LM_PRETRAIN_DATA_DIR") or ROOT / "data" / "shakespeare-bpe2k")
 metadata = load_metadata(data_dir)  # a one-line error if the folder is not a finished dataset
@@ -330,8 +330,8 @@ Set `LM_PRETRAIN_CKPT` to sample another checkpoint (default: `last.ckpt` of the
 point is how the settings change it.
 '''),
     code(SETUP + '''
-from lm_pretrain.generate import load_model
-from lm_pretrain.sampling import sample
+from lm_pretrain.commands.generate import load_model
+from lm_pretrain.model.sampling import sample
 
 def newest_run(runs: Path) -> Path:
     versions = sorted(runs.glob("version_*"), key=lambda p: int(p.name.rpartition("_")[2]))
@@ -407,16 +407,16 @@ SIZING = [
 # 04 · Sizing the presets: parameters, FLOPs, memory, time to train
 
 For every preset in `configs/*.yaml`, computed from the config alone (no model is built, no GPU needed):
-parameter counts and training FLOPs per token (`lm_pretrain.model.model_size`), a per-GPU memory
-estimate (`lm_pretrain.hardware.training_memory_bytes`) and the days one GPU would take on a token
-budget (`lm_pretrain.hardware.days_to_train`). Change the assumptions in the next cell.
+parameter counts and training FLOPs per token (`lm_pretrain.model.gpt.model_size`), a per-GPU memory
+estimate (`lm_pretrain.training.hardware.training_memory_bytes`) and the days one GPU would take on a token
+budget (`lm_pretrain.training.hardware.days_to_train`). Change the assumptions in the next cell.
 '''),
     code(SETUP + '''
 import yaml
 
-from lm_pretrain.hardware import MEMORY_BYTES, PEAK_FLOPS, days_to_train, precision_key, training_memory_bytes
+from lm_pretrain.training.hardware import MEMORY_BYTES, PEAK_FLOPS, days_to_train, precision_key, training_memory_bytes
 from lm_pretrain.model import model_size
-from lm_pretrain.sizes import config_from_yaml
+from lm_pretrain.commands.sizes import config_from_yaml
 
 TOKENS_PER_PARAM = 20  # "Chinchilla-optimal" budget (Hoffmann et al. 2022): ~20 training tokens per parameter
 FIXED_TOKENS = 10e9  # a fixed budget for comparison: 10B tokens

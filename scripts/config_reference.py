@@ -3,7 +3,7 @@
     python scripts/config_reference.py          # rewrite docs/config-reference.md
     python scripts/config_reference.py --check  # exit 1 if it is out of date (the tests run this)
 
-The help texts come from docstrings: those of the entry points' functions (lm_pretrain.commands),
+The help texts come from docstrings: those of the entry points' functions (lm_pretrain.commands.parsing),
 and for train.py those of LanguageModel, GPTConfig, TokenDataModule, Trainer and ModelCheckpoint
 through LightningCLI. Every entry point takes the same flag style, --config and --help.
 """
@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "config-reference.md"
 COMMANDS = [
     ("Training: `python train.py fit` (or `lm-pretrain-train fit`)", [str(ROOT / "train.py"), "fit", "--help"]),
-    ("Your own tokenizer: `lm-pretrain-tokenizer`", ["-m", "lm_pretrain.train_tokenizer", "--help"]),
-    ("Data preparation: `lm-pretrain-prepare`", ["-m", "lm_pretrain.prepare", "--help"]),
-    ("Sampling: `lm-pretrain-generate`", ["-m", "lm_pretrain.generate", "--help"]),
-    ("Export: `lm-pretrain-export`", ["-m", "lm_pretrain.export", "--help"]),
-    ("Sizes: `lm-pretrain-sizes`", ["-m", "lm_pretrain.sizes", "--help"]),
-    ("Evaluation: `lm-pretrain-evaluate`", ["-m", "lm_pretrain.evaluate", "--help"]),
+    ("Your own tokenizer: `lm-pretrain-tokenizer`", ["-m", "lm_pretrain.commands.tokenizer", "--help"]),
+    ("Data preparation: `lm-pretrain-prepare`", ["-m", "lm_pretrain.commands.prepare", "--help"]),
+    ("Sampling: `lm-pretrain-generate`", ["-m", "lm_pretrain.commands.generate", "--help"]),
+    ("Export: `lm-pretrain-export`", ["-m", "lm_pretrain.commands.export", "--help"]),
+    ("Sizes: `lm-pretrain-sizes`", ["-m", "lm_pretrain.commands.sizes", "--help"]),
+    ("Evaluation: `lm-pretrain-evaluate`", ["-m", "lm_pretrain.commands.evaluate", "--help"]),
 ]
 
 

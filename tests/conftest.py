@@ -21,8 +21,8 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="session")
 def prepared(corpus, tmp_path_factory) -> Path:
-    from lm_pretrain.prepare import prepare
-    from lm_pretrain.readers import find_inputs
+    from lm_pretrain.data.prepare import prepare
+    from lm_pretrain.data.readers import find_inputs
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(find_inputs([str(corpus[0])]), out, val_fraction=0.2, workers=2, seed=0)

@@ -1,6 +1,6 @@
 """What the tests share: a synthetic corpus, running the entry points as a user would, and
 callbacks that tests add to train.py runs with --trainer.callbacks+=... (tests/ is on PYTHONPATH;
-the probes that bench/ uses too, RecordBatches and SignalAt, are in lm_pretrain/debug.py).
+the probes that bench/ uses too, RecordBatches and SignalAt, are in lm_pretrain/training/debug.py).
 
 Fixtures live in conftest.py; everything else a test file needs from another lives here.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lm_pretrain import debug
+from lm_pretrain.training import debug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def python() -> str:
     if _warm is None:
         from warm import WarmServer
 
-        _warm = WarmServer(["lm_pretrain.cli"], env())
+        _warm = WarmServer(["lm_pretrain.commands.train"], env())
         atexit.register(_warm.close)
     return _warm.client
 
@@ -109,9 +109,9 @@ def train_args(data_dir: Path, max_steps: int = 60, val_every: int = 20, config:
 
 
 def callback(name: str, **init_args) -> str:
-    """The train.py flag that adds callback `name`: lm_pretrain.debug's (RecordBatches, SignalAt) or
+    """The train.py flag that adds callback `name`: lm_pretrain.training.debug's (RecordBatches, SignalAt) or
     one of this file's."""
-    module = "lm_pretrain.debug" if hasattr(debug, name) else "helpers"
+    module = "lm_pretrain.training.debug" if hasattr(debug, name) else "helpers"
     return "--trainer.callbacks+=" + json.dumps({"class_path": f"{module}.{name}", "init_args": init_args})
 
 
@@ -174,7 +174,7 @@ def tiny_checkpoint(path: Path, steps: int = 2, seed: int = 0, **model_args):
     is at its initial value) and saved by Lightning at `path`, as train.py saves one."""
     from torch.utils.data import DataLoader
 
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.training.module import LanguageModel
 
     L.seed_everything(seed)
     module = LanguageModel(**{"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "warmup_steps": 1,
@@ -189,7 +189,7 @@ def tiny_checkpoint(path: Path, steps: int = 2, seed: int = 0, **model_args):
 
 def attach(dm, **model_args):
     """A TokenDataModule wired to a Trainer and a small model, as Lightning would before setup."""
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.training.module import LanguageModel
 
     module = LanguageModel(**{"block_size": 32, "n_layer": 1, "n_head": 1, "n_embd": 8, **model_args})
     trainer = L.Trainer(logger=False, max_steps=1)

@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lm_pretrain.callbacks import TextSamples
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.module import LanguageModel
-from lm_pretrain.strategies import FSDP
+from lm_pretrain.training.callbacks import TextSamples
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.training.module import LanguageModel
+from lm_pretrain.training.strategies import FSDP
 
 CLIP = 0.3  # low enough that every step here is clipped
 

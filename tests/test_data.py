@@ -2,8 +2,8 @@ import pytest
 import torch
 from helpers import attach
 
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.errors import UserError
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.utils.errors import UserError
 
 
 def test_batches_are_shifted_pairs(prepared):
@@ -47,7 +47,7 @@ def test_named_missing_folder_is_an_error_not_a_download(tmp_path, monkeypatch):
 
 
 def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
-    from lm_pretrain import assets
+    from lm_pretrain.utils import assets
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(assets, "shakespeare_texts", lambda: sorted(corpus[0].glob("*.txt")))
@@ -62,8 +62,9 @@ def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
 def test_own_tokenizer_folder_is_made_on_first_use(tmp_path, monkeypatch, corpus):
     """data/shakespeare-bpe2k (the demo's): a BPE trained on the corpus's train split, then the
     corpus prepared with it; the model takes that tokenizer, which never saw a val document."""
-    from lm_pretrain import assets, bpe
-    from lm_pretrain.prepare import CORPORA
+    from lm_pretrain.utils import assets
+    from lm_pretrain.tokenizer import bpe
+    from lm_pretrain.data.prepare import CORPORA
 
     monkeypatch.chdir(tmp_path)
     texts = lambda: sorted(corpus[0].glob("*.txt"))  # noqa: E731

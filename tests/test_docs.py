@@ -35,13 +35,18 @@ def test_readme_commands_name_real_entry_points():
 
 
 def test_readme_file_table_matches_the_tree():
-    """Every module and top-level folder is in README's file table, and everything in it exists."""
+    """README's table lists every folder of the package and of the repository, and each folder's
+    __init__ names each of its modules; everything listed exists."""
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| path | what it holds |"):]
     table = table[:table.index("\n\n")]
     listed = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
-    modules = {f"lm_pretrain/{p.name}" for p in (ROOT / "lm_pretrain").glob("*.py")}
+    package = {f"lm_pretrain/{p.parent.name}/" for p in (ROOT / "lm_pretrain").glob("*/__init__.py")}
     folders = {f"{p.name}/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
                and p.name not in ("lm_pretrain", "data", "runs") and not p.name.endswith(".egg-info")}
-    assert modules - listed == set() and folders - listed == set()
+    assert package - listed == set() and folders - listed == set()
     assert [p for p in listed if not (ROOT / p).exists()] == []
+    unnamed = [f"{p.parent.name}/{p.name}" for p in (ROOT / "lm_pretrain").glob("*/*")
+               if p.suffix in (".py", ".yaml") and p.name != "__init__.py"
+               and not re.search(rf"^\s+{re.escape(p.name)}\s", (p.parent / "__init__.py").read_text(), re.M)]
+    assert unnamed == [], "name each module in its folder's __init__.py docstring"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import ROOT, cli_error, tiny_checkpoint
-from lm_pretrain.module import LanguageModel
+from lm_pretrain.training.module import LanguageModel
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory):
 
 def own_loglikelihood(module, context: str, continuation: str) -> float:
     """Sum of log p(continuation tokens | context) straight from the model, one sequence at a time."""
-    from lm_pretrain.tokenizer import get_tokenizer
+    from lm_pretrain.tokenizer.encoding import get_tokenizer
 
     enc = get_tokenizer()
     context_ids, whole = enc.encode_ordinary(context), enc.encode_ordinary(context + continuation)
@@ -44,7 +44,7 @@ def own_loglikelihood(module, context: str, continuation: str) -> float:
 
 @pytest.mark.slow
 def test_a_task_runs_end_to_end_and_scores_with_the_models_own_logprobs(checkpoint, task_folder, monkeypatch, capsys):
-    from lm_pretrain.evaluate import evaluate, harness_model
+    from lm_pretrain.commands.evaluate import evaluate, harness_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     results = evaluate(str(checkpoint), "tiny_mc", include_path=str(task_folder), batch_size=3)
@@ -80,8 +80,8 @@ def test_rolling_loglikelihood_scores_every_token_once(checkpoint):
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from lm_pretrain.evaluate import harness_model
-    from lm_pretrain.tokenizer import get_tokenizer
+    from lm_pretrain.commands.evaluate import harness_model
+    from lm_pretrain.tokenizer.encoding import get_tokenizer
 
     module = LanguageModel.from_checkpoint(checkpoint)
     text = " ".join(["The king loves the crown and the sea."] * 12)  # ~100 tokens, block_size 32
@@ -100,7 +100,7 @@ def test_rolling_loglikelihood_scores_every_token_once(checkpoint):
 
 
 def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys, monkeypatch):
-    from lm_pretrain.evaluate import main
+    from lm_pretrain.commands.evaluate import main
 
     assert "unknown task(s) no_such_task" in cli_error(main, ["--ckpt_path", str(checkpoint), "--tasks", "no_such_task",
                                                               "--include_path", str(task_folder)], capsys)
@@ -132,8 +132,8 @@ def test_evaluate_errors_are_one_line(checkpoint, task_folder, tmp_path, capsys,
 def test_generation_is_the_models_greedy_continuation_cut_at_a_stop_string(checkpoint):
     from lm_eval.api.instance import Instance
 
-    from lm_pretrain.evaluate import harness_model
-    from lm_pretrain.tokenizer import get_tokenizer
+    from lm_pretrain.commands.evaluate import harness_model
+    from lm_pretrain.tokenizer.encoding import get_tokenizer
 
     module, enc = LanguageModel.from_checkpoint(checkpoint), get_tokenizer()
     prompt = enc.encode_ordinary("The king")
@@ -150,7 +150,7 @@ def test_generation_is_the_models_greedy_continuation_cut_at_a_stop_string(check
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_results(checkpoint, task_folder, small_disk, monkeypatch, capsys):
     """The results are scored, then cannot be written: one line naming the file and its size, the
     earlier results file whole, no partial file left on the disk."""
-    from lm_pretrain.evaluate import main
+    from lm_pretrain.commands.evaluate import main
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     results = small_disk / "results.json"

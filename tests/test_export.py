@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import cli_error, tiny_checkpoint
-from lm_pretrain.errors import UserError
+from lm_pretrain.utils.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ def checkpoint(tmp_path, **hparams):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_exported_model_matches(name, tmp_path):
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     module, ckpt = checkpoint(tmp_path, **FAMILIES[name])
     main(["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")])
@@ -41,7 +41,7 @@ def test_exported_model_matches(name, tmp_path):
 
 
 def test_export_refuses_what_hf_cannot_hold(tmp_path):
-    from lm_pretrain.export import family
+    from lm_pretrain.commands.export import family
     from lm_pretrain.model import GPTConfig
 
     with pytest.raises(UserError, match="no Hugging Face class"):
@@ -51,7 +51,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
 
 
 def test_export_cli_errors(tmp_path, capsys):
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     assert "does not exist" in cli_error(main, ["--ckpt_path", str(tmp_path / "none.ckpt"), "--output",
                                                 str(tmp_path / "o")], capsys)
@@ -62,19 +62,19 @@ def test_export_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("tokenizer,eot", [("gpt2", 50256), ("cl100k_base", 100257)])
 def test_export_marks_the_tokenizers_end_of_text_as_bos_and_eos(tokenizer, eot):
-    from lm_pretrain.export import to_hf
+    from lm_pretrain.commands.export import to_hf
     from lm_pretrain.model import GPT, GPTConfig
 
     config = GPTConfig(vocab_size=100352, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope",
                        norm="rmsnorm", mlp="swiglu", bias=False)
-    from lm_pretrain.tokenizer import eot_id
+    from lm_pretrain.tokenizer.encoding import eot_id
 
     hf = to_hf(config, GPT(config).state_dict(), eot_id(tokenizer))
     assert hf.config.bos_token_id == hf.config.eos_token_id == eot
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_export(small_disk, tmp_path, capsys):
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     _, ckpt = tiny_checkpoint(tmp_path / "x.ckpt", steps=1, vocab_size=50257)  # ~6 MiB of weights
     (small_disk / "hf").mkdir()
@@ -86,7 +86,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(small_disk, tmp_p
 
 
 def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     _, ckpt = checkpoint(tmp_path)
     saved = ckpt.read_bytes()
@@ -107,7 +107,7 @@ def test_ctrl_c_while_exporting_leaves_the_earlier_export_and_nothing_else(tmp_p
     import transformers.modeling_utils
 
     from helpers import interrupted_at
-    from lm_pretrain.export import main
+    from lm_pretrain.commands.export import main
 
     _, ckpt = checkpoint(tmp_path)
     main(["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")])

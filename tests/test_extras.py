@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from helpers import ROOT, cli_error
-from lm_pretrain.errors import UserError
-from lm_pretrain.extras import require
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.utils.extras import require
 
 
 def test_require_returns_the_module_when_it_is_there():
@@ -39,7 +39,7 @@ def test_require_tells_a_broken_install_from_a_missing_one(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("missing", ["transformers", "safetensors"])
 def test_export_without_its_extra(missing, tmp_path, monkeypatch, capsys):
-    from lm_pretrain import export
+    from lm_pretrain.commands import export
 
     monkeypatch.setitem(sys.modules, missing, None)
     line = cli_error(export.main, ["--ckpt_path", str(tmp_path / "any.ckpt"), "--output", str(tmp_path / "hf")], capsys)
@@ -50,7 +50,7 @@ def test_export_without_its_extra(missing, tmp_path, monkeypatch, capsys):
 
 
 def test_evaluate_without_its_extra(tmp_path, monkeypatch, capsys):
-    from lm_pretrain import evaluate
+    from lm_pretrain.commands import evaluate
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     line = cli_error(evaluate.main, ["--ckpt_path", str(tmp_path / "any.ckpt"), "--tasks", "hellaswag"], capsys)
@@ -62,7 +62,7 @@ def test_evaluate_without_its_extra(tmp_path, monkeypatch, capsys):
     ("mlflow", "mlflow", "--trainer.logger MLFlowLogger needs mlflow-skinny"),
 ])
 def test_logger_overlay_without_its_extra(overlay, module, message, tmp_path, monkeypatch, capsys):
-    from lm_pretrain import cli
+    from lm_pretrain.commands import train as cli
 
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.chdir(tmp_path)
@@ -94,7 +94,7 @@ def test_every_version_range_is_declared_once():
     ("datasets", "saved_dataset", "reading a Hugging Face dataset folder needs datasets"),
 ])
 def test_prepare_formats_of_the_data_extra_without_it(module, name, message, tmp_path, monkeypatch, capsys):
-    from lm_pretrain.prepare import main
+    from lm_pretrain.commands.prepare import main
 
     path = tmp_path / name
     if name.endswith(".parquet"):

@@ -1,4 +1,4 @@
-"""lm_pretrain.files: a file or folder is replaced whole (also on a full disk), a killed write's
+"""lm_pretrain.utils.files: a file or folder is replaced whole (also on a full disk), a killed write's
 leftovers are removed, and an output folder is checked before any work."""
 
 import os
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from lm_pretrain.checkpoints import AtomicCheckpointIO
-from lm_pretrain.errors import UserError
-from lm_pretrain.files import check_can_create, done_with, partial_path, publish, remove_orphans, write_atomically
+from lm_pretrain.training.checkpoints import AtomicCheckpointIO
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.utils.files import check_can_create, done_with, partial_path, publish, remove_orphans, write_atomically
 
 
 def test_publish_replaces_a_folder_whole(tmp_path):
@@ -105,7 +105,7 @@ def test_a_training_run_on_a_full_disk_ends_in_one_line(small_disk, prepared, tm
 def test_publish_without_an_atomic_swap_moves_the_old_copy_aside_first(tmp_path, monkeypatch):
     """Where renameat2's exchange is missing (another system, a network file system): two renames,
     the old copy out of the way first; what is left after either is whole."""
-    from lm_pretrain import files
+    from lm_pretrain.utils import files
 
     target, staged = tmp_path / "data", tmp_path / ".data.partial-1@host"
     target.mkdir()
@@ -123,7 +123,7 @@ def test_publish_without_an_atomic_swap_moves_the_old_copy_aside_first(tmp_path,
 
 
 def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path):
-    from lm_pretrain.files import refuse_output_over_inputs
+    from lm_pretrain.utils.files import refuse_output_over_inputs
 
     (tmp_path / "corpus" / "deep").mkdir(parents=True)
     (tmp_path / "corpus" / "a.txt").write_text("text")

@@ -1,6 +1,6 @@
-"""lm_pretrain.hardware: the GPU peaks that MFU is measured against."""
+"""lm_pretrain.training.hardware: the GPU peaks that MFU is measured against."""
 
-from lm_pretrain.hardware import peak_flops
+from lm_pretrain.training.hardware import peak_flops
 
 
 def test_peak_flops_and_mfu_inputs():
@@ -15,7 +15,7 @@ def test_peak_flops_and_mfu_inputs():
 def test_tf32_is_switched_on_for_cuda_only():
     import torch
 
-    from lm_pretrain.hardware import allow_tf32
+    from lm_pretrain.training.hardware import allow_tf32
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:

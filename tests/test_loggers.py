@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import callback, ROOT, run_cli, train_args
-from lm_pretrain.debug import read_records
+from lm_pretrain.training.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 

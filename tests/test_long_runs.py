@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import callback, cli_error, env, last_line, python, run_args, run_cli, scalars, tiny_checkpoint
-from lm_pretrain.debug import read_records
+from lm_pretrain.training.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
@@ -168,7 +168,7 @@ def test_nan_loss_can_skip_the_batch(prepared, tmp_path):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
-    from lm_pretrain.optim import lr_multiplier
+    from lm_pretrain.training.optim import lr_multiplier
 
     done = run_cli([*run_args(prepared, 4, tmp_path / "rec", every=100), "--trainer.accumulate_grad_batches", "2",
                     "--model.warmup_steps", "2"], cwd=tmp_path)
@@ -180,7 +180,7 @@ def test_gradient_accumulation_counts_optimizer_steps(prepared, tmp_path):
 
 
 def test_resume_refuses_another_architecture(prepared, tmp_path, capsys, monkeypatch):
-    from lm_pretrain.cli import main as train
+    from lm_pretrain.commands.train import main as train
 
     monkeypatch.chdir(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "last.ckpt", steps=1, block_size=32, n_layer=2, n_head=2, n_embd=32)[1]

@@ -1,12 +1,12 @@
-"""lm_pretrain.loss: the fused and chunked output layer + cross-entropy give the plain path's loss and
+"""lm_pretrain.model.loss: the fused and chunked output layer + cross-entropy give the plain path's loss and
 gradients, and hold what they should in memory."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_pretrain.errors import UserError
-from lm_pretrain.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, pick_loss
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.model.loss import IGNORE_INDEX, linear_cross_entropy, next_token_loss, pick_loss
 from lm_pretrain.model import GPT, GPTConfig
 
 
@@ -123,7 +123,7 @@ def test_chunked_model_loss_equals_plain_and_compiles_to_the_same():
 
 @pytest.mark.slow
 def test_at_most_one_logits_buffer_compiled_and_a_fraction_of_one_chunked():
-    from lm_pretrain.debug import peak_cpu_bytes
+    from lm_pretrain.training.debug import peak_cpu_bytes
 
     torch._dynamo.reset()  # static shapes, as in a run (other tests compiled the loss with other shapes)
     torch.manual_seed(0)

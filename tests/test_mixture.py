@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from helpers import attach, callback, ROOT, run_cli, train_args, write_corpus, write_greek_corpus
-from lm_pretrain.debug import read_records
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import prepare
-from lm_pretrain.readers import find_inputs
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.training.debug import read_records
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.data.prepare import prepare
+from lm_pretrain.data.readers import find_inputs
+from lm_pretrain.tokenizer.encoding import get_tokenizer
 
 WEIGHTS = (0.75, 0.25)
 
@@ -132,7 +132,7 @@ def test_train_py_fit_with_a_mixture_from_yaml(two_datasets, tmp_path):
 
 
 def test_example_overlay_parses_over_tiny(capsys):
-    from lm_pretrain.cli import run
+    from lm_pretrain.commands.train import run
 
     with pytest.raises(SystemExit):  # --print_config prints the resolved config and exits
         run(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--config",

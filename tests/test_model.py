@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from helpers import ROOT
-from lm_pretrain.errors import UserError
-from lm_pretrain.model import GPT, GPTConfig, model_size, sample_next
-from lm_pretrain.sizes import config_from_yaml
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.model import GPT, GPTConfig, model_size
+from lm_pretrain.model.gpt import sample_next
+from lm_pretrain.commands.sizes import config_from_yaml
 
 SMALL = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -98,7 +99,7 @@ def test_generate_respects_vocab_limit():
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_cached_prefill_then_several_tokens_equals_the_full_forward(position):
     """A KV cache continued by a chunk of tokens at once (not one by one) must still be causal."""
-    from lm_pretrain.model import KVCache
+    from lm_pretrain.model.gpt import KVCache
 
     torch.manual_seed(0)
     config = GPTConfig(**{**SMALL, "block_size": 32}, n_kv_head=1, position=position)
@@ -167,7 +168,7 @@ def test_grouped_query_attention_shrinks_kv():
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_kv_cache_gives_the_same_logits(name):
-    from lm_pretrain.model import KVCache
+    from lm_pretrain.model.gpt import KVCache
 
     model = build(name)
     idx = torch.randint(0, 211, (2, 20))

@@ -8,11 +8,11 @@ from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity as LogitsPerplexity
 
 from helpers import tiny_checkpoint
-from lm_pretrain.callbacks import TextSamples
-from lm_pretrain.debug import CompiledStepCheck
-from lm_pretrain.errors import UserError
-from lm_pretrain.loss import CHUNK_ROWS, IGNORE_INDEX, next_token_loss
-from lm_pretrain.module import LanguageModel, MeanLoss
+from lm_pretrain.training.callbacks import TextSamples
+from lm_pretrain.training.debug import CompiledStepCheck
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.model.loss import CHUNK_ROWS, IGNORE_INDEX, next_token_loss
+from lm_pretrain.training.module import LanguageModel, MeanLoss
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
 

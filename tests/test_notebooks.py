@@ -53,7 +53,7 @@ def test_notebook_saved_clean(name):
 
 @pytest.mark.slow
 def test_data_notebook(prepared, kernel, monkeypatch):
-    from lm_pretrain.prepared import load_metadata
+    from lm_pretrain.data.prepared import load_metadata
 
     monkeypatch.setenv("LM_PRETRAIN_DATA_DIR", str(prepared))
     text, outputs = execute("01_data", kernel)

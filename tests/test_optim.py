@@ -1,4 +1,4 @@
-"""lm_pretrain.optim: parameter roles, AdamW and Muon + AdamW, and the learning-rate schedules."""
+"""lm_pretrain.training.optim: parameter roles, AdamW and Muon + AdamW, and the learning-rate schedules."""
 
 import copy
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lm_pretrain.model import GPT
-from lm_pretrain.module import LanguageModel
-from lm_pretrain.optim import MuonWithAdamW, lr_multiplier, parameter_roles
+from lm_pretrain.training.module import LanguageModel
+from lm_pretrain.training.optim import MuonWithAdamW, lr_multiplier, parameter_roles
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
 

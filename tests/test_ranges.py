@@ -16,16 +16,17 @@ import typing
 import pytest
 
 from helpers import ROOT, cli_error
-from lm_pretrain import ranges
-from lm_pretrain.callbacks import TextSamples
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.evaluate import evaluate
-from lm_pretrain.generate import generate
+from lm_pretrain.utils import ranges
+from lm_pretrain.training.callbacks import TextSamples
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.commands.evaluate import evaluate
+from lm_pretrain.commands.generate import generate
 from lm_pretrain.model import GPTConfig
-from lm_pretrain.errors import UserError
-from lm_pretrain.module import LanguageModel
-from lm_pretrain.prepare import CORPORA, Corpus, prepare, prepare_command
-from lm_pretrain.train_tokenizer import train_tokenizer
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.training.module import LanguageModel
+from lm_pretrain.commands.prepare import prepare_command
+from lm_pretrain.data.prepare import CORPORA, Corpus, prepare
+from lm_pretrain.data.train_tokenizer import train_tokenizer
 
 
 
@@ -129,11 +130,11 @@ def test_nan_and_inf_are_refused_from_python_and_in_betas():
 
 def entry_point(entry: str, prepared, corpus, tmp_path) -> tuple:
     """(main, the arguments of a run that would otherwise start work) of an entry point."""
-    from lm_pretrain.cli import main as train
-    from lm_pretrain.evaluate import main as evaluate_main
-    from lm_pretrain.generate import main as generate_main
-    from lm_pretrain.prepare import main as prepare_main
-    from lm_pretrain.train_tokenizer import main as tokenizer_main
+    from lm_pretrain.commands.train import main as train
+    from lm_pretrain.commands.evaluate import main as evaluate_main
+    from lm_pretrain.commands.generate import main as generate_main
+    from lm_pretrain.commands.prepare import main as prepare_main
+    from lm_pretrain.commands.tokenizer import main as tokenizer_main
 
     return {
         "train": (train, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir", str(prepared),
@@ -197,8 +198,8 @@ def test_python_calls_refuse_a_value_not_among_the_choices(prepared, tmp_path, m
 
 
 def test_help_lists_the_choices(capsys):
-    from lm_pretrain.cli import main as train
-    from lm_pretrain.prepare import main as prepare_main
+    from lm_pretrain.commands.train import main as train
+    from lm_pretrain.commands.prepare import main as prepare_main
 
     for main, argv in ((prepare_main, ["--help"]), (train, ["fit", "--help"])):
         with pytest.raises(SystemExit) as done:

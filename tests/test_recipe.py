@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lm_pretrain.errors import UserError
-from lm_pretrain.export import family
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.commands.export import family
 from lm_pretrain.model import GPT, GPTConfig
-from lm_pretrain.module import LanguageModel
+from lm_pretrain.training.module import LanguageModel
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
 

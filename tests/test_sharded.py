@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import attach, callback, env, python, ROOT, run_args, run_cli
-from lm_pretrain.debug import read_records
+from lm_pretrain.training.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
 
@@ -38,7 +38,7 @@ def one_process(prepared, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepared, tmp_path):
-    from lm_pretrain.data import TokenDataModule
+    from lm_pretrain.data.datamodule import TokenDataModule
 
     steps, (end,) = one_process
     sharded_steps, sharded_end = equivalence_run(kind, 2, 4, prepared, tmp_path)
@@ -71,9 +71,9 @@ def fsdp_run(data: Path, folder: Path, steps: int, *extra: str) -> subprocess.Co
 
 @pytest.mark.slow
 def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, tmp_path):
-    from lm_pretrain import checkpoints
+    from lm_pretrain.training import checkpoints
     from lm_pretrain.model import GPTConfig
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.training.module import LanguageModel
 
     straight = fsdp_run(prepared, tmp_path / "a", 4, callback("SaveFullWeights", path=str(tmp_path / "full.pt")))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -97,10 +97,10 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     assert all(torch.equal(v, full[k]) for k, v in checkpoints.load_weights(str(ckpt), GPTConfig.from_dict(
         read["hyper_parameters"])).items())
 
-    sample = run_cli(["-m", "lm_pretrain.generate", "--ckpt_path", str(ckpt), "--prompt", "The king", "--max_new_tokens",
+    sample = run_cli(["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(ckpt), "--prompt", "The king", "--max_new_tokens",
                       "5", "--seed", "0"], cwd=tmp_path)
     assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr[-2000:]
-    export = run_cli(["-m", "lm_pretrain.export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")], cwd=tmp_path)
+    export = run_cli(["-m", "lm_pretrain.commands.export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")], cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-2000:]
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -1,8 +1,8 @@
-"""lm_pretrain.steps: every "every N steps" in the template means the same steps."""
+"""lm_pretrain.training.steps: every "every N steps" in the template means the same steps."""
 
 from types import SimpleNamespace
 
-from lm_pretrain.steps import due, ends_optimizer_step, every_or_log_steps, is_log_step
+from lm_pretrain.training.steps import due, ends_optimizer_step, every_or_log_steps, is_log_step
 
 
 def trainer(global_step=0, log_every_n_steps=5, accumulate_grad_batches=1):

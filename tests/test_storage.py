@@ -15,12 +15,12 @@ from moto.server import ThreadedMotoServer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import attach, run_cli, train_args
-from lm_pretrain.data import TokenDataModule
-from lm_pretrain.errors import UserError
-from lm_pretrain.prepare import prepare, upload_dataset
-from lm_pretrain.prepared import load_metadata
-from lm_pretrain.readers import find_inputs
-from lm_pretrain.storage import ObjectStore
+from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.data.prepare import prepare, upload_dataset
+from lm_pretrain.data.prepared import load_metadata
+from lm_pretrain.data.readers import find_inputs
+from lm_pretrain.data.storage import ObjectStore
 
 BUCKET = "lm-data"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -54,7 +54,7 @@ def remote_data(s3, corpus, tmp_path_factory) -> str:
     url = f"s3://{BUCKET}/data"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", s3["endpoint"])  # the endpoint from the environment, not a flag
-        done = run_cli(["-m", "lm_pretrain.prepare", str(corpus[0]), "--output", url, "--workers", "1",
+        done = run_cli(["-m", "lm_pretrain.commands.prepare", str(corpus[0]), "--output", url, "--workers", "1",
                         "--val_fraction", "0.2"], cwd=tmp_path_factory.mktemp("prepare"), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"uploaded to {url}" in done.stderr
@@ -197,7 +197,7 @@ def test_a_silent_endpoint_fails_within_the_stated_bound(monkeypatch):
     import threading
     import time
 
-    from lm_pretrain.storage import worst_case_seconds
+    from lm_pretrain.data.storage import worst_case_seconds
 
     assert worst_case_seconds() < 30 and worst_case_seconds() == 3 * (2 + 5) + 1 + 2
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

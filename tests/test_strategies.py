@@ -1,4 +1,4 @@
-"""lm_pretrain.strategies: where the model is laid out (the 2-process runs are in test_sharded.py)."""
+"""lm_pretrain.training.strategies: where the model is laid out (the 2-process runs are in test_sharded.py)."""
 
 import os
 import signal
@@ -11,9 +11,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule
 
 from helpers import tiny_checkpoint
-from lm_pretrain.errors import UserError
+from lm_pretrain.utils.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig
-from lm_pretrain.strategies import FSDP, parallelize
+from lm_pretrain.training.strategies import FSDP, parallelize
 
 
 def test_without_a_mesh_only_activation_checkpointing_is_set():
@@ -72,7 +72,8 @@ def kill_during_sharded_save(path: Path, checkpoint: dict, target, nth: int) -> 
 def test_a_kill_at_any_point_of_a_sharded_save_leaves_the_checkpoint_whole(tmp_path, monkeypatch):
     import shutil
 
-    from lm_pretrain import checkpoints, files
+    from lm_pretrain.training import checkpoints
+    from lm_pretrain.utils import files
 
     if Path("/dev/shm").is_dir() and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
         monkeypatch.setenv("TMPDIR", tempfile.mkdtemp(dir="/dev/shm"))  # temporary files on another file system
@@ -100,7 +101,7 @@ def test_a_kill_at_any_point_of_a_sharded_save_leaves_the_checkpoint_whole(tmp_p
 
 
 def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_checkpoint(small_disk, tmp_path):
-    from lm_pretrain import checkpoints
+    from lm_pretrain.training import checkpoints
 
     path = small_disk / "last.ckpt"
     small = sharded(tmp_path, 1)

@@ -19,7 +19,7 @@ def gpu_preset_on_cpu(data, *extra: str) -> list[str]:
             "--data.data_dir", str(data), "--data.batch_size", "2", *TINY_MODEL, "--model.compile", "false",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.max_steps", "14", "--trainer.log_every_n_steps", "5", "--trainer.accumulate_grad_batches", "2",
-            "--trainer.val_check_interval", "1000", "--trainer.callbacks+=lm_pretrain.debug.HostSyncCheck", *extra]
+            "--trainer.val_check_interval", "1000", "--trainer.callbacks+=lm_pretrain.training.debug.HostSyncCheck", *extra]
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@ import pytest
 import requests
 import tiktoken
 
-from lm_pretrain import assets, tokenizer
-from lm_pretrain.errors import UserError
-from lm_pretrain.tokenizer import get_tokenizer
+from lm_pretrain.utils import assets
+from lm_pretrain.tokenizer import encoding as tokenizer
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.tokenizer.encoding import get_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +86,8 @@ def test_long_texts_tokenize_in_segments_as_a_whole():
 
     import numpy as np
 
-    from lm_pretrain import bpe
-    from lm_pretrain.tokenizer import encode_document, encoding_from_ranks, segments
+    from lm_pretrain.tokenizer import bpe
+    from lm_pretrain.tokenizer.encoding import encode_document, encoding_from_ranks, segments
 
     rng = random.Random(0)
     pieces = ["the", "king", "  ", "\n", "\n\n", " ", "!", "12345", "don't", "\t", "caf\u00e9", "\u2014", "\u4e2d\u6587"]

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import cli_error, one_line_error, ROOT, run_cli, scalars, TINY_MODEL, train_args
-from lm_pretrain.prepared import load_metadata
+from lm_pretrain.data.prepared import load_metadata
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_validate_from_checkpoint(trained_run):
 
 @pytest.mark.slow
 def test_generate_prints_text(trained_run):
-    args = ["-m", "lm_pretrain.generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "The king",
+    args = ["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "The king",
             "--max_new_tokens", "20", "--seed", "1"]
     first = run_cli(args, cwd=trained_run["workdir"])
     assert first.returncode == 0, first.stderr
@@ -76,8 +76,8 @@ def test_generate_prints_text(trained_run):
 
 
 def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
-    from lm_pretrain.cli import main as train
-    from lm_pretrain.generate import main as generate
+    from lm_pretrain.commands.train import main as train
+    from lm_pretrain.commands.generate import main as generate
 
     monkeypatch.chdir(tmp_path)
     args = train_args(prepared, max_steps=2)[1:]  # without train.py: main takes the arguments after it
@@ -112,7 +112,7 @@ def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
 
 
 def test_help_documents_the_flags(capsys):
-    from lm_pretrain.cli import main
+    from lm_pretrain.commands.train import main
 
     with pytest.raises(SystemExit) as done:
         main(["fit", "--help"])
@@ -131,7 +131,7 @@ OVERLAYS = sorted(p.name for p in (ROOT / "configs" / "overlays").glob("*.yaml")
 @pytest.mark.parametrize("config", [f"configs/{p}" for p in PRESETS] + [f"configs/overlays/{o}" for o in OVERLAYS])
 def test_every_config_parses(config, capsys):
     """Presets alone, overlays on top of the tiny preset."""
-    from lm_pretrain.cli import run
+    from lm_pretrain.commands.train import run
 
     configs = ["--config", str(ROOT / config)] if "overlays" not in config else \
         ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(ROOT / config)]
@@ -144,7 +144,7 @@ def test_every_config_parses(config, capsys):
 def test_gpu_presets_need_a_data_folder(capsys):
     """The GPU presets name no corpus: a run without --data.data_dir stops at once instead of
     quietly training a 124M model on 1.5M tokens of Shakespeare."""
-    from lm_pretrain.cli import main
+    from lm_pretrain.commands.train import main
 
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(ROOT / "configs" / "gpt2-124m.yaml"), "--trainer.accelerator", "cpu"])
@@ -184,7 +184,7 @@ def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path):
 
 
 def test_a_run_never_writes_into_what_it_reads(tmp_path, prepared, capsys, monkeypatch):
-    from lm_pretrain.cli import main as train
+    from lm_pretrain.commands.train import main as train
 
     monkeypatch.chdir(tmp_path)
     args = train_args(prepared, max_steps=2)[1:]
@@ -204,9 +204,9 @@ def test_a_run_never_writes_into_what_it_reads(tmp_path, prepared, capsys, monke
 
 
 def test_a_train_split_smaller_than_one_batch_is_an_error_not_a_run_of_no_steps(tmp_path, capsys, monkeypatch):
-    from lm_pretrain.cli import main as train
-    from lm_pretrain.prepare import prepare
-    from lm_pretrain.readers import find_inputs
+    from lm_pretrain.commands.train import main as train
+    from lm_pretrain.data.prepare import prepare
+    from lm_pretrain.data.readers import find_inputs
 
     for i in range(6):  # ~60 tokens each: train ~240 tokens, 7 windows of 33 -- fewer than a batch of 8
         (tmp_path / f"{i}.txt").write_text(" ".join(["the king loves the crown, and the queen the sea."] * 5))
@@ -245,7 +245,7 @@ def test_resuming_on_other_data_says_to_use_init_from(trained_run, tmp_path, cap
     still score the checkpoint on any data."""
     import shutil
 
-    from lm_pretrain.cli import main as train
+    from lm_pretrain.commands.train import main as train
 
     other = tmp_path / "other"
     shutil.copytree(trained_run["data"], other)
@@ -267,7 +267,7 @@ def test_resuming_on_other_data_says_to_use_init_from(trained_run, tmp_path, cap
 def test_omp_num_threads_sets_the_thread_count_of_a_process_already_started(monkeypatch):
     """A process forked from a running interpreter (the tests' warm processes, a notebook) keeps its
     thread count unless told: rounding, and so bitwise comparisons, depend on it."""
-    from lm_pretrain.cli import use_omp_num_threads
+    from lm_pretrain.commands.train import use_omp_num_threads
 
     before = torch.get_num_threads()
     try:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from helpers import ROOT, cli_error, one_line_error, run_cli, train_args
-from lm_pretrain import bpe
-from lm_pretrain.prepare import prepare, split_documents
-from lm_pretrain.readers import find_inputs
-from lm_pretrain.tokenizer import get_tokenizer
-from lm_pretrain.train_tokenizer import main, train_tokenizer
+from lm_pretrain.tokenizer import bpe
+from lm_pretrain.data.prepare import prepare, split_documents
+from lm_pretrain.data.readers import find_inputs
+from lm_pretrain.tokenizer.encoding import get_tokenizer
+from lm_pretrain.commands.tokenizer import main
+from lm_pretrain.data.train_tokenizer import train_tokenizer
 
 VOCAB = 300  # the test corpus has few distinct words: ~350 ids are all it can give
 
@@ -87,15 +88,15 @@ def test_errors_are_one_line(corpus, tmp_path, capsys):
         assert line.startswith(f"error: --output {output} {relation} ") and "one of its inputs (INPUT)" in line, line
     assert {p: p.read_bytes() for p in corpus[0].iterdir()} == before
     # prepare refuses a file that is not a tokenizer in one line, before reading anything
-    from lm_pretrain.prepare import main as prepare_main
+    from lm_pretrain.commands.prepare import main as prepare_main
 
     assert "is not a tokenizer file of this project" in cli_error(
         prepare_main, [corpus_dir, "--tokenizer", str(tmp_path / "t.json"), "--output", str(tmp_path / "d")], capsys)
 
 
 def test_mixing_datasets_of_two_tokenizers_is_refused(own, prepared, tmp_path):
-    from lm_pretrain.data import TokenDataModule
-    from lm_pretrain.errors import UserError
+    from lm_pretrain.data.datamodule import TokenDataModule
+    from lm_pretrain.utils.errors import UserError
 
     dm = TokenDataModule(mixture=[{"data_dir": str(prepared), "weight": 1}, {"data_dir": str(own["data"]), "weight": 1}], batch_size=2,
                          block_size=8)
@@ -140,15 +141,15 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     assert "was trained with tokenizer 'tok'" in line and "'gpt2'" in line, line
 
     # generate decodes with the checkpoint's copy
-    from lm_pretrain.generate import main as generate_main
+    from lm_pretrain.commands.generate import main as generate_main
 
     generate_main(["--ckpt_path", str(ckpt), "--prompt", "alpha beta", "--max_new_tokens", "6", "--seed", "0"])
     assert capsys.readouterr().out.startswith("alpha beta")
 
     # export: transformers loads model and tokenizer, encodes as ours and gives our logits
     transformers = pytest.importorskip("transformers")
-    from lm_pretrain.export import export
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.commands.export import export
+    from lm_pretrain.training.module import LanguageModel
 
     export(str(ckpt), str(tmp_path / "hf"))
     ours = LanguageModel.from_checkpoint(ckpt)
@@ -168,7 +169,7 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
 
     # evaluate: the harness scores with the checkpoint's tokenizer
     pytest.importorskip("lm_eval")
-    from lm_pretrain.evaluate import evaluate
+    from lm_pretrain.commands.evaluate import evaluate
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -180,15 +181,15 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
 
 
 def test_a_tokenizer_name_that_is_neither_tiktokens_nor_a_file_is_one_line():
-    from lm_pretrain.errors import UserError
+    from lm_pretrain.utils.errors import UserError
 
     with pytest.raises(UserError, match="or give a tokenizer file"):
         get_tokenizer("no_such_encoding")
 
 
 def test_model_tokenizer_must_be_the_datas(own):
-    from lm_pretrain.errors import UserError
-    from lm_pretrain.module import LanguageModel
+    from lm_pretrain.utils.errors import UserError
+    from lm_pretrain.training.module import LanguageModel
 
     meta = json.loads((own["data"] / "metadata.json").read_text())
     module = LanguageModel(tokenizer="gpt2", block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=VOCAB)
@@ -204,9 +205,9 @@ def test_a_model_loaded_with_one_tokenizer_refuses_data_of_another(own, prepared
     """Weights are ids of their tokenizer: a module read from a checkpoint (from_checkpoint, or
     Lightning's load_from_checkpoint without our data module) keeps the checkpoint's, and data of
     another one is refused, also when that one's name is a tiktoken name."""
-    from lm_pretrain.errors import UserError
-    from lm_pretrain.module import LanguageModel
-    from lm_pretrain.prepared import load_metadata
+    from lm_pretrain.utils.errors import UserError
+    from lm_pretrain.training.module import LanguageModel
+    from lm_pretrain.data.prepared import load_metadata
 
     meta = json.loads((own["data"] / "metadata.json").read_text())
     module = LanguageModel(block_size=8, n_layer=1, n_head=1, n_embd=8, vocab_size=50257)
@@ -227,7 +228,7 @@ def test_a_tokenizer_may_not_take_a_tiktoken_name(corpus, tmp_path, capsys):
 
 def test_ctrl_c_while_training_a_tokenizer_writes_nothing(corpus, tmp_path, monkeypatch, capsys):
     from helpers import interrupted_at
-    from lm_pretrain import bpe as bpe_module
+    from lm_pretrain.tokenizer import bpe as bpe_module
 
     args = [str(corpus[0]), "--vocab_size", "300", "--output", str(tmp_path / "tok.json")]
     interrupted_at(monkeypatch, bpe_module, "train", main, args, capsys)

@@ -16,7 +16,7 @@ time are the server's, which is why only the commands in WARM (the training and 
 whose imports read none) go to the server; for any other command line the client runs the real
 interpreter in its place.
 
-    server = WarmServer(["lm_pretrain.cli"], env)
+    server = WarmServer(["lm_pretrain.commands.train"], env)
     subprocess.run([server.client, "train.py", "fit", ...])   # as with sys.executable
 """
 
@@ -36,8 +36,8 @@ from pathlib import Path
 # What the client hands to the server: a script path ending so, `-m` one of the modules, or `-c CODE`.
 WARM = {"scripts": ["/train.py", "/tests/sharded_equivalence.py", "/bench/gpu_acceptance.py",
                     "/bench/train_throughput.py", "/scripts/config_reference.py"],
-        "modules": ["lm_pretrain.generate", "lm_pretrain.export", "lm_pretrain.evaluate", "lm_pretrain.prepare",
-                    "lm_pretrain.train_tokenizer", "torch.distributed.run", "ipykernel_launcher"]}
+        "modules": ["lm_pretrain.commands.generate", "lm_pretrain.commands.export", "lm_pretrain.commands.evaluate", "lm_pretrain.commands.prepare",
+                    "lm_pretrain.commands.tokenizer", "torch.distributed.run", "ipykernel_launcher"]}
 
 CLIENT = '''#!{python} -SE
 # python for the tests: runs warm commands in a child of the server at ADDRESS (tests/warm.py)

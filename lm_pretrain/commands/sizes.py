@@ -1,0 +1,65 @@
+"""Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
+
+Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
+without building the model (and without torch, so it takes a moment, not seconds).
+"""
+
+import sys
+from pathlib import Path
+import yaml
+
+from lm_pretrain.commands.parsing import command_parser, parse
+from lm_pretrain.model.config import GPTConfig, model_size
+from lm_pretrain.utils.errors import UserError, exit_on_user_error
+
+
+def config_from_yaml(path: str | Path) -> GPTConfig:
+    """The GPTConfig of a train.py config file's `model:` section (GPTConfig's defaults for the rest)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    try:
+        return GPTConfig.from_dict(data.get("model") or {})
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def table(paths: list[str]) -> str:
+    rows = ["| preset | blocks | layers | width | heads (kv) | context | parameters | non-embedding | GFLOPs/token |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        c = config_from_yaml(path)
+        size = model_size(c)
+        style = "GPT-2" if c.position == "learned" else "Llama"
+        rows.append(f"| {Path(path).stem} | {style} | {c.n_layer} | {c.n_embd} | {c.n_head} ({c.n_kv_head}) | "
+                    f"{c.block_size} | {size['params'] / 1e6:,.1f}M | {size['non_embedding_params'] / 1e6:,.1f}M | "
+                    f"{size['flops_per_token'] / 1e9:.2f} |")
+    return "\n".join(rows)
+
+
+def sizes(configs: list[str] | None = None) -> str:
+    """Print parameters and training FLOPs per token of train.py config files, as a Markdown table.
+
+    Args:
+        configs: config files (also given as CONFIGs before the flags).
+    """
+    if not configs:
+        raise UserError("give at least one config file, e.g. configs/*.yaml")
+    text = table(configs)
+    print(text)
+    return text
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = command_parser("lm-pretrain-sizes", sizes)
+    parser.add_argument("paths", nargs="*", metavar="CONFIG", help="the same as --configs")
+    args = parse(parser, argv)
+    sizes([*args.paths, *(args.configs or [])])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

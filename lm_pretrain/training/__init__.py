@@ -1,0 +1,14 @@
+"""Training with Lightning.
+
+    steps.py        when things happen: which batches end an optimizer step, which steps log
+    optim.py        AdamW or Muon + AdamW by parameter role; cosine or warmup-stable-decay schedules
+    hardware.py     GPU peak FLOP/s (for MFU), memory and time-to-train estimates
+    checkpoints.py  finding the last checkpoint, checking and reading one (a file or a folder of shards)
+    strategies.py   parallelize (FSDP2 sharding, activation checkpointing) and the FSDP strategy
+    callbacks.py    text samples, preemption, throughput, the progress bar, the NaN/inf guard, RNG
+                    states on resume
+    debug.py        debugging aids behind a flag: HostSyncCheck, CompiledStepCheck, the resume
+                    probes RecordBatches and SignalAt, peak_cpu_bytes
+    module.py       LanguageModel: ties model, loss, optimizer and schedule to Lightning
+    defaults.yaml   the settings every train.py run starts from; presets hold only what differs
+"""

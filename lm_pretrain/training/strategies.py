@@ -1,0 +1,100 @@
+"""How the model is laid out over devices: sharding (FSDP2) and activation checkpointing, in one place.
+
+`parallelize` is what `LanguageModel.configure_model` applies, as torchtitan's parallelize.py does
+for its models: activation checkpointing when asked, and under the FSDP strategy below PyTorch's
+`fully_shard` with one shard unit per transformer block, each block compiled on its own when the
+run compiles (FSDP's hooks between blocks run eagerly; a graph across them would break at every
+hook, so the whole loss step is compiled only without FSDP).
+
+FSDP splits parameters, gradients and optimizer state across all processes; each block's parameters
+are gathered only while that block runs. It is Lightning's ModelParallelStrategy with every process
+in one data-parallel group, so it runs the same way on GPUs (nccl) and on CPUs (gloo, which is how
+the tests cover it). Chosen in YAML with configs/overlays/fsdp.yaml:
+
+    trainer:
+      strategy:
+        class_path: lm_pretrain.training.strategies.FSDP
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from lm_pretrain.training.checkpoints import tensor_bytes
+from lm_pretrain.utils.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
+from lm_pretrain.model import GPT
+
+
+def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False,
+                compile: bool = False, compile_mode: str = "default") -> None:
+    """Lay `model` out for training, in place: recompute each block's activations in the backward
+    pass (activation_checkpointing), and with a device mesh (ModelParallelStrategy's) shard it with
+    FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root, each block's
+    forward compiled (compile; one graph serves every block). Safe to call again (Lightning calls
+    configure_model for each of fit, validate, ...)."""
+    model.checkpoint_blocks = activation_checkpointing
+    if mesh is None or isinstance(model, FSDPModule):
+        return
+    mesh = mesh["data_parallel"]
+    for block in model.blocks:
+        if compile:
+            # The forward, not the module: FSDP's hooks stay outside the graph, the weights' names
+            # stay as they are (a compiled module would prefix them with _orig_mod).
+            block.forward = torch.compile(block.forward, fullgraph=True, mode=compile_mode)
+        fully_shard(block, mesh=mesh)
+    # The root unit is not resharded after the forward pass (FSDP2 keeps the root's parameters for
+    # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused
+    # loss) sees the whole matrix.
+    fully_shard(model, mesh=mesh)
+
+
+class FSDP(ModelParallelStrategy):
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
+        """
+        Args:
+            save_distributed_checkpoint: each process writes its own shard (fast, no gathering; the
+                checkpoint is a folder, read back by train.py, generate, export and init_from alike);
+                false gathers one full checkpoint file on the first process (slow, needs its memory).
+            kwargs: any other ModelParallelStrategy argument (process_group_backend, timeout).
+        """
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.distributed_checkpoint = save_distributed_checkpoint
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" shards across nodes only; shard across every process instead.
+        # (It reads the size from this private attribute: tests/test_strategies.py fails if that changes.)
+        self._data_parallel_size = self.num_processes * self.num_nodes
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Write a sharded checkpoint into a hidden folder beside its final name, then swap it in
+        (files.publish): a run killed while saving keeps its previous checkpoint whole (Lightning
+        would overwrite the shards in place). The hidden folders of killed saves are removed at the
+        next save; a full disk is one line."""
+        if not self.distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        # named after the first process (pid@host), as remove_orphans expects; every process writes there
+        partial = Path(self.broadcast(str(partial_path(path)) if self.is_global_zero else None))
+        needed = tensor_bytes(checkpoint)
+        if self.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_orphans(path.parent)
+        self.barrier("checkpoint-staging")
+        try:
+            with full_disk_is_one_line(path, needed):
+                super().save_checkpoint(checkpoint, partial, storage_options)
+            self.barrier("checkpoint-written")
+            if self.is_global_zero:
+                publish(partial, path)
+        finally:
+            if self.is_global_zero:
+                if partial.exists():  # a failed save's shards
+                    shutil.rmtree(partial)
+                done_with(partial)
+        self.barrier("checkpoint-published")
