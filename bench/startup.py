@@ -67,7 +67,7 @@ def commands(data_dir: Path, run_dir: str) -> dict[str, list[str]]:
         "train.py fit --help": ["train.py", "fit", "--help"],
         "import lightning (for reference)": ["-c", "import lightning"],
         "train.py to first step": ["train.py", "fit", "--config", "configs/tiny.yaml", "--data.data_dir", str(data_dir),
-                                   "--model.vocab_size", "50257", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                                   "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
                                    "--trainer.default_root_dir", run_dir, "--trainer.callbacks+=startup.FirstStep"],
     }
 

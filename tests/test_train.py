@@ -56,6 +56,33 @@ def test_fit_writes_checkpoints(trained_run):
     assert (trained_run["log_dir"] / "config.yaml").is_file()
 
 
+def test_the_model_vocabulary_follows_the_data_unless_given(prepared, trained_run, tmp_path, capsys, monkeypatch):
+    """model.vocab_size empty: the data's tokenizer's (its metadata, or a built-in corpus's known
+    size without preparing it), the resumed checkpoint's with --ckpt_path; --print_config and the
+    checkpoint show the number. A value given stays, and one too small is today's one-line error."""
+    from lm_pretrain.commands.train import main, run
+
+    monkeypatch.chdir(tmp_path)
+
+    def printed_vocab(*args: str) -> int:
+        with pytest.raises(SystemExit):
+            run(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *args, "--print_config"])
+        return int(re.search(r"^  vocab_size: (\d+)$", capsys.readouterr().out, re.M).group(1))
+
+    assert printed_vocab() == 2048  # data/shakespeare-bpe2k: the demo's own tokenizer
+    assert printed_vocab("--data.data_dir", "data/shakespeare") == 50257  # GPT-2's
+    assert printed_vocab("--data.data_dir", str(prepared)) == load_metadata(prepared)["vocab_size"] == 50257
+    assert printed_vocab("--data.data_dir", str(prepared), "--model.vocab_size", "50304") == 50304
+    assert printed_vocab("--data.data_dir", str(prepared), "--ckpt_path", str(trained_run["ckpt"])) == 50257
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, no run folder claimed
+
+    state = torch.load(trained_run["ckpt"], map_location="cpu", weights_only=False)  # trained without the flag
+    assert state["hyper_parameters"]["vocab_size"] == 50257
+    assert "  vocab_size: 50257\n" in (trained_run["log_dir"] / "config.yaml").read_text()
+    line = cli_error(main, [*train_args(prepared, max_steps=1)[1:], "--model.vocab_size", "2048"], capsys)
+    assert line.endswith("but model.vocab_size is 2048; set model.vocab_size to at least 50257"), line
+
+
 @pytest.mark.slow
 def test_validate_from_checkpoint(trained_run):
     done = run_cli([str(ROOT / "train.py"), "validate", "--config", str(ROOT / "configs" / "tiny.yaml"),

@@ -81,8 +81,10 @@ class PretrainCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """After parsing, before anything is built: our checks of the config. Done here, before
         LightningCLI reads the hyperparameters saved in --ckpt_path over the model flags, so that a
-        checkpoint whose architecture differs from the flags is refused instead of silently winning."""
-        super().parse_arguments(parser, args)
+        checkpoint whose architecture differs from the flags is refused instead of silently winning.
+        --print_config prints the config as the run would use it: model.vocab_size filled in."""
+        argv, printing = split_print_config(args)
+        super().parse_arguments(parser, argv)
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
@@ -93,11 +95,46 @@ class PretrainCLI(LightningCLI):
             if subcommand == "fit":
                 checkpoints.resolve_last(config)
             ckpt = config.get("ckpt_path")
-            if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+            if ckpt in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved as the run starts
+                ckpt = None
+            try:
+                follow_the_tokenizer(config, ckpt)
+            except UserError:
+                if not printing:
+                    raise
+            if printing:  # (left empty where the data cannot be read yet: the run itself would stop there)
+                vocab = config.model.get("vocab_size")
+                parser.parse_args([*argv, *([f"--model.vocab_size={vocab}"] if vocab else []), *printing])  # prints, exits
+            if ckpt:
                 # (validate may score a checkpoint on any data; fit resumes a run on its own)
                 checkpoints.check_resumable(ckpt, config.model.as_dict(),
                                             config.data.as_dict() if subcommand == "fit" else None)
             self.claimed_version = checkpoints.claim_run_folder(config)  # last; main removes it if left unused
+
+
+def split_print_config(args) -> tuple[list[str] | dict, list[str]]:
+    """(the arguments without --print_config, --print_config and its value if given)."""
+    if isinstance(args, dict):
+        return args, []
+    argv, printing = list(sys.argv[1:] if args is None else args), []
+    for i, arg in enumerate(argv):
+        if arg.split("=")[0] == "--print_config":
+            given_value = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            printing = argv[i:i + 1 + given_value]
+            return argv[:i] + argv[i + 1 + given_value:], printing
+    return argv, printing
+
+
+def follow_the_tokenizer(config, ckpt: str | None) -> None:
+    """model.vocab_size, when not given, is the tokenizer's: the checkpoint's that is resumed or
+    validated, else the data's (TokenDataModule.tokenizer_vocab_size). A value given is checked
+    against the data as the run starts (TokenDataModule.check_compatible)."""
+    if config.model.get("vocab_size") is not None:
+        return
+    if ckpt:
+        config.model.vocab_size = checkpoints.read_hyperparameters(ckpt)["hyper_parameters"]["vocab_size"]
+    else:
+        config.model.vocab_size = TokenDataModule(**config.data.as_dict()).tokenizer_vocab_size()
 
 
 def allow_mlflow_file_store(config) -> None:

@@ -23,6 +23,7 @@ from litdata import CombinedStreamingDataset
 from lm_pretrain.utils import assets, ranges
 from lm_pretrain.data import storage
 from lm_pretrain.utils.errors import UserError
+from lm_pretrain.model.config import GPT2_VOCAB_SIZE
 from lm_pretrain.model.loss import IGNORE_INDEX
 from lm_pretrain.data.prepare import prepare
 from lm_pretrain.data.prepared import load_metadata, verify_shards
@@ -211,6 +212,16 @@ class TokenDataModule(L.LightningDataModule):
         self.batch_size, self.block_size, self.num_workers, self.seed = ranges.plain((batch_size, block_size, num_workers,
                                                                                      seed))
         self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
+
+    def tokenizer_vocab_size(self) -> int:
+        """How many token ids the data's tokenizer has, from its metadata.json (the first dataset's: a
+        mixture shares one tokenizer, checked in `setup`), without preparing anything: a built-in
+        folder not made yet has its tokenizer's known size. train.py gives the model this vocab_size
+        when none is set."""
+        source = self.sources[0]
+        if is_built_in(source.location) and not Path(source.location).exists():
+            return BUILT_IN_DATA[Path(source.location).as_posix()] or GPT2_VOCAB_SIZE
+        return load_metadata(source.location, self.storage_options)["vocab_size"]
 
     def prepare_data(self) -> None:
         # Runs once per machine, before `setup`. Only the built-in folders are ever created for the

@@ -2,7 +2,7 @@
 
     lm-pretrain-tokenizer my_corpus/ --vocab_size 8192 --output my_tokenizer.json
     lm-pretrain-prepare my_corpus/ --tokenizer my_tokenizer.json --output data/mine
-    python train.py fit --config configs/tiny.yaml --data.data_dir data/mine --model.vocab_size 8192
+    python train.py fit --config configs/tiny.yaml --data.data_dir data/mine   # vocab_size 8192: the data's
 
 It reads the same inputs and formats as lm-pretrain-prepare and, by default, leaves out the documents
 that prepare puts into validation with the same --val_fraction and --seed (so val bits per byte stay
@@ -46,8 +46,8 @@ def train_tokenizer(output: str, vocab_size: VocabSize, inputs: list[str] | None
 
     Args:
         output: the tokenizer file to write (e.g. my_tokenizer.json).
-        vocab_size: token ids in all, <|endoftext|> included (its id is vocab_size - 1); the model's
-            vocab_size should be at least this.
+        vocab_size: token ids in all, <|endoftext|> included (its id is vocab_size - 1); a model
+            trained on data prepared with it takes this vocab_size unless given one.
         inputs: files, folders or globs, as lm-pretrain-prepare takes them; also given as INPUTs
             before the flags.
         corpus: a built-in corpus instead of inputs (shakespeare).

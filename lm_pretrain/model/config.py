@@ -12,6 +12,8 @@ from lm_pretrain.utils.ranges import Context, Fraction, Heads, Layers, PositiveF
 from lm_pretrain.utils.ranges import check as check_ranges
 from lm_pretrain.utils.ranges import plain
 
+GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer: 50,256 merges and bytes, and <|endoftext|>
+
 
 @dataclass
 class GPTConfig:
@@ -20,7 +22,9 @@ class GPTConfig:
 
     Args:
         vocab_size: size of the embedding and output layers; at least the tokenizer's (GPT-2: 50257;
-            round up, e.g. to 50304, for faster matmuls on GPUs).
+            round up, e.g. to 50304, for faster matmuls on GPUs). Empty means the tokenizer's: train.py
+            reads it from the data's metadata (or the checkpoint it resumes); a GPTConfig made in
+            Python takes GPT-2's.
         block_size: longest sequence (context) the model takes.
         n_layer: transformer blocks.
         n_head: attention heads per block (must divide n_embd).
@@ -43,7 +47,7 @@ class GPTConfig:
             uses 30); empty means no cap.
     """
 
-    vocab_size: VocabSize = 50257
+    vocab_size: VocabSize | None = None
     block_size: Context = 1024
     n_layer: Layers = 12
     n_head: Heads = 12
@@ -73,6 +77,8 @@ class GPTConfig:
         check_ranges(GPTConfig, {name: getattr(self, name) for name in self.__dataclass_fields__}, "model")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vocab_size is None:
+            self.vocab_size = GPT2_VOCAB_SIZE
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
