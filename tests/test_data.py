@@ -17,6 +17,18 @@ def test_batches_are_shifted_pairs(prepared):
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_padding_windows_become_ignored_targets():
+    from lm_pretrain.data.datamodule import PADDING, inputs_and_targets
+    from lm_pretrain.model.loss import IGNORE_INDEX
+
+    windows = torch.tensor([[5, 6, 7, 8], [PADDING] * 4], dtype=torch.int32)
+    x, y = inputs_and_targets(windows, padded=True)
+    assert x.dtype == y.dtype == torch.long
+    assert x.tolist() == [[5, 6, 7], [0, 0, 0]] and y.tolist() == [[6, 7, 8], [IGNORE_INDEX] * 3]
+    x, y = inputs_and_targets(windows[:1].to(torch.uint16))  # training: never padding, nothing replaced
+    assert x.tolist() == [[5, 6, 7]] and y.tolist() == [[6, 7, 8]]
+
+
 def test_val_is_ordered_and_train_shuffled(prepared):
     dm = attach(TokenDataModule(str(prepared), batch_size=2))
     dm.setup("fit")
@@ -52,8 +64,10 @@ def test_default_folder_is_prepared_on_first_use(tmp_path, monkeypatch, corpus):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(assets, "shakespeare_texts", lambda: sorted(corpus[0].glob("*.txt")))
     dm = attach(TokenDataModule("data/shakespeare"))
+    assert dm.tokenizer_vocab_size() == 50257 and not (tmp_path / "data").exists()  # known before it is made
     dm.prepare_data()
     dm.setup("fit")
+    assert dm.sources[0].metadata["vocab_size"] == dm.tokenizer_vocab_size() == 50257
     splits = dm.sources[0].metadata["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == 12
     assert (tmp_path / "data" / "shakespeare" / "metadata.json").is_file()
@@ -71,8 +85,11 @@ def test_own_tokenizer_folder_is_made_on_first_use(tmp_path, monkeypatch, corpus
     monkeypatch.setattr(assets, "shakespeare_texts", texts)
     monkeypatch.setitem(CORPORA, "shakespeare", texts)
     dm = attach(TokenDataModule("data/shakespeare-bpe2k"), vocab_size=2048)
+    assert dm.tokenizer_vocab_size() == 2048 and not (tmp_path / "data").exists()
     dm.prepare_data()
     dm.setup("fit")
+    # (this small corpus has fewer merges to learn than asked for: Shakespeare's gives all 2048)
+    assert dm.sources[0].metadata["vocab_size"] == dm.tokenizer_vocab_size() <= 2048
     tokenizer = tmp_path / "data" / "tokenizers" / "shakespeare-bpe2k.json"
     meta = dm.sources[0].metadata
     assert meta["tokenizer"] == "shakespeare-bpe2k" and meta["tokenizer_sha256"] == bpe.digest(bpe.read_raw(tokenizer))

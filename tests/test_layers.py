@@ -22,7 +22,7 @@ FOLDERS = {
     "utils": [["errors"], ["ranges", "files", "extras"], ["assets"]],  # small helpers every folder may use
     "model": [["config", "loss", "sampling"], ["gpt"]],  # plain PyTorch: no Lightning, data or tokenizer
     "tokenizer": [["bpe"], ["encoding"]],  # what a tokenizer is
-    "data": [["storage", "readers"], ["prepared"], ["prepare"], ["train_tokenizer"], ["datamodule"]],
+    "data": [["storage", "readers"], ["prepared"], ["prepare"], ["train_tokenizer"], ["built_in"], ["datamodule"]],
     "training": [["steps", "optim"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug"], ["module"]],
     "commands": [["parsing"], ["train", "prepare", "tokenizer", "generate", "export", "evaluate", "sizes"]],
 }

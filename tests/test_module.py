@@ -11,7 +11,7 @@ from helpers import tiny_checkpoint
 from lm_pretrain.training.callbacks import TextSamples
 from lm_pretrain.training.debug import CompiledStepCheck
 from lm_pretrain.utils.errors import UserError
-from lm_pretrain.model.loss import CHUNK_ROWS, IGNORE_INDEX, next_token_loss
+from lm_pretrain.model.loss import IGNORE_INDEX, next_token_loss
 from lm_pretrain.training.module import LanguageModel, MeanLoss
 
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, learning_rate=1e-2)
@@ -99,7 +99,7 @@ def compiled_run(module: LanguageModel, tmp_path, *callbacks: L.Callback, steps:
 def test_compiled_training_step_survives_samples_validation_and_checkpoints(blocks, tmp_path):
     L.seed_everything(0)
     module = LanguageModel(**{**TINY, **blocks, "compile": True})
-    assert not module.fused_loss  # auto: the plain path, which inductor fuses
+    assert module.loss_path == "plain"  # auto: the plain path, which inductor fuses
     # CompiledStepCheck: no recompile in training steps 2-8, the same operators in steps 1 and 7
     # (samples, validations and checkpoints between them), no frame skipped, no graph break
     trainer = compiled_run(module, tmp_path)
@@ -146,7 +146,7 @@ def test_compile_mode_reaches_torch_compile_and_chunked_loss_is_used(monkeypatch
     module.configure_model()
     assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
     chunked = LanguageModel(**{**TINY, "loss": "chunked"})
-    assert chunked.fused_loss and chunked.loss_chunk == CHUNK_ROWS
+    assert chunked.loss_path == "chunked"
     tokens = torch.randint(0, 1000, (2, 17))
     plain = LanguageModel(**{**TINY, "loss": "plain"})
     plain.load_state_dict(chunked.state_dict())

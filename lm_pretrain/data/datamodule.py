@@ -20,27 +20,17 @@ import numpy as np
 import torch
 from litdata import CombinedStreamingDataset
 
-from lm_pretrain.utils import assets, ranges
-from lm_pretrain.data import storage
-from lm_pretrain.utils.errors import UserError
-from lm_pretrain.model.config import GPT2_VOCAB_SIZE
-from lm_pretrain.model.loss import IGNORE_INDEX
-from lm_pretrain.data.prepare import prepare
+from lm_pretrain.data import built_in, storage
 from lm_pretrain.data.prepared import load_metadata, verify_shards
+from lm_pretrain.model.loss import IGNORE_INDEX
+from lm_pretrain.utils import ranges
+from lm_pretrain.utils.errors import UserError
 from lm_pretrain.utils.ranges import Context, NonNegativeWorkers, PositiveInt, Seed
-from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER
-from lm_pretrain.data.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("lm_pretrain.data.datamodule")
 
-DEFAULT_DATA_DIR = "data/shakespeare"  # the built-in corpus: prepared on first use
-DEFAULT_CORPUS = "shakespeare"
-# The built-in corpus is prepared on first use into whichever of these folders a run names: with
-# GPT-2's tokenizer, or (the demo's) with a BPE of its own of this many tokens, trained first on the
-# corpus's train split in seconds: at the demo's training time it learns more (BENCHMARKS.md,
-# "Tokenizer of your own"). The tokenizer file lands in data/tokenizers/, named as the folder.
-BUILT_IN_DATA = {DEFAULT_DATA_DIR: None, "data/shakespeare-bpe2k": 2048}
 MIXTURE_KEYS = ("data_dir", "weight")
+PADDING = -1  # the token id of a padding window (EvenSplit), which no tokenizer has
 
 
 @dataclass
@@ -77,8 +67,8 @@ class EvenSplit(torch.utils.data.IterableDataset):
     Every forward pass of a sharded model is a collective: if one process ran more validation
     batches than another, the others would wait for it forever. (litdata gives the windows that do
     not divide evenly all to the last process.) Process r of N reads windows r, r + N, r + 2N, ...,
-    padded at the end with windows of -1 (no loss, not counted: see `TokenDataModule.on_after_batch_
-    transfer`), so N processes evaluate exactly the windows one process would, in the same order.
+    padded at the end with windows of PADDING (no loss, not counted: `inputs_and_targets`), so N
+    processes evaluate exactly the windows one process would, in the same order.
 
     Several val splits (a mixture) are interleaved in proportion to their sizes, the same way every
     time. DataLoader workers take whole batches in turn, so batches arrive in the same order as
@@ -116,7 +106,7 @@ class EvenSplit(torch.utils.data.IterableDataset):
                 if i < len(mine):
                     yield self.datasets[mine[i][0]][int(mine[i][1])].to(torch.int32)
                 else:  # padding: this process has run out of windows
-                    yield torch.full((self.window,), -1, dtype=torch.int32)
+                    yield torch.full((self.window,), PADDING, dtype=torch.int32)
 
 
 def windows_in(dataset) -> int:
@@ -132,22 +122,6 @@ def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def is_built_in(location: str) -> bool:
-    return not storage.is_remote(location) and Path(location).as_posix() in BUILT_IN_DATA
-
-
-def prepare_built_in(folder: Path) -> None:
-    """Prepare the built-in corpus into `folder`, one of BUILT_IN_DATA's, with its tokenizer."""
-    vocab_size, tokenizer = BUILT_IN_DATA[folder.as_posix()], DEFAULT_TOKENIZER
-    if vocab_size is not None:
-        tokenizer = str(folder.parent / "tokenizers" / f"{folder.name}.json")
-        log.info("training a %s-token tokenizer on the built-in corpus (%s) into %s", f"{vocab_size:,}",
-                 DEFAULT_CORPUS, tokenizer)
-        train_tokenizer(tokenizer, vocab_size, corpus=DEFAULT_CORPUS, overwrite=True)
-    log.info("preparing the built-in corpus (%s) into %s", DEFAULT_CORPUS, folder)
-    prepare(assets.shakespeare_texts(), folder, tokenizer=tokenizer)
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -203,11 +177,11 @@ class TokenDataModule(L.LightningDataModule):
             raise UserError("give data.data_dir or data.mixture, not both")
         if mixture is None and data_dir is None:
             raise UserError(f"data.data_dir is not set: prepare a corpus with lm-pretrain-prepare and pass "
-                            f"--data.data_dir DIR (or --data.data_dir {DEFAULT_DATA_DIR}, the built-in corpus)")
+                            f"--data.data_dir DIR (or --data.data_dir {built_in.DEFAULT_DATA_DIR}, the built-in corpus)")
         self.sources = parse_mixture(mixture) if mixture is not None else [PreparedData(data_dir)]
         for source in self.sources:  # now, before the Trainer creates run folders
             local = not storage.is_remote(source.location)
-            if local and not is_built_in(source.location) and not Path(source.location).is_dir():
+            if local and not built_in.is_built_in(source.location) and not Path(source.location).is_dir():
                 raise UserError(f"data folder {source.location} does not exist; create it with lm-pretrain-prepare")
         self.batch_size, self.block_size, self.num_workers, self.seed = ranges.plain((batch_size, block_size, num_workers,
                                                                                      seed))
@@ -219,16 +193,15 @@ class TokenDataModule(L.LightningDataModule):
         folder not made yet has its tokenizer's known size. train.py gives the model this vocab_size
         when none is set."""
         source = self.sources[0]
-        if is_built_in(source.location) and not Path(source.location).exists():
-            return BUILT_IN_DATA[Path(source.location).as_posix()] or GPT2_VOCAB_SIZE
+        if built_in.missing(source.location):
+            return built_in.vocab_size(source.location)
         return load_metadata(source.location, self.storage_options)["vocab_size"]
 
     def prepare_data(self) -> None:
         # Runs once per machine, before `setup`. Only the built-in folders are ever created for the
         # user: a folder they named that does not exist is an error (raised in `__init__`).
         for source in self.sources:
-            if is_built_in(source.location) and not Path(source.location).exists():
-                prepare_built_in(Path(source.location))
+            built_in.make_if_missing(source.location)
         for source in self.sources:  # hashing is slow: once per machine, here
             if self.verify == "sha256" and not storage.is_remote(source.location) and Path(source.location).is_dir():
                 verify_shards(source.location, load_metadata(source.location), checksums=True)
@@ -327,13 +300,20 @@ class TokenDataModule(L.LightningDataModule):
                                            pin_memory=torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Shards store uint16 ids (half the bytes of int32) and cross to the device that way;
-        # embeddings need int64, so widen here, on the device.
-        tokens = batch.long()
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        if self.trainer is None or not self.trainer.training:  # validation pads with -1 (EvenSplit)
-            x, y = x.clamp(min=0), y.masked_fill(y < 0, IGNORE_INDEX)
-        return x, y
+        # Here, on the device: shards store uint16 ids (half the bytes of int32) and cross that way.
+        return inputs_and_targets(batch, padded=self.trainer is None or not self.trainer.training)
+
+
+def inputs_and_targets(windows: torch.Tensor, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of block_size + 1 tokens (B, T + 1) -> inputs x = windows[:, :-1] and targets
+    y = windows[:, 1:], int64 as embeddings want. With `padded` (validation, EvenSplit), a padding
+    window's targets become IGNORE_INDEX (no loss, not counted) and its inputs id 0 (any valid id:
+    what they predict is ignored); training windows are never padding."""
+    tokens = windows.long()
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if padded:
+        x, y = x.masked_fill(x == PADDING, 0), y.masked_fill(y == PADDING, IGNORE_INDEX)
+    return x, y
 
 
 def parse_mixture(mixture: list[dict]) -> list[PreparedData]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from lm_pretrain.utils.errors import UserError
 
-IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (see data.EvenSplit)
+IGNORE_INDEX = -100  # target of a padding position: no loss, not counted (data.datamodule.inputs_and_targets)
 LossKind = Literal["auto", "plain", "fused", "chunked"]
 CHUNK_ROWS = 4096  # positions per chunk of the chunked loss: 4096 x 50,304 float32 logits = 824 MB
 

@@ -148,8 +148,21 @@ def same(a: dict, b: dict) -> bool:
         a.get("tokenizer_sha256") is not None or a.get("tokenizer") == b.get("tokenizer"))
 
 
-def describe(recorded: dict) -> str:
-    """A record for messages: 'gpt2', or 'mine (sha256 0123456789ab)'."""
+def names(wanted: dict | str, recorded: dict) -> bool:
+    """Whether `wanted` names the tokenizer `recorded`: a record (same), a tokenizer file (its record
+    is the same), or a name, which matches by name alone except that a tiktoken name never matches an
+    own tokenizer (a resumed run's model.tokenizer may name the own tokenizer its checkpoint holds)."""
+    if isinstance(wanted, dict):
+        return same(wanted, recorded)
+    if is_file_spec(wanted):
+        return same(record(wanted), recorded)
+    return wanted == recorded.get("tokenizer") and not (recorded.get("tokenizer_sha256") and is_tiktoken_name(wanted))
+
+
+def describe(recorded: dict | str) -> str:
+    """A record (or a --tokenizer value) for messages: 'gpt2', or 'mine (sha256 0123456789ab)'."""
+    if isinstance(recorded, str):
+        recorded = record(recorded) if is_file_spec(recorded) else {"tokenizer": recorded}
     sha = recorded.get("tokenizer_sha256")
     return repr(recorded.get("tokenizer")) + (f" (sha256 {sha[:12]})" if sha else "")
 

@@ -36,9 +36,10 @@ from lm_pretrain.utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeF
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.training.steps import is_log_step
 from lm_pretrain.training.strategies import parallelize
-from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER, from_record, is_file_spec, is_tiktoken_name
+from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer.encoding import describe as describe_tokenizer
 from lm_pretrain.tokenizer.encoding import record as tokenizer_record
+from lm_pretrain.tokenizer.encoding import names as tokenizer_names
 from lm_pretrain.tokenizer.encoding import same as tokenizer_same
 
 
@@ -160,7 +161,7 @@ class LanguageModel(L.LightningModule):
         self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
-        self._use_loss(pick_loss(loss, compile, z_loss, self.config.logit_softcap))
+        self.loss_path  # an impossible loss setting stops here, before any work
         self.model = GPT(self.config)
         self.val_loss = MeanLoss()
         self.nonfinite = NonFiniteGuard(nonfinite_loss, nonfinite_check_every)
@@ -179,22 +180,13 @@ class LanguageModel(L.LightningModule):
         return from_record(self.tokenizer_record)
 
     def adopt_tokenizer(self, data: dict, where: str) -> None:
-        """Take the tokenizer of the training data (`data`: its metadata, from `where`), or stop with
-        one line if the model's is another: model.tokenizer's, or a checkpoint's it was loaded from."""
+        """The model's tokenizer is its training data's (`data`: the metadata of the dataset at
+        `where`). One rule: if the model already has one, the checkpoint's it was loaded with, or
+        else names one in model.tokenizer (a tiktoken name or a tokenizer file), it must be the
+        data's (tokenizer.encoding.names), or the run stops with one line."""
         theirs = {k: data[k] for k in ("tokenizer", "tokenizer_sha256", "tokenizer_file") if data.get(k) is not None}
-        wanted = self.hparams.tokenizer
-        if self._tokenizer is not None:  # loaded with its weights (from_checkpoint): they are ids of that one
-            mine, ok = self._tokenizer, tokenizer_same(self._tokenizer, theirs)
-        elif wanted is None:
-            mine, ok = theirs, True
-        elif is_file_spec(wanted):
-            mine = tokenizer_record(wanted)
-            ok = tokenizer_same(mine, theirs)
-        else:  # a name: a tiktoken encoding's, or (a resumed run's model.tokenizer is its checkpoint's) an own
-            # tokenizer's, whose copy in the checkpoint on_load_checkpoint compares with the data's by sha256
-            mine = {"tokenizer": wanted}
-            ok = wanted == theirs["tokenizer"] and ("tokenizer_sha256" not in theirs or not is_tiktoken_name(wanted))
-        if not ok:
+        mine = self._tokenizer or self.hparams.tokenizer
+        if mine is not None and not tokenizer_names(mine, theirs):
             raise UserError(f"{where} was tokenized with {describe_tokenizer(theirs)} but the model's tokenizer is "
                             f"{describe_tokenizer(mine)} (model.tokenizer, or a resumed run's checkpoint's); prepare the "
                             f"data with that tokenizer, or leave model.tokenizer empty to use the data's")
@@ -240,13 +232,15 @@ class LanguageModel(L.LightningModule):
             # into the output layer's kernels); calls of the model itself, as in sampling, stay
             # eager and never recompile the training graph.
             self._loss_fn = torch.compile(next_token_loss, mode=hp.compile_mode)
-        # Under FSDP only the blocks are compiled: the output layer and loss run eagerly, where
-        # "auto" picks the fused loss.
-        self._use_loss(pick_loss(hp.loss, hp.compile and not sharded, hp.z_loss, self.config.logit_softcap))
 
-    def _use_loss(self, path: str) -> None:
-        self.fused_loss = path in ("fused", "chunked")
-        self.loss_chunk = CHUNK_ROWS if path == "chunked" else None
+    @property
+    def loss_path(self) -> str:
+        """How the loss is computed, "plain", "fused" or "chunked" (lm_pretrain.model.loss), chosen
+        here alone: model.loss, where "auto" is plain when the loss step is compiled whole (compile
+        on one device or DDP) and fused when it runs eagerly (no compile, or FSDP, which compiles
+        only the blocks). UserError for a setting that cannot work."""
+        hp = self.hparams
+        return pick_loss(hp.loss, hp.compile and self.device_mesh is None, hp.z_loss, self.config.logit_softcap)
 
     def setup(self, stage: str) -> None:
         allow_tf32(self.trainer.strategy.root_device.type)
@@ -273,7 +267,8 @@ class LanguageModel(L.LightningModule):
         (targets set to IGNORE_INDEX count in neither); the z-loss is added in training only, so val
         losses stay comparable across recipes."""
         x, y = batch
-        return self._loss_fn(self.model, x, y, fused=self.fused_loss, chunk=self.loss_chunk,
+        path = self.loss_path
+        return self._loss_fn(self.model, x, y, fused=path != "plain", chunk=CHUNK_ROWS if path == "chunked" else None,
                              z_loss=self.hparams.z_loss if self.training else 0.0, reduction=reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
