@@ -229,3 +229,22 @@ def test_bad_architecture_options():
         GPTConfig(**BASE, norm="batchnorm")
     with pytest.raises(UserError, match="--model.mlp 'relu' is not one of gelu, swiglu, relu2"):
         GPTConfig(**BASE, mlp="relu")
+
+
+@pytest.mark.parametrize("blocks", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2,
+                                         "tie_embeddings": False}])
+def test_flops_per_token_match_lightnings_flop_counter(blocks):
+    """model_size's 6 N + attention against Lightning's measure_flops (torch's FlopCounterMode over
+    forward and backward on the meta device): equal, once the 6 FLOPs per token that 6 N also
+    gives each norm scale and bias (not matmul weights) are taken out."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from lm_pretrain.model.loss import next_token_loss
+
+    config = GPTConfig(**{**BASE, "vocab_size": 512, "block_size": 64, **blocks})
+    with torch.device("meta"):
+        model = GPT(config)
+        tokens = torch.zeros(2, config.block_size, dtype=torch.long)
+    measured = measure_flops(model, lambda: next_token_loss(model, tokens, tokens), lambda loss: loss)
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert measured / tokens.numel() == model_size(config)["flops_per_token"] - 6 * vectors

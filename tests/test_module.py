@@ -30,6 +30,30 @@ def test_mean_loss_matches_torchmetrics_perplexity_on_logits_and_skips_padding()
     assert torch.allclose(ours.compute().exp(), reference.compute(), rtol=1e-5)
 
 
+def test_mean_loss_is_exact_where_torchmetrics_mean_metric_would_sync_or_drop_the_weights():
+    """Why MeanLoss and not MeanMetric(weights): the weighted mean of batch losses is the sum over
+    tokens; MeanMetric reads each update back for its NaN check, and with the check off ignores the
+    weights (when this fails, torchmetrics has changed: MeanMetric may then do)."""
+    from torchmetrics import MeanMetric
+
+    sums, counts = torch.tensor([12.0, 1.5, 30.0]), torch.tensor([4, 1, 10])
+    ours, unchecked = MeanLoss(), MeanMetric(nan_strategy="disable")
+    for loss_sum, count in zip(sums, counts):
+        ours.update(loss_sum, count)
+        unchecked.update(loss_sum / count, count)
+    assert ours.compute().item() == (sums.sum() / counts.sum()).item() == pytest.approx(43.5 / 15)
+    assert unchecked.compute().item() == pytest.approx((3.0 + 1.5 + 3.0) / 3)  # the weights dropped
+    reads = []
+    item = torch.Tensor.__bool__
+    try:
+        torch.Tensor.__bool__ = lambda t: reads.append(1) or item(t)
+        MeanMetric().update(torch.tensor(1.0), torch.tensor(2.0))
+        MeanLoss().update(torch.tensor(1.0), torch.tensor(2.0))
+    finally:
+        torch.Tensor.__bool__ = item
+    assert len(reads) == 2  # MeanMetric's two NaN checks (values, weights); none of MeanLoss's
+
+
 def test_overfits_one_batch():
     L.seed_everything(0)
     module = LanguageModel(**TINY)

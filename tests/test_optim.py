@@ -92,6 +92,14 @@ def test_muon_with_adamw_resumes_both_states():
     assert any(not torch.equal(a, state["model"][n]) for n, a in again.named_parameters())
 
 
+def test_the_schedule_warms_up_from_near_zero_where_torchs_linear_lr_cannot_start():
+    """Why one LambdaLR (optim.lr_multiplier) and not LinearLR + CosineAnnealingLR in a SequentialLR."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="[Ss]tarting multiplicative factor"):
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.0)
+    assert lr_multiplier(0, warmup_steps=1000, total_steps=5000, min_ratio=0.1) == 1 / 1001
+
+
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
     lr = [lr_multiplier(s, 10, 110, 0.1, "wsd", decay_fraction=0.2) for s in range(120)]
     assert lr[0] < lr[9] < 1.0 and lr[10:88] == [1.0] * 78  # warmup, then stable until the last 22 steps

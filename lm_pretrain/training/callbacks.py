@@ -201,7 +201,8 @@ class Throughput(L.Callback):
     Counts every token of every micro-batch on every device, so it is right with gradient
     accumulation and several devices. Measures wall time between log steps, with one device sync
     there and none in between. MFU needs the device's peak (lm_pretrain.training.hardware); on CPUs and
-    unknown GPUs it is left out.
+    unknown GPUs it is left out. (Not Lightning's ThroughputMonitor: it synchronises the GPU after
+    every batch.)
     """
 
     def __init__(self, log_every_n_steps: PositiveInt | None = None):

@@ -77,7 +77,9 @@ def read_hyperparameters(path: str | Path, what: str = "checkpoint", full: bool 
 
 
 def _gather_shards(path: Path, hparams: dict) -> dict:
-    """The LightningModule state dict of a sharded checkpoint, read into one process's memory."""
+    """The LightningModule state dict of a sharded checkpoint, read into one process's memory: the
+    weights alone (torch's dcp_to_torch_save would read the optimizer's moments too, twice the
+    weights with AdamW, and write them all to a file first)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp

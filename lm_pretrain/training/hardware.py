@@ -12,6 +12,8 @@ import torch
 from lm_pretrain.model.config import GPTConfig, model_size
 from lm_pretrain.utils.errors import UserError
 
+# Not Lightning's get_available_flops: it knows no "NVIDIA H200", counts the H100 NVL's sparse figure,
+# and needs the GPU at hand, where lm-pretrain-sizes plans for GPUs that are not (tests/test_hardware.py).
 # name fragment (as torch.cuda.get_device_name reports it) -> {precision: dense peak FLOP/s}. The
 # first fragment found in the name wins: PCIe and NVL cards come before the SXM parts ("NVIDIA H100
 # 80GB HBM3", "NVIDIA H200"), which are faster under the same name.

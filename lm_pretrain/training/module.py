@@ -55,7 +55,8 @@ class MeanLoss(Metric):
     Fed each batch's summed loss and its number of targets (padding excluded), rather than logits as
     torchmetrics.text.Perplexity wants: that would run a second log-softmax over the whole vocabulary,
     the costliest op here. Two sums instead of torchmetrics' MeanMetric, whose NaN check reads a
-    value back from the GPU on every update.
+    value back from the GPU on every update, and which drops the weights when the check is off
+    (nan_strategy="disable", torchmetrics 1.9; tests/test_module.py keeps watch).
     """
 
     full_state_update = False
@@ -327,6 +328,8 @@ class LanguageModel(L.LightningModule):
         optimizer = optim.build_optimizer(self.model, hp.optimizer, hp.learning_rate, hp.weight_decay, hp.betas,
                                           head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
+        # One closed-form multiplier of the step (optim.lr_multiplier): torch's LinearLR cannot warm up
+        # from 0, and SequentialLR needs three schedulers for WSD and steps the cosine recursively.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: optim.lr_multiplier(step, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule,
                                                   hp.decay_fraction))
