@@ -77,8 +77,22 @@ _warm = None
 
 def env() -> dict:
     """The environment of the commands the tests run: this one, with the checkout and tests/
-    (helpers.py's callbacks) on PYTHONPATH."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    (helpers.py's callbacks) on PYTHONPATH, and one intra-op thread per process, set here for every
+    process a test starts: rounding depends on the count, and one is what each of 2 DDP processes
+    on 2 cores gets (torchrun leaves the variable unset, and a lone process would take both cores),
+    so the bitwise comparisons hold whatever the launcher and the load (assert_same_run)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+
+
+def assert_same_run(got: list[dict], want: list[dict]) -> None:
+    """Bitwise the same RecordBatches records: the same steps, batches and losses. The thread counts
+    recorded beside them are compared first, so that a mismatch fails by name."""
+    def threads(rows):
+        return sorted({(r["rank"], r["threads"]) for r in rows})
+
+    assert threads(got) == threads(want), f"intra-op thread counts (rank, threads) differ: {threads(got)} against " \
+                                          f"{threads(want)}; rounding depends on them (helpers.env)"
+    assert got == want
 
 
 def python() -> str:

@@ -1,13 +1,15 @@
 """Long runs: DDP, multi-node, exact resume, preemption, atomic checkpoints, NaN, integrity."""
 
 import socket
+import sys
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import callback, cli_error, env, last_line, python, run_args, run_cli, scalars, tiny_checkpoint
+from helpers import (assert_same_run, callback, cli_error, env, last_line, python, run_args, run_cli, scalars,
+                     tiny_checkpoint)
 from lm_pretrain.training.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -35,7 +37,22 @@ def test_killed_and_resumed_run_matches_a_straight_one(prepared, straight, tmp_p
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()  # logs continue in the same folder
     records = read_records(tmp_path / "rec")
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert records == straight  # bitwise the same losses, and the same batches after the resume point
+    assert_same_run(records, straight)  # bitwise the same losses, and the same batches after the resume point
+
+
+def test_a_run_while_both_cores_are_busy_is_bitwise_the_run_without(prepared, straight, tmp_path):
+    """Load changes the timing, never the numbers: the straight run again, while two other processes
+    keep both cores busy, gives the same records bit for bit."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(2)]
+    try:
+        done = run_cli(run_args(prepared, 8, tmp_path / "rec"), cwd=tmp_path)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {r["threads"] for r in straight} == {1}
+    assert_same_run(read_records(tmp_path / "rec"), straight)
 
 
 def ddp_run(prepared, folder: Path, *extra: str):
@@ -60,7 +77,7 @@ def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, ddp_straigh
     assert ddp_run(prepared, tmp_path, callback("SignalAt", step=3)).returncode != 0
     resumed = ddp_run(prepared, tmp_path, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert read_records(tmp_path / "rec") == ddp_straight
+    assert_same_run(read_records(tmp_path / "rec"), ddp_straight)
 
 
 def free_port() -> int:
@@ -71,15 +88,13 @@ def free_port() -> int:
 
 def torchrun_two_nodes(prepared, folder: Path, *extra: str) -> list[subprocess.CompletedProcess]:
     """docs/long-runs.md's torchrun command on one machine: two nodes (node ranks 0 and 1) of one CPU
-    process each, meeting on 127.0.0.1. The two share this machine's cores as 2 DDP processes on one
-    node do, one thread each (torchrun leaves OMP_NUM_THREADS unset for one process per node, and
-    Lightning would then give each both cores: other rounding, and a last-bit difference)."""
+    process each, meeting on 127.0.0.1, one thread each as every process of the tests (helpers.env)."""
     port = str(free_port())
     nodes = [subprocess.Popen([python(), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                *run_args(prepared, 6, folder / "rec", every=2), "--trainer.accelerator", "cpu",
                                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
-                              cwd=folder, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              cwd=folder, env=env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
@@ -100,7 +115,7 @@ def test_two_torchrun_nodes_train_as_two_ddp_processes_and_resume_exactly_after_
     assert [p.name for p in ckpt.parent.glob("last*")] == ["last.ckpt"]
     records = read_records(tmp_path / "rec")
     assert [(r["rank"], r["step"]) for r in records] == [(rank, step) for rank in (0, 1) for step in range(1, 7)]
-    assert records == ddp_straight
+    assert_same_run(records, ddp_straight)
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
@@ -118,7 +133,7 @@ def test_preemption_saves_and_resumes(prepared, straight, tmp_path, signal_name)
     assert torch.load(ckpt, weights_only=False)["global_step"] == 3
     resumed = run_cli([*args, "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert read_records(tmp_path / "rec") == straight
+    assert_same_run(read_records(tmp_path / "rec"), straight)
 
 
 KILL_MID_SAVE = """

@@ -14,7 +14,7 @@ from botocore.exceptions import EndpointConnectionError
 from moto.server import ThreadedMotoServer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import attach, run_cli, train_args
+from helpers import attach, cli_error, run_cli, train_args
 from lm_pretrain.data.datamodule import TokenDataModule
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.data.prepare import prepare, upload_dataset
@@ -61,14 +61,6 @@ def remote_data(s3, corpus, tmp_path_factory) -> str:
     return url
 
 
-def one_line_error(done) -> str:
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), line
-    return line
-
-
 def test_prepare_writes_the_same_dataset_to_the_bucket(s3, remote_data, prepared):
     names = ObjectStore(remote_data, s3["options"]).sizes()
     assert {"metadata.json", "train/index.json", "val/index.json"} <= set(names)
@@ -108,12 +100,15 @@ def test_streamed_batches_equal_the_local_ones(s3, prepared, tmp_path, workers):
 
 
 @pytest.mark.slow
-def test_missing_bucket_or_prefix_is_a_one_line_error(s3, tmp_path):
+def test_missing_bucket_or_prefix_is_a_one_line_error(s3, tmp_path, capsys, monkeypatch):
+    from lm_pretrain.commands.train import main
+
+    monkeypatch.chdir(tmp_path)
     flags = ["--data.storage_options", json.dumps(s3["options"]), "--data.cache_dir", str(tmp_path / "cache")]
-    no_bucket = run_cli([*train_args("s3://no-such-bucket/data", max_steps=2), *flags], cwd=tmp_path, timeout=120)
-    assert "bucket 'no-such-bucket' does not exist" in one_line_error(no_bucket)
-    no_prefix = run_cli([*train_args(f"s3://{BUCKET}/nothing-here", max_steps=2), *flags], cwd=tmp_path, timeout=120)
-    assert "is not a prepared dataset (no metadata.json)" in one_line_error(no_prefix)
+    line = cli_error(main, [*train_args("s3://no-such-bucket/data", max_steps=2)[1:], *flags], capsys)
+    assert "bucket 'no-such-bucket' does not exist" in line, line
+    line = cli_error(main, [*train_args(f"s3://{BUCKET}/nothing-here", max_steps=2)[1:], *flags], capsys)
+    assert "is not a prepared dataset (no metadata.json)" in line, line
 
 
 def test_credentials_endpoint_and_options_errors(s3, remote_data, monkeypatch):

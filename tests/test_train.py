@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import cli_error, one_line_error, ROOT, run_cli, scalars, TINY_MODEL, train_args
+from helpers import cli_error, ROOT, run_cli, scalars, TINY_MODEL, train_args
 from lm_pretrain.data.prepared import load_metadata
 
 
@@ -83,6 +83,18 @@ def test_the_model_vocabulary_follows_the_data_unless_given(prepared, trained_ru
     assert line.endswith("but model.vocab_size is 2048; set model.vocab_size to at least 50257"), line
 
 
+@pytest.mark.parametrize("given,rest,printing", [
+    (["fit", "--print_config", "--x", "1"], ["fit", "--x", "1"], ["--print_config"]),
+    (["fit", "--x", "1", "--print_config=skip_null"], ["fit", "--x", "1"], ["--print_config=skip_null"]),
+    (["fit", "--print_config", "skip_null", "--x", "1"], ["fit", "--x", "1"], ["--print_config", "skip_null"]),
+    (["fit", "--x", "1"], ["fit", "--x", "1"], []),
+])
+def test_print_config_is_set_aside_until_the_config_is_whole(given, rest, printing):
+    from lm_pretrain.commands.train import split_print_config
+
+    assert split_print_config(given) == (rest, printing)
+
+
 @pytest.mark.slow
 def test_validate_from_checkpoint(trained_run):
     done = run_cli([str(ROOT / "train.py"), "validate", "--config", str(ROOT / "configs" / "tiny.yaml"),
@@ -93,13 +105,15 @@ def test_validate_from_checkpoint(trained_run):
 
 
 @pytest.mark.slow
-def test_generate_prints_text(trained_run):
-    args = ["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "The king",
-            "--max_new_tokens", "20", "--seed", "1"]
-    first = run_cli(args, cwd=trained_run["workdir"])
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("The king") and len(first.stdout.split()) > 5
-    assert run_cli(args, cwd=trained_run["workdir"]).stdout == first.stdout  # seeded: reproducible
+def test_generate_prints_text(trained_run, capsys):
+    from lm_pretrain.commands.generate import main
+
+    args = ["--ckpt_path", str(trained_run["ckpt"]), "--prompt", "The king", "--max_new_tokens", "20", "--seed", "1"]
+    main(args)
+    first = capsys.readouterr().out
+    assert first.startswith("The king") and len(first.split()) > 5
+    main(args)
+    assert capsys.readouterr().out == first  # seeded: reproducible
 
 
 def test_clear_errors(tmp_path, prepared, capsys, monkeypatch):
@@ -180,7 +194,7 @@ def test_gpu_presets_need_a_data_folder(capsys):
 
 
 @pytest.mark.slow
-def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path):
+def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path, capsys, monkeypatch):
     llama = ["--model.n_kv_head", "1", "--model.mlp_hidden", "64"]
     first = run_cli([*train_args(prepared, max_steps=40, config="tiny-llama"), *llama], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -205,8 +219,11 @@ def test_tiny_llama_trains_then_continues_from_its_weights(prepared, tmp_path):
     assert torch.load(tmp_path / "runs" / "tiny-llama" / "version_1" / "checkpoints" / "last.ckpt",
                       weights_only=False)["global_step"] == 10
 
-    wrong = run_cli([*train_args(prepared, max_steps=2, config="tiny-llama"), "--model.init_from", str(ckpt)], cwd=tmp_path)
-    line = one_line_error(wrong)
+    from lm_pretrain.commands.train import main
+
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(main, [*train_args(prepared, max_steps=2, config="tiny-llama")[1:], "--model.init_from", str(ckpt)],
+                     capsys)
     assert "another architecture" in line and "n_kv_head=1 (config: 2)" in line
 
 

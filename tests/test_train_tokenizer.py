@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT, cli_error, one_line_error, run_cli, train_args
+from helpers import ROOT, cli_error, run_cli, train_args
 from lm_pretrain.tokenizer import bpe
 from lm_pretrain.data.prepare import prepare, split_documents
 from lm_pretrain.data.readers import find_inputs
@@ -125,19 +125,21 @@ def test_an_own_tokenizer_runs_through_every_command(own, corpus, prepared, tmp_
     assert torch.load(ckpt, weights_only=False)["global_step"] == 6
     other = [*train_args(prepared, max_steps=8, val_every=4), "--model.vocab_size", str(VOCAB), "--ckpt_path", str(ckpt),
              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2")]
-    line = one_line_error(run_cli(other, cwd=tmp_path))  # a resume continues its own data: init_from starts anew
+    from lm_pretrain.commands.train import main as train_main
+
+    line = cli_error(train_main, other[1:], capsys)  # a resume continues its own data: init_from starts anew
     assert f"was trained on {own['data']}, not {prepared}" in line and "--model.init_from" in line, line
     # another tokenizer of the same name (and size): told apart by its sha256
     other_tok, other_data = tmp_path / "tok.json", tmp_path / "other-data"
     train_tokenizer(str(other_tok), VOCAB - 20, inputs=[str(corpus[0])], val_fraction=0.2)
     prepare(find_inputs([str(corpus[0])]), other_data, val_fraction=0.2, tokenizer=str(other_tok), workers=2)
-    line = one_line_error(run_cli([*train_args(other_data, max_steps=2), "--model.vocab_size", str(VOCAB),
-                                   "--model.init_from", str(ckpt), "--trainer.logger.init_args.save_dir",
-                                   str(tmp_path / "runs2")], cwd=tmp_path))
+    line = cli_error(train_main, [*train_args(other_data, max_steps=2)[1:], "--model.vocab_size", str(VOCAB),
+                                  "--model.init_from", str(ckpt), "--trainer.logger.init_args.save_dir",
+                                  str(tmp_path / "runs2")], capsys)
     assert "was trained with tokenizer 'tok' (sha256 " in line and \
         f"but the data was prepared with 'tok' (sha256 {bpe.digest(json.loads(other_tok.read_text()))[:12]})" in line, line
-    line = one_line_error(run_cli([*train_args(prepared, max_steps=2), "--model.init_from", str(ckpt),
-                                   "--trainer.logger.init_args.save_dir", str(tmp_path / "runs3")], cwd=tmp_path))
+    line = cli_error(train_main, [*train_args(prepared, max_steps=2)[1:], "--model.init_from", str(ckpt),
+                                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs3")], capsys)
     assert "was trained with tokenizer 'tok'" in line and "'gpt2'" in line, line
 
     # generate decodes with the checkpoint's copy

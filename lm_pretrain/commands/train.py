@@ -84,7 +84,10 @@ class PretrainCLI(LightningCLI):
         checkpoint whose architecture differs from the flags is refused instead of silently winning.
         --print_config prints the config as the run would use it: model.vocab_size filled in."""
         argv, printing = split_print_config(args)
-        super().parse_arguments(parser, argv)
+        if printing:  # parsed without it first, to fill in what the printed config should show
+            self.config = parser.parse_args(argv)
+        else:
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
@@ -112,17 +115,17 @@ class PretrainCLI(LightningCLI):
             self.claimed_version = checkpoints.claim_run_folder(config)  # last; main removes it if left unused
 
 
-def split_print_config(args) -> tuple[list[str] | dict, list[str]]:
-    """(the arguments without --print_config, --print_config and its value if given)."""
+def split_print_config(args) -> tuple:
+    """(the arguments without --print_config, [--print_config and its value if given]); the
+    arguments as they came and [] when there is none to print."""
     if isinstance(args, dict):
         return args, []
-    argv, printing = list(sys.argv[1:] if args is None else args), []
+    argv = list(sys.argv[1:] if args is None else args)
     for i, arg in enumerate(argv):
         if arg.split("=")[0] == "--print_config":
             given_value = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")
-            printing = argv[i:i + 1 + given_value]
-            return argv[:i] + argv[i + 1 + given_value:], printing
-    return argv, printing
+            return argv[:i] + argv[i + 1 + given_value:], argv[i:i + 1 + given_value]
+    return args, []
 
 
 def follow_the_tokenizer(config, ckpt: str | None) -> None:
