@@ -248,3 +248,30 @@ def test_flops_per_token_match_lightnings_flop_counter(blocks):
     measured = measure_flops(model, lambda: next_token_loss(model, tokens, tokens), lambda loss: loss)
     vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     assert measured / tokens.numel() == model_size(config)["flops_per_token"] - 6 * vectors
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_the_kv_heads_copied():
+    """SDPA shares each K/V head among its group of query heads (enable_gqa): the same outputs and
+    gradients as a multi-head model whose K/V heads are those heads copied out, group by group."""
+    torch.manual_seed(0)
+    grouped = GPT(GPTConfig(**{**BASE, "position": "rope", "bias": False}, n_kv_head=2))
+    full = GPT(GPTConfig(**{**BASE, "position": "rope", "bias": False}, n_kv_head=4))
+    state, d, head = grouped.state_dict(), BASE["n_embd"], BASE["n_embd"] // BASE["n_head"]
+    for name, weight in list(state.items()):
+        if name.endswith("qkv.weight"):
+            q, k, v = weight.split([d, 2 * head, 2 * head])
+            copy = lambda w: w.view(2, head, d).repeat_interleave(2, dim=0).reshape(4 * head, d)  # noqa: E731
+            state[name] = torch.cat([q, copy(k), copy(v)])
+    full.load_state_dict(state)
+    idx = torch.randint(0, BASE["vocab_size"], (3, 24))
+    copies, repeat = [], torch.Tensor.repeat_interleave
+    try:  # no K/V head is copied out for training's attention
+        torch.Tensor.repeat_interleave = lambda self, *args, **kwargs: copies.append(1) or repeat(self, *args, **kwargs)
+        out_grouped = grouped(idx)
+    finally:
+        torch.Tensor.repeat_interleave = repeat
+    out_full = full(idx)
+    assert copies == [] and torch.allclose(out_grouped, out_full, atol=1e-6)
+    out_grouped.square().sum().backward()
+    out_full.square().sum().backward()
+    assert torch.allclose(grouped.wte.weight.grad, full.wte.weight.grad, atol=1e-5)

@@ -92,9 +92,6 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.n_kv_head != self.n_head:  # each K/V head serves a group of consecutive query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         # PyTorch picks a fused kernel (flash / memory-efficient) where it can. Each query may see its
         # own position and earlier ones. With a cache, the T new queries are the *last* T positions of
         # the keys, so the causal mask is aligned bottom-right (is_causal aligns it top-left).
@@ -104,7 +101,15 @@ class CausalSelfAttention(nn.Module):
             mask = {"is_causal": True}
         else:
             mask = {"attn_mask": causal_lower_right(T, k.shape[2])} if T > 1 else {}  # one new token sees all
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **mask)
+        # Each K/V head serves a group of consecutive query heads. Training's causal attention lets
+        # SDPA share them (enable_gqa: no copy; flash on GPUs); with a mask (sampling from a cache)
+        # the kernel that takes one has no GQA, so the heads are copied out there.
+        gqa = self.n_kv_head != self.n_head and "attn_mask" not in mask
+        if self.n_kv_head != self.n_head and not gqa:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=gqa, **mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
