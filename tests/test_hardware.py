@@ -10,7 +10,8 @@ def test_peak_flops_and_mfu_inputs():
     assert peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
     assert peak_flops("NVIDIA H100 NVL", "bf16-mixed") == peak_flops("NVIDIA H200 NVL", "bf16-mixed") == 835e12
     assert peak_flops("NVIDIA H200", "bf16-mixed") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") == 19.5e12
+    # 32-true: float32 matmuls on TF32 tensor cores (every CUDA run allows them), else the fp32 peak
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") == 156e12 and peak_flops("Tesla V100", "32-true") == 15.7e12
     assert peak_flops("cpu") is None and peak_flops("Some New GPU") is None
 
 

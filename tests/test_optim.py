@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from lm_pretrain.model import GPT
+from lm_pretrain.model import GPT, GPTConfig
 from lm_pretrain.training.module import LanguageModel
 from lm_pretrain.training.optim import MuonWithAdamW, lr_multiplier, parameter_roles
 
@@ -64,6 +64,16 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
     assert peak == {"decay": 0.02, "head": 0.005, "no_decay": 1e-2}
     assert [names[id(p)] for p in groups["head"]["params"]] == ["lm_head.weight"]
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+
+
+def test_muon_on_a_torch_without_it_is_one_line(monkeypatch):
+    from lm_pretrain.training.optim import build_optimizer
+    from lm_pretrain.utils.errors import UserError
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UserError, match=r"model.optimizer muon needs torch.optim.Muon, which torch 2.9 added"):
+        build_optimizer(GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32)), "muon", 1e-3, 0.1,
+                        (0.9, 0.95))
 
 
 def test_muon_with_adamw_resumes_both_states():

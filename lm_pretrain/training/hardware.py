@@ -54,14 +54,15 @@ def precision_key(precision: str) -> str:
         return "fp16"
     if "transformer-engine" in precision or "fp8" in precision:
         return "fp8"
-    return "fp32"
+    return "tf32"  # float32 matmuls run on TF32 tensor cores: allow_tf32 switches them on in every CUDA run
 
 
 def peak_flops(device_name: str, precision: str = "bf16-mixed") -> float | None:
     """Dense peak FLOP/s of a device by name, or None when unknown (CPUs, unlisted GPUs)."""
     for fragment, peaks in PEAK_FLOPS.items():
         if fragment.lower() in device_name.lower():
-            return peaks.get(precision_key(precision))
+            key = precision_key(precision)
+            return peaks.get(key, peaks.get("fp32") if key == "tf32" else None)  # (no TF32 cores: V100, T4)
     return None
 
 

@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from lm_pretrain.utils.errors import UserError
+
 OptimizerName = Literal["adamw", "muon"]
 Schedule = Literal["cosine", "wsd"]
 
@@ -89,6 +91,9 @@ def build_optimizer(model: torch.nn.Module, optimizer: OptimizerName, learning_r
     adamw = {"lr": learning_rate, "betas": tuple(betas), "fused": fused}
     if optimizer == "adamw":
         return torch.optim.AdamW([hidden, *groups], **adamw)
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"model.optimizer muon needs torch.optim.Muon, which torch 2.9 added; this is torch "
+                        f"{torch.__version__}: upgrade torch, or use model.optimizer adamw")
     hidden["lr"] = muon_lr or learning_rate
     return MuonWithAdamW([hidden], groups, muon={"lr": learning_rate, "adjust_lr_fn": "match_rms_adamw"},
                          adamw=adamw)
