@@ -107,3 +107,16 @@ def test_benchmarks_and_scripts_never_import_the_tests(folder):
         if re.search(r"/\s*[\"']tests[\"']", text):  # ROOT / "tests" on sys.path or PYTHONPATH
             offending.append(f"{path.name} puts the tests folder on its path")
     assert not offending, offending
+
+
+def test_no_file_of_the_package_is_ignored_by_git():
+    """A pattern of .gitignore (data/ for the prepared datasets) once hid lm_pretrain/data/'s new files:
+    a fresh clone then lacked them."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    ignored = subprocess.run(["git", "check-ignore", *files], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert ignored == []
