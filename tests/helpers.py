@@ -130,9 +130,11 @@ def callback(name: str, **init_args) -> str:
 
 
 def run_args(data: Path, steps: int, record: Path, every: int = 4, extra: tuple = ()) -> list[str]:
+    """A run whose records (RecordBatches) a resumed or relaunched run must reproduce bit for bit:
+    dropout draws random numbers, and each process draws its own (RankDraws)."""
     return [*train_args(data, max_steps=steps, val_every=1000), "--trainer.log_every_n_steps", "1",
-            "--checkpoint.every_n_train_steps", str(every), "--model.dropout", "0.1",  # dropout draws random numbers
-            callback("RecordBatches", path=str(record)), *extra]
+            "--checkpoint.every_n_train_steps", str(every), "--model.dropout", "0.1",
+            callback("RecordBatches", path=str(record)), callback("RankDraws"), *extra]
 
 
 def last_line(done) -> str:
@@ -234,6 +236,14 @@ class PoisonAt(L.Callback):
             with torch.no_grad():
                 module.model.ln_f.weight.copy_(self.saved)
             self.restore = False
+
+
+class RankDraws(L.Callback):
+    """Process r draws r + 1 numbers as training starts, so that each process's generator is in a
+    state of its own, as each GPU's generator is: a resume must give every process back its own."""
+
+    def on_train_start(self, trainer, module) -> None:
+        torch.rand(trainer.global_rank + 1)
 
 
 class ReadLossEveryStep(L.Callback):

@@ -111,7 +111,7 @@ def test_preemption_still_finds_the_lightning_method_it_replaces():
     loop = trainer.fit_loop.epoch_loop
     assert callable(getattr(loop, "_broadcast_sigterm_tensor", None))
     preemption = Preemption()
-    preemption.on_fit_start(trainer, None)
+    preemption.on_train_start(trainer, None)
     try:
         assert loop._broadcast_sigterm_tensor() is None and "_broadcast_sigterm_tensor" in vars(loop)
     finally:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (assert_same_run, callback, cli_error, env, last_line, python, run_args, run_cli, scalars,
-                     tiny_checkpoint)
+from helpers import (ROOT, TINY_MODEL, assert_same_run, callback, cli_error, env, last_line, python, run_args, run_cli,
+                     scalars, tiny_checkpoint)
 from lm_pretrain.training.debug import read_records
 
 pytestmark = pytest.mark.slow  # multi-process and end-to-end runs
@@ -61,12 +61,42 @@ def ddp_run(prepared, folder: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def ddp_straight(prepared, tmp_path_factory) -> list[dict]:
-    """Records of an uninterrupted 6-step run of 2 DDP processes on one node."""
+def ddp_straight_folder(prepared, tmp_path_factory) -> Path:
+    """The folder of an uninterrupted 6-step run of 2 DDP processes on one node."""
     folder = tmp_path_factory.mktemp("ddp-straight")
     done = ddp_run(prepared, folder)
     assert done.returncode == 0, done.stderr[-3000:]
-    return read_records(folder / "rec")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(ddp_straight_folder) -> list[dict]:
+    """Its records."""
+    return read_records(ddp_straight_folder / "rec")
+
+
+def test_validation_scores_the_same_windows_on_one_and_two_processes(trained_run, tmp_path):
+    """limit_val_batches counts one process's batches; the val windows are those of all processes
+    together, so val/loss of 1 and 2 processes compare (before: 2 processes scored twice as many)."""
+    import re
+
+    args = [str(ROOT / "train.py"), "validate", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.data_dir",
+            str(trained_run["data"]), *TINY_MODEL, "--data.batch_size", "2", "--trainer.limit_val_batches", "3",
+            "--ckpt_path", str(trained_run["ckpt"]), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    losses = []
+    for devices in ([], DDP):
+        done = run_cli([*args, *devices], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses.append(float(re.search(r"val/loss\W+([0-9.]+)", done.stdout).group(1)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_the_logged_loss_of_a_step_is_the_mean_over_the_processes(ddp_straight_folder, ddp_straight):
+    logged = dict(scalars(ddp_straight_folder / "runs" / "tiny" / "version_0")["train/loss"])
+    for step in range(1, 7):
+        losses = [r["loss"] for r in ddp_straight if r["step"] == step]
+        assert len(losses) == 2 and losses[0] != losses[1]
+        assert logged[step - 1] == pytest.approx(sum(losses) / 2, rel=1e-6), step  # (TensorBoard counts from 0)
 
 
 def test_killed_and_resumed_ddp_run_matches_a_straight_one(prepared, ddp_straight, tmp_path):
@@ -134,6 +164,23 @@ def test_preemption_saves_and_resumes(prepared, straight, tmp_path, signal_name)
     resumed = run_cli([*args, "--ckpt_path", "last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(read_records(tmp_path / "rec"), straight)
+
+
+def test_a_sigterm_to_one_process_between_log_steps_stops_every_process_one_step_later(prepared, ddp_straight,
+                                                                                      tmp_path):
+    """No log step for 100 steps, the notice to rank 1 alone after step 3: both processes save at step
+    4 and stop (a grace period outlasts one step, not many), and the run resumes exactly."""
+    args = [*run_args(prepared, 6, tmp_path / "rec", every=100), *DDP, "--trainer.log_every_n_steps", "100"]
+    stopped = run_cli([*args, callback("SignalAt", step=3, signal_name="SIGTERM", rank=1)], cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "another process's signal: saved" in stopped.stderr + stopped.stdout  # rank 0, not signalled, says it
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert max(r["step"] for r in read_records(tmp_path / "rec")) == 4
+    resumed = run_cli([*args, "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = {(r["rank"], r["step"]): r["loss"] for r in ddp_straight}
+    assert {(r["rank"], r["step"]): r["loss"] for r in read_records(tmp_path / "rec")} == straight
 
 
 KILL_MID_SAVE = """

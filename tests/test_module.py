@@ -68,6 +68,29 @@ def test_overfits_one_batch():
     assert trainer.callback_metrics["train/ppl"] < 2.0
 
 
+def test_the_logged_loss_is_the_steps_mean_over_its_micro_batches():
+    """With 2 micro-batches per optimizer step, train/loss is their mean, not the last one's."""
+    from lm_pretrain.training.steps import ends_optimizer_step
+
+    micro, logged = [], []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            micro.append(outputs["loss"].item())
+            if ends_optimizer_step(trainer, batch_idx):
+                logged.append(trainer.callback_metrics["train/loss"].item())
+
+    L.seed_everything(0)
+    tokens = torch.randint(0, 1000, (6, 4, 17))
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Watch()])
+    trainer.fit(LanguageModel(**TINY), train_dataloaders=DataLoader([(t[:, :-1], t[:, 1:]) for t in tokens], batch_size=None))
+    assert len(micro) == 6 and micro[0] != micro[1]
+    # (Lightning hands on_train_batch_end each micro-batch's loss divided by accumulate_grad_batches)
+    assert logged == pytest.approx([micro[i] + micro[i + 1] for i in (0, 2, 4)], rel=1e-6)
+
+
 def test_checkpoint_rebuilds_model(tmp_path):
     module, path = tiny_checkpoint(tmp_path / "x.ckpt", steps=1, **TINY)
     loaded = LanguageModel.load_from_checkpoint(path)

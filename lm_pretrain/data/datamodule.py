@@ -72,12 +72,13 @@ class EvenSplit(torch.utils.data.IterableDataset):
 
     Several val splits (a mixture) are interleaved in proportion to their sizes, the same way every
     time. DataLoader workers take whole batches in turn, so batches arrive in the same order as
-    with none.
+    with none. `limit` keeps the first that many windows (of all processes together): the windows a
+    single process would score, whatever the number of processes.
     """
 
-    def __init__(self, datasets: list, batch_size: int, window: int):
+    def __init__(self, datasets: list, batch_size: int, window: int, limit: int | None = None):
         super().__init__()
-        self.datasets, self.batch_size, self.window = datasets, batch_size, window
+        self.datasets, self.batch_size, self.window, self.limit = datasets, batch_size, window, limit
         self._sizes: list[int] | None = None
 
     @property
@@ -91,10 +92,10 @@ class EvenSplit(torch.utils.data.IterableDataset):
         """(dataset, window) pairs of every window in reading order: window k of n sits at (k + 0.5) / n."""
         pairs = np.concatenate([np.stack([np.full(n, d), np.arange(n)], axis=1) for d, n in enumerate(self.sizes)])
         keys = np.concatenate([(np.arange(n) + 0.5) / n for n in self.sizes])
-        return pairs[np.argsort(keys, kind="stable")]
+        return pairs[np.argsort(keys, kind="stable")][:self.limit]
 
     def __len__(self) -> int:
-        return math.ceil(sum(self.sizes) / _rank_and_world()[1])
+        return math.ceil(min(sum(self.sizes), self.limit or math.inf) / _rank_and_world()[1])
 
     def __iter__(self):
         rank, world = _rank_and_world()
@@ -242,9 +243,12 @@ class TokenDataModule(L.LightningDataModule):
                                     storage_options=storage.litdata_options(self.storage_options),
                                     cache_dir=self.cache_dir)
 
-        # Validation goes through every val split, the same windows in the same order each time.
+        # Validation goes through every val split, the same windows in the same order each time. The
+        # Trainer's limit_val_batches counts one process's batches: here it counts all processes'
+        # windows together, so 1 and N processes score the same windows (val/loss, bits per byte).
+        limit = getattr(self.trainer, "limit_val_batches", None)
         self.val_dataset = EvenSplit([dataset(s, "val", shuffle=False) for s in self.sources], self.batch_size,
-                                     self.block_size + 1)
+                                     self.block_size + 1, limit * self.batch_size if isinstance(limit, int) else None)
         train = [dataset(s, "train", shuffle=True) for s in self.sources]
         if stage == "fit":
             self.check_one_batch(train)

@@ -123,17 +123,19 @@ class Preemption(L.Callback):
     step, save last.ckpt, and stop cleanly; `--ckpt_path last` then continues from there.
 
     The signal only sets a flag: the checkpoint is written between steps, where the model, optimizer,
-    schedule and data loader agree. With several processes they agree on when to stop through one
-    collective every `check_every_n_steps` steps (default: on log steps, which wait for the GPU
-    anyway); a single process checks every step for free.
+    schedule and data loader agree. A single process looks at its flag after every step. Several
+    processes must agree on the step to stop at, whichever of them got the signal: each step ends by
+    starting an all-reduce of the flags over a CPU (gloo) process group of its own, and the next step
+    ends by reading it, so the run stops one step after the signal, with no step waiting for the GPU
+    or for the other processes' flags.
     """
 
-    def __init__(self, check_every_n_steps: PositiveInt | None = None):
-        ranges.check(Preemption.__init__, {"check_every_n_steps": check_every_n_steps}, "trainer.callbacks")
-        self.check_every_n_steps = check_every_n_steps
+    def __init__(self):
         self.requested: int | None = None  # the signal received
         self.saved: str | None = None  # "PATH at step N", once saved on a signal
         self._previous_handlers: dict = {}
+        self._group = None  # the processes' CPU group for the flag
+        self._vote: tuple[torch.Tensor, object] | None = None  # (the flag, its all-reduce in flight)
 
     def _request(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
@@ -143,17 +145,35 @@ class Preemption(L.Callback):
             raise KeyboardInterrupt
         self.requested = signum
 
-    def on_fit_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        # Here, not at fit start: Lightning installs its SIGTERM handler after that, and its handler
+        # broadcasts from inside the signal handler of whichever process got the signal, a collective
+        # the others are not in (a crash when one process alone is signalled). Ours replaces it.
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[signum] = signal.signal(signum, self._request)
-            # Lightning's own SIGTERM flag (which these handlers replace) is broadcast from the first
-            # process and read back on every step of a multi-process run: a host sync per step, for
-            # a flag that can no longer be set. (A private method: tests/test_callbacks.py fails if
-            # Lightning renames it.)
+            # Lightning's matching read of its SIGTERM flag, on every step of a multi-process run: a
+            # host sync per step, for a flag that can no longer be set. (A private method:
+            # tests/test_callbacks.py fails if Lightning renames it.)
             loop = trainer.fit_loop.epoch_loop
             if hasattr(loop, "_broadcast_sigterm_tensor"):
                 loop._broadcast_sigterm_tensor = lambda: None
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            self._group = torch.distributed.new_group(backend="gloo")  # every process creates it, here
+
+    def _start_vote(self) -> None:
+        flag = torch.tensor([int(self.requested is not None)], dtype=torch.int32)
+        self._vote = flag, torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self._group,
+                                                        async_op=True)
+
+    def _vote_of_last_step(self) -> bool:
+        """Whether any process had a signal by the end of the previous step (its all-reduce is done
+        by now; a CPU tensor: reading it waits for no GPU)."""
+        if self._vote is None:
+            return False
+        flag, work = self._vote
+        work.wait()
+        return bool(flag[0] > 0)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -161,6 +181,9 @@ class Preemption(L.Callback):
         self._previous_handlers.clear()
 
     def on_fit_end(self, trainer, module) -> None:
+        if self._vote is not None:  # the last step's, never read: done before the group goes
+            self._vote[1].wait()
+            self._vote = None
         self._restore_handlers()
 
     def on_exception(self, trainer, module, exception) -> None:
@@ -169,10 +192,9 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if not ends_optimizer_step(trainer, batch_idx):
             return  # mid-accumulation: the gradients so far would be lost
-        if trainer.world_size > 1:
-            if not due(trainer.global_step, every_or_log_steps(self.check_every_n_steps, trainer)):
-                return
-            stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        if self._group is not None:
+            stop = self._vote_of_last_step()  # the same answer on every process
+            self._start_vote()
         else:
             stop = self.requested is not None
         if not stop:
@@ -310,6 +332,10 @@ class RestoreRNG(L.Callback):
     them when a run resumes, so a resumed run draws the same random numbers (dropout, sampling) as
     one that never stopped. LanguageModel adds one to every run (configure_callbacks).
 
+    Every process's own states, gathered into the checkpoint (one collective per save): process r
+    resumes with the draws of process r, whose GPU's generator is its own (a resume with another
+    number of processes takes those of process r modulo the saved number).
+
     The states are applied at the first training batch, not when the checkpoint is read: Lightning
     restores checkpoints before it makes the data loader's iterator, and making it draws a number.
     """
@@ -318,10 +344,21 @@ class RestoreRNG(L.Callback):
         self._pending: dict | None = None
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
-        checkpoint["rng_states"] = checkpoints.rng_states()
+        states = checkpoints.rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, states)  # every process saves: each takes part
+            checkpoint["rng_states"] = every
+        else:
+            checkpoint["rng_states"] = [states]
 
     def on_load_checkpoint(self, trainer, module, checkpoint) -> None:
-        self._pending = checkpoint.get("rng_states")
+        saved = checkpoint.get("rng_states")
+        if isinstance(saved, list):  # one per process (a dict: a checkpoint of before, one process's)
+            rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+                torch.distributed.is_initialized() else 0
+            saved = saved[rank % len(saved)]
+        self._pending = saved
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._pending is not None:

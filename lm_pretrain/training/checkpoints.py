@@ -321,12 +321,13 @@ def tensor_bytes(tree) -> int:
 
 
 def rng_states() -> dict:
-    """Python, NumPy and torch RNG states, as types that torch.load(weights_only=True) accepts."""
+    """This process's Python, NumPy, torch and (when it uses one) its GPU's RNG states, as types that
+    torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                       cached), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # its own device's: every other process saves its own
     return states
 
 
@@ -336,4 +337,7 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        if isinstance(states["cuda"], (list, tuple)):  # checkpoints of before, with every device's
+            torch.cuda.set_rng_state_all(states["cuda"])
+        else:
+            torch.cuda.set_rng_state(states["cuda"])

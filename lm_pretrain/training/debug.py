@@ -45,6 +45,7 @@ class HostSyncCheck(L.Callback):
     # optimizer step counters (kept on the host unless the optimizer is fused or capturable).
     HOST_SIDE = (f"{os.sep}litdata{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}",
                  f"loops{os.sep}fetchers.py", f"torch{os.sep}optim{os.sep}optimizer.py")
+    HOST_SIDE_FUNCTIONS = ("_vote_of_last_step",)  # Preemption's flag: a CPU tensor on every machine
 
     def __init__(self, skip_steps: NonNegativeInt = 2):
         ranges.check(HostSyncCheck.__init__, {"skip_steps": skip_steps}, "trainer.callbacks")
@@ -64,7 +65,8 @@ class HostSyncCheck(L.Callback):
         def method(tensor, *args, **kwargs):
             if self._active:
                 stack = traceback.extract_stack()[:-1]
-                if not any(part in frame.filename for frame in stack for part in self.HOST_SIDE):
+                if not any(part in frame.filename for frame in stack for part in self.HOST_SIDE) and \
+                        not any(frame.name in self.HOST_SIDE_FUNCTIONS for frame in stack):
                     self.syncs.append("".join(traceback.format_list(stack[-6:])))
             return original(tensor, *args, **kwargs)
 
@@ -237,13 +239,14 @@ class RecordBatches(L.Callback):
 
 
 class SignalAt(L.Callback):
-    """Send `signal_name` to this process after optimizer step `step` (every rank does the same)."""
+    """Send `signal_name` to this process after optimizer step `step`: every rank does the same, or
+    only the process of global rank `rank`."""
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL"):
-        self.step, self.signum = step, getattr(signal, signal_name)
+    def __init__(self, step: int, signal_name: str = "SIGKILL", rank: int | None = None):
+        self.step, self.signum, self.rank = step, getattr(signal, signal_name), rank
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

@@ -34,7 +34,7 @@ from lm_pretrain.model.config import GPTConfig, model_size
 from lm_pretrain.model import GPT
 from lm_pretrain.utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt)
-from lm_pretrain.training.steps import is_log_step
+from lm_pretrain.training.steps import ends_optimizer_step, is_log_step
 from lm_pretrain.training.strategies import parallelize
 from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer.encoding import describe as describe_tokenizer
@@ -165,6 +165,8 @@ class LanguageModel(L.LightningModule):
         self.loss_path  # an impossible loss setting stops here, before any work
         self.model = GPT(self.config)
         self.val_loss = MeanLoss()
+        self._step_loss: torch.Tensor | None = None  # the summed losses of this optimizer step's micro-batches
+        self._step_batches = 0
         self.nonfinite = NonFiniteGuard(nonfinite_loss, nonfinite_check_every)
         self._loss_fn = next_token_loss
 
@@ -274,14 +276,24 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
-        if self.nonfinite.skip_batch(self.trainer, loss):
-            return None  # no backward, no optimizer step for this batch
-        # Tensors go to the logger as they are; Lightning turns them into numbers only when it
-        # writes (every log_every_n_steps), so logging adds no host sync to the step. Not prog_bar:
-        # Lightning reads those back after every batch (callbacks.ProgressBar shows the loss instead).
-        self.log("train/loss", loss)
-        self.log("train/ppl", loss.detach().exp())
-        return loss
+        skip = self.nonfinite.skip_batch(self.trainer, loss)
+        if not skip:  # summed on the device: no host sync
+            self._step_loss = loss.detach() + (self._step_loss if self._step_loss is not None else 0)
+            self._step_batches += 1
+        if ends_optimizer_step(self.trainer, batch_idx):
+            self._log_step_loss()
+        return None if skip else loss  # None: no backward, no optimizer step for this batch
+
+    def _log_step_loss(self) -> None:
+        """train/loss: the optimizer step's loss, the mean over its micro-batches and processes, on
+        log steps only (the one all-reduce, and Lightning turns the tensors into numbers only when it
+        writes). Logged from the last micro-batch, so the callbacks after it see this step's. Not
+        prog_bar: Lightning reads those back after every batch (callbacks.ProgressBar shows it)."""
+        if self._step_loss is not None and is_log_step(self.trainer, self.trainer.global_step + 1):
+            loss = self.trainer.strategy.reduce(self._step_loss / self._step_batches, reduce_op="mean")
+            self.log("train/loss", loss)
+            self.log("train/ppl", loss.exp())
+        self._step_loss, self._step_batches = None, 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping, only on steps that are logged (it costs a reduction).

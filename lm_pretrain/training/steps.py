@@ -9,8 +9,10 @@ never; steps 0, N, 2N, ... otherwise).
 
 
 def ends_optimizer_step(trainer, batch_idx: int) -> bool:
-    """Whether this training batch completes an optimizer step (the last of its accumulated batches)."""
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    """Whether this training batch completes an optimizer step: the last of its accumulated batches,
+    or the epoch's last batch, on which Lightning steps with the fewer batches it has."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches \
+        or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def due(step: int, every: int | None) -> bool:
