@@ -1,9 +1,19 @@
-"""Write notebooks 01-04 from the cell sources below, without outputs: `python notebooks/make_notebooks.py`.
+"""Write notebooks 01-05 from the cell sources below, without outputs: `python notebooks/make_notebooks.py`.
 
 Edit the cells here rather than in Jupyter, so the saved notebooks stay clean (no outputs, stable
 cell ids) and their diffs stay readable. tests/test_notebooks.py executes the results headless.
+
+`--render` also executes every notebook (after the demo, whose data and runs they read) and writes
+docs/notebooks/NAME.md with its outputs and plots: what GitHub shows of a notebook without outputs
+is its code, so each notebook links to its rendered copy.
 """
 
+import base64
+import os
+import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -19,6 +29,8 @@ import lm_pretrain  # installed by scripts/setup.sh (pip install -e .): the note
 
 ROOT = Path(lm_pretrain.__file__).resolve().parents[1]  # the repository: the demo's data/ and runs/
 '''
+
+KERNEL = {"display_name": "Python (lm-pretrain)", "language": "python", "name": "lm-pretrain"}
 
 
 def md(text: str):
@@ -528,27 +540,163 @@ for title, budget in ((f"{TOKENS_PER_PARAM} tokens per parameter", lambda c: TOK
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# 05: an experiment, trained here
+
+EXPERIMENT = [
+    md('''
+# 05 · An experiment: train a baseline and variants, compare them here
+
+Each run is what `python train.py fit --config configs/tiny.yaml --KEY VALUE ...` would start, built by
+the same parser, defaults and checks (`lm_pretrain.experiment`), and trained in this notebook. All runs
+see the same tokens in the same order (one seed, one `max_steps`), so their curves and validation
+scores compare. **Change a line of `VARIANTS`** (any `--model.*`, `--data.*` or `--trainer.*` flag,
+without the dashes) and run all cells: a few minutes on a laptop CPU.
+'''),
+    code(SETUP + '''
+import time
+
+import matplotlib.pyplot as plt
+
+import lm_pretrain
+
+STEPS = int(os.environ.get("LM_PRETRAIN_NOTEBOOK_STEPS", 300))  # optimizer steps per run (the tests: fewer)
+CONFIG = ROOT / "configs" / "tiny.yaml"  # the demo's model and recipe
+SHARED = {
+    "trainer.max_steps": STEPS,
+    "trainer.val_check_interval": STEPS,  # validate once, at the end
+    "trainer.log_every_n_steps": max(1, STEPS // 30),  # ~30 points per curve
+    "trainer.callbacks": [],  # no text samples
+    "trainer.enable_progress_bar": False,
+    "trainer.logger.init_args.name": "experiment",  # runs/experiment/version_N: TensorBoard compares them too
+    "trainer.logger.init_args.save_dir": os.environ.get("LM_PRETRAIN_RUNS_DIR") or str(ROOT / "runs"),
+    "data.data_dir": os.environ.get("LM_PRETRAIN_DATA_DIR") or str(ROOT / "data" / "shakespeare-bpe2k"),
+}
+VARIANTS = {
+    "baseline (SwiGLU)": {},
+    "relu² MLP": {"model.mlp": "relu2", "model.mlp_hidden": 512},  # ~ the same parameters as SwiGLU's 352 x 3
+    "lr 1e-3": {"model.learning_rate": 0.001},
+}
+'''),
+    code('''
+runs = {}
+for name, changes in VARIANTS.items():
+    run = lm_pretrain.experiment(CONFIG, {**SHARED, **changes})
+    run.fit()
+    runs[name] = run
+    print(f"{name}: val/loss {run.metrics['val/loss']:.3f}, {run.seconds:.0f} s ({run.log_dir.name})")
+'''),
+    md('''
+## Curves
+Training loss per optimizer step (the mean over the step's batches), against the tokens seen.
+'''),
+    code('''
+fig, ax = plt.subplots(figsize=(8, 4))
+for name, run in runs.items():
+    tokens_per_step = run.datamodule.batch_size * run.model.config.block_size * run.trainer.accumulate_grad_batches
+    steps, losses = zip(*run.curve("train/loss"))
+    ax.plot([(s + 1) * tokens_per_step / 1e3 for s in steps], losses, label=name)
+ax.set_xlabel("training tokens (thousands)")
+ax.set_ylabel("train/loss (nats per token)")
+ax.legend()
+plt.show()
+'''),
+    md('''
+## Scores
+Validation on the same windows for every run. Bits per byte compare across tokenizers too; lower is
+better. Differences of a few hundredths at this size can be noise: rerun with another
+`seed_everything` before trusting one.
+'''),
+    code('''
+baseline = next(iter(runs.values())).metrics["val/bpb"]
+print(f"{'run':<22}{'val/loss':>10}{'val/bpb':>10}{'vs baseline':>13}{'params':>10}{'seconds':>9}")
+for name, run in runs.items():
+    params = sum(p.numel() for p in run.model.parameters())
+    print(f"{name:<22}{run.metrics['val/loss']:>10.3f}{run.metrics['val/bpb']:>10.3f}"
+          f"{run.metrics['val/bpb'] - baseline:>+13.3f}{params / 1e6:>9.2f}M{run.seconds:>9.0f}")
+'''),
+    md('''
+Every run also sits in `runs/experiment/version_N` with its `config.yaml` and checkpoints: rerun one
+from the shell with `python train.py fit --config runs/experiment/version_N/config.yaml`, or compare
+them all in TensorBoard (`tensorboard --logdir runs/experiment`), whose HParams tab lists each run's
+settings beside its val/loss and val/bpb.
+'''),
+]
+
+
 NOTEBOOKS = {"01_data.ipynb": DATA, "02_training_curves.ipynb": CURVES, "03_generate.ipynb": GENERATE,
-             "04_sizing.ipynb": SIZING}
+             "04_sizing.ipynb": SIZING, "05_experiment.ipynb": EXPERIMENT}
 
 
 def build(cells: list, stem: str) -> nbformat.NotebookNode:
+    cells = [md(cells[0].source + "\n\n" + rendered_link(stem)), *cells[1:]]
     nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "kernelspec": KERNEL,  # this repository's .venv, registered by scripts/setup.sh
         "language_info": {"name": "python"},
     })
     for i, cell in enumerate(nb.cells):
-        cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating gives the same file
+        cell.id = f"{stem.split('_')[0]}-{i:02d}"  # stable ids: regenerating gives the same file
     return nb
 
 
-def main() -> None:
+RENDERED = HERE.parent / "docs" / "notebooks"  # each notebook with the outputs of one run, readable on GitHub
+MACHINE_PATHS = re.compile(r"(?<![\w.])(/[\w.+-]+)+/(?=[\w.-])")  # an absolute folder outside the repository
+
+
+def rendered_link(stem: str) -> str:
+    return f"Read it with the outputs of a real run: [docs/notebooks/{stem}.md](../docs/notebooks/{stem}.md)."
+
+
+def render(name: str) -> Path:
+    """Execute notebooks/NAME (after the demo, whose data and runs it reads) and write
+    docs/notebooks/STEM.md: its cells, its printed output and its plots (STEM/N.png). No machine's
+    paths, ids or timestamps: rendering again after the same run writes the same files."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(HERE / name, as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name=nb.metadata.kernelspec.name,
+                   resources={"metadata": {"path": str(HERE)}}).execute()
+    stem, root = Path(name).stem, str(HERE.parent)
+    images = RENDERED / stem
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    parts = [f"<!-- notebooks/{name} with its outputs, written by `python notebooks/make_notebooks.py --render` "
+             f"after the demo: edit the notebook, not this file. -->"]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source.replace(rendered_link(stem), f"(The notebook: [notebooks/{name}](../../notebooks/{name}).)"))
+            continue
+        parts.append(f"```python\n{cell.source}\n```")
+        printed = ""  # consecutive prints as one block
+        for output in [*cell.outputs, {"output_type": "end"}]:
+            if output["output_type"] == "stream" and output["name"] == "stdout":
+                printed += output["text"]
+                continue
+            if printed:
+                parts.append(f"```text\n{MACHINE_PATHS.sub('', printed.replace(root, '.')).rstrip()}\n```")
+                printed = ""
+            if "image/png" in output.get("data", {}):
+                image = images / f"{len(list(images.iterdir())):02d}.png"
+                image.write_bytes(base64.b64decode(output.data["image/png"]))
+                parts.append(f"![output]({stem}/{image.name})")
+    out = RENDERED / f"{stem}.md"
+    out.write_text("\n\n".join(parts) + "\n")
+    return out
+
+
+def main(argv: list[str]) -> None:
     for name, cells in NOTEBOOKS.items():
-        nb = build(cells, Path(name).stem.split("_")[0])
+        nb = build(cells, Path(name).stem)
         nbformat.validate(nb)
         nbformat.write(nb, HERE / name)
         print(f"wrote {HERE / name}")
+    if "--render" in argv:
+        # The experiment's runs go to a folder of their own, left behind: none of them is the
+        # user's, and the curves notebook (which lists runs/) and every render stay the same.
+        os.environ["LM_PRETRAIN_RUNS_DIR"] = tempfile.mkdtemp(prefix="lm-pretrain-render-")
+        for name in [*NOTEBOOKS, "quickstart.ipynb"]:
+            print(f"wrote {render(name)}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

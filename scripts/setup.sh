@@ -37,6 +37,8 @@ pip_install -r requirements.txt "torch==$torch_version"
 if ! $PY -c "import torchvision" > /dev/null 2>&1; then
   $PY -m pip uninstall --yes torchvision >> .venv/pip.log 2>&1
 fi
+# The notebooks' kernel: this .venv, under the name the notebooks ask for, so Jupyter picks it.
+$PY -m ipykernel install --user --name lm-pretrain --display-name "Python (lm-pretrain)" >> .venv/pip.log 2>&1
 $PY -c "import lightning, litdata, tiktoken, torchmetrics, lm_pretrain"
 echo "$want" > "$stamp"
 echo "set-up done"

@@ -77,7 +77,7 @@ def test_a_preset_resolves_to_its_recipe(name, monkeypatch, capsys):
     # What every preset said itself before the shared blocks moved to defaults.yaml:
     pinned = {"seed_everything": 1337, "trainer.num_sanity_val_steps": 0, "trainer.gradient_clip_val": 1.0,
               "trainer.check_val_every_n_epoch": None, "trainer.enable_model_summary": False,
-              "trainer.logger.class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "trainer.logger.class_path": "lm_pretrain.training.loggers.TensorBoardLogger",
               "trainer.logger.init_args.save_dir": "runs", "trainer.logger.init_args.name": name}
     if name in GPU:
         pinned.update({"trainer.limit_val_batches": 50, "trainer.log_every_n_steps": 20, "trainer.callbacks": [

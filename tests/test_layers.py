@@ -23,8 +23,8 @@ FOLDERS = {
     "model": [["config", "loss", "sampling"], ["gpt"]],  # plain PyTorch: no Lightning, data or tokenizer
     "tokenizer": [["bpe"], ["encoding"]],  # what a tokenizer is
     "data": [["storage", "readers"], ["prepared"], ["prepare"], ["train_tokenizer"], ["built_in"], ["datamodule"]],
-    "training": [["steps", "optim"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug"], ["module"]],
-    "commands": [["parsing"], ["train", "prepare", "tokenizer", "generate", "export", "evaluate", "sizes"]],
+    "training": [["steps", "optim", "loggers"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug"], ["module"]],
+    "commands": [["parsing"], ["train", "prepare", "tokenizer", "generate", "export", "evaluate", "sizes"], ["experiment"]],
 }
 FOLDER = {folder: i for i, folder in enumerate(FOLDERS)}
 LAYER = {f"{folder}.{name}": i for folder, layers in FOLDERS.items() for i, names in enumerate(layers) for name in names}

@@ -51,3 +51,22 @@ def test_logger_overlay_logs_samples_and_resumes_its_run(logger, prepared, tmp_p
     if logger == "wandb":
         table = json.loads(next(root.glob(samples)).read_text())
         assert table["columns"] == ["step", "text"] and table["data"][0][1].startswith("ROMEO:")
+
+
+def test_tensorboard_lists_each_runs_settings_beside_its_val_metrics_and_no_placeholder_cards(trained_run):
+    """The HParams tab: the run's settings, and val/loss and val/bpb as its columns; Time Series
+    starts with the loss, not with Lightning's hp_metric (-1) and epoch cards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(trained_run["log_dir"]), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "epoch" not in tags and "hp_metric" not in tags and {"train/loss", "val/loss", "val/bpb"} <= set(tags)
+    content = [HParamsPluginData.FromString(c) for c in events.PluginTagToContent("hparams").values()]
+    columns = {info.name.tag for c in content for info in c.experiment.metric_infos}
+    settings = {name: value for c in content for name, value in c.session_start_info.hparams.items()}
+    assert columns == {"val/loss", "val/bpb"}
+    assert settings["n_embd"].number_value == 32 and settings["learning_rate"].number_value == 0.01
+    assert settings["data_dir"].string_value == str(trained_run["data"])
+

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 from helpers import python, ROOT
 
-NOTEBOOKS = ("01_data", "02_training_curves", "03_generate", "04_sizing")
+NOTEBOOKS = ("01_data", "02_training_curves", "03_generate", "04_sizing", "05_experiment")
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,16 @@ def pngs(outputs: list) -> int:
     return sum("image/png" in o.get("data", {}) for o in outputs)
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+def registered_kernel() -> str:
+    """The kernel name scripts/setup.sh registers this repository's .venv under."""
+    return re.search(r"ipykernel install --user --name (\S+)", (ROOT / "scripts" / "setup.sh").read_text()).group(1)
+
+
+@pytest.mark.parametrize("name", [*NOTEBOOKS, "quickstart"])
 def test_notebook_saved_clean(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
-    assert nb.metadata.kernelspec.name == "python3"
+    assert nb.metadata.kernelspec.name == registered_kernel() == "lm-pretrain"  # the .venv's, picked at once
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
     assert any(cell.cell_type == "markdown" for cell in nb.cells)
@@ -128,3 +133,38 @@ def test_quickstart_notebook_runs(trained_run, kernel, monkeypatch):
     assert str(trained_run["log_dir"]) in text and "val loss:" in text
     assert text.count("--- temperature") == 2 and "ROMEO:" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot was drawn
+
+
+@pytest.mark.slow
+def test_experiment_notebook_trains_a_baseline_and_variants_and_compares_them(prepared, kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_PRETRAIN_NOTEBOOK_STEPS", "4")
+    monkeypatch.setenv("LM_PRETRAIN_DATA_DIR", str(prepared))
+    monkeypatch.setenv("LM_PRETRAIN_RUNS_DIR", str(tmp_path / "runs"))
+    text, outputs = execute("05_experiment", kernel)
+    names = ("baseline (SwiGLU)", "relu² MLP", "lr 1e-3")
+    for name in names:
+        assert re.search(rf"^{re.escape(name)}: val/loss \d+\.\d+, \d+ s \(version_\d\)$", text, re.M), text
+    rows = [line.split() for line in text.splitlines() if line.startswith(names)]
+    scores = [line for line in rows if len(line) >= 6 and line[-1].isdigit()]
+    assert len(scores) == 3 and scores[0][-3] == "+0.000", text  # the baseline against itself
+    assert pngs(outputs) == 1  # the curves
+    assert sorted(p.name for p in (tmp_path / "runs" / "experiment").iterdir()) == ["version_0", "version_1", "version_2"]
+
+
+@pytest.mark.parametrize("name", [*NOTEBOOKS, "quickstart"])
+def test_each_notebook_links_a_rendered_copy_of_its_current_code_with_outputs_and_plots(name):
+    """GitHub shows a notebook saved without outputs as code only: docs/notebooks/NAME.md holds it
+    with the outputs of one run (notebooks/make_notebooks.py --render), from the code as it is now,
+    without this machine's paths."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    first = next(cell for cell in nb.cells if cell.cell_type == "markdown")
+    assert f"[docs/notebooks/{name}.md](../docs/notebooks/{name}.md)" in first.source
+    rendered = (ROOT / "docs" / "notebooks" / f"{name}.md").read_text()
+    code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
+    assert re.findall(r"^```python\n(.*?)\n```$", rendered, re.S | re.M) == code, "render it again"
+    images = re.findall(r"!\[output\]\(([^)]+)\)", rendered)
+    assert all((ROOT / "docs" / "notebooks" / image).is_file() for image in images)
+    assert bool(images) == any("plt." in source for source in code)  # every plot there, and shown
+    assert re.findall(r"^```text$", rendered, re.M)  # what it printed
+    assert not re.search(r"(?<![\w.])/(work|tmp|home|root|Users|var)/", rendered)
+

@@ -8,4 +8,5 @@
     export.py    lm-pretrain-export: a checkpoint -> a Hugging Face model folder
     evaluate.py  lm-pretrain-evaluate: benchmarks with EleutherAI's lm-evaluation-harness
     sizes.py     lm-pretrain-sizes: parameters and FLOPs of configs
+    experiment.py lm_pretrain.experiment: a train.py run built in Python (notebooks), started by .fit()
 """

@@ -54,13 +54,18 @@ class PretrainCLI(LightningCLI):
 
     claimed_version: int | None = None
 
+    def run_config(self):
+        """The run's config: the subcommand's (fit, validate), or without one (lm_pretrain.experiment,
+        built with run=False) the whole."""
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
     def instantiate_trainer(self, **kwargs):
         # The logger (built by now) has the version claimed for it; the config saved beside the run
         # (config.yaml) goes back to none, so that a new run started from that file claims a folder
         # of its own instead of writing into this one.
-        subcommand = self.config.get("subcommand")
-        if self.claimed_version is not None and subcommand:
-            self.config[subcommand].trainer.logger.init_args.version = None
+        if self.claimed_version is not None:
+            self.run_config().trainer.logger.init_args.version = None
         # Our progress bar (numbers read from the GPU only on log steps) unless the bar is switched
         # off or the config brings its own; Lightning refuses a bar in callbacks with the bar off.
         trainer = self._get(self.config_init, "trainer", default={})
@@ -89,8 +94,8 @@ class PretrainCLI(LightningCLI):
         else:
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            config = self.config[subcommand]
+        if subcommand or "model" in self.config:  # (a parse that printed help, or the version, has neither)
+            config = self.run_config()
             ranges.check_config(config)  # Lightning's settings, before the Trainer exists
             use_root_dir_for_runs(config)
             allow_mlflow_file_store(config)
@@ -208,7 +213,9 @@ def use_omp_num_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def run(args: list[str] | None = None) -> PretrainCLI:
+def run(args: list[str] | None = None, subcommand: bool = True) -> PretrainCLI:
+    """Parse `args` (None: sys.argv) and run the subcommand they name; with subcommand=False, args
+    name none and the model, data module and Trainer are only built (lm_pretrain.experiment)."""
     use_omp_num_threads()
     quiet_lightning()
     show_progress()  # e.g. "preparing the default corpus ..."
@@ -237,20 +244,28 @@ def run(args: list[str] | None = None) -> PretrainCLI:
         # Raise parse errors (unknown keys, wrong types, bad YAML) instead of printing the whole usage
         # text: `main` reports them in one line.
         parser_kwargs={"exit_on_error": False,
-                       **{subcommand: {"default_config_files": [defaults]} for subcommand in PretrainCLI.subcommands()}},
+                       **({name: {"default_config_files": [defaults]} for name in PretrainCLI.subcommands()}
+                          if subcommand else {"default_config_files": [defaults]})},
+        run=subcommand,
     )
 
 
-@exit_on_user_error
-def main(args: list[str] | None = None) -> None:
+def build(args: list[str] | None = None, subcommand: bool = True) -> PretrainCLI:
+    """`run`, with a parse error or a combination Lightning refuses as a UserError of one line."""
     try:
-        cli = run(args)  # None: LightningCLI reads sys.argv
+        return run(args, subcommand)  # None: LightningCLI reads sys.argv
     except ArgumentError as err:
         given = (args if args is not None else sys.argv[1:])[:1]
         command = " ".join(["python train.py", *[a for a in given if a in PretrainCLI.subcommands()]])
         raise UserError(f"{ranges.describe(str(err))} (see {command} --help)") from None
     except MisconfigurationException as err:  # Lightning refusing a combination of settings
         raise UserError(" ".join(str(err).split())) from None
+
+
+@exit_on_user_error
+def main(args: list[str] | None = None) -> None:
+    try:
+        cli = build(args)
     finally:
         checkpoints.release_unused_run_folders()
     stopped = next((c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, Preemption)), None)

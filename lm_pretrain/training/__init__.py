@@ -2,6 +2,7 @@
 
     steps.py        when things happen: which batches end an optimizer step, which steps log
     optim.py        AdamW or Muon + AdamW by parameter role; cosine or warmup-stable-decay schedules
+    loggers.py      the default TensorBoard logger: runs compare in its HParams tab
     hardware.py     GPU peak FLOP/s (for MFU), memory and time-to-train estimates
     checkpoints.py  finding the last checkpoint, checking and reading one (a file or a folder of shards)
     strategies.py   parallelize (FSDP2 sharding, activation checkpointing) and the FSDP strategy

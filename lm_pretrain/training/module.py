@@ -159,7 +159,8 @@ class LanguageModel(L.LightningModule):
         # checkpoint alone rebuilds the model.
         self.save_hyperparameters(ignore=list(architecture))
         self._tokenizer: dict | None = None  # tokenizer_record's, once known
-        self.hparams.update({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
+        # (saved again, whole: the loggers log the initial hyperparameters, now with the architecture)
+        self.save_hyperparameters({**ranges.plain(dict(self.hparams)), **dataclasses.asdict(self.config)})
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
         self.loss_path  # an impossible loss setting stops here, before any work
