@@ -112,3 +112,30 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_checkpoint(
         FSDP().save_checkpoint(sharded(tmp_path, 2) | {"big": torch.zeros(2**19)}, path)  # 2 MiB more than the disk
     assert sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt"]
     assert torch.load(path / checkpoints.META_FILE, weights_only=False)["global_step"] == 1
+
+
+def test_bf16_mixed_gathers_bf16_while_shards_and_gradients_stay_float32(tmp_path):
+    """FSDP2's mixed-precision policy (one gloo process): every unit computes with bf16 parameters,
+    the type they are gathered in (half the bytes of float32), while the shards the optimizer
+    updates and their gradients stay float32."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        for dtype in (None, torch.bfloat16):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=16))
+            parallelize(model, mesh, param_dtype=dtype)
+            computed_with = set()
+            for layer in model.modules():
+                if isinstance(layer, (torch.nn.Linear, torch.nn.Embedding)):
+                    layer.register_forward_pre_hook(lambda m, args: computed_with.add(m.weight.dtype))
+            model(torch.randint(0, 100, (2, 8))).float().square().mean().backward()
+            assert computed_with == {dtype or torch.float32}
+            for parameter in model.parameters():
+                assert isinstance(parameter, DTensor) and parameter.dtype == parameter.grad.dtype == torch.float32
+    finally:
+        dist.destroy_process_group()

@@ -229,8 +229,9 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         hp, sharded = self.hparams, self.device_mesh is not None
+        bf16 = self._trainer is not None and str(self.trainer.precision) == "bf16-mixed"
         parallelize(self.model, self.device_mesh, hp.activation_checkpointing, compile=hp.compile and sharded,
-                    compile_mode=hp.compile_mode)
+                    compile_mode=hp.compile_mode, param_dtype=torch.bfloat16 if bf16 else None)
         if hp.compile and not sharded:
             # The loss step is compiled, model and loss together (inductor fuses the cross-entropy
             # into the output layer's kernels); calls of the model itself, as in sampling, stay

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lm_pretrain.training.checkpoints import tensor_bytes
 from lm_pretrain.utils.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
@@ -30,26 +30,32 @@ from lm_pretrain.model import GPT
 
 
 def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False,
-                compile: bool = False, compile_mode: str = "default") -> None:
+                compile: bool = False, compile_mode: str = "default", param_dtype: torch.dtype | None = None) -> None:
     """Lay `model` out for training, in place: recompute each block's activations in the backward
     pass (activation_checkpointing), and with a device mesh (ModelParallelStrategy's) shard it with
     FSDP2, one unit per block and the rest (embeddings, final norm, head) at the root, each block's
     forward compiled (compile; one graph serves every block). Safe to call again (Lightning calls
-    configure_model for each of fit, validate, ...)."""
+    configure_model for each of fit, validate, ...).
+
+    param_dtype (bf16 under bf16-mixed): FSDP2's mixed precision, as torchtitan's: each unit's
+    parameters are gathered in that type (half the bytes of float32) and computed with, while the
+    shards (the optimizer's master weights) stay float32 and gradients are reduced in float32."""
     model.checkpoint_blocks = activation_checkpointing
     if mesh is None or isinstance(model, FSDPModule):
         return
     mesh = mesh["data_parallel"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
     for block in model.blocks:
         if compile:
             # The forward, not the module: FSDP's hooks stay outside the graph, the weights' names
             # stay as they are (a compiled module would prefix them with _orig_mod).
             block.forward = torch.compile(block.forward, fullgraph=True, mode=compile_mode)
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root unit is not resharded after the forward pass (FSDP2 keeps the root's parameters for
     # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused
     # loss) sees the whole matrix.
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 class FSDP(ModelParallelStrategy):
