@@ -275,3 +275,22 @@ def test_grouped_query_attention_equals_multi_head_attention_with_the_kv_heads_c
     out_grouped.square().sum().backward()
     out_full.square().sum().backward()
     assert torch.allclose(grouped.wte.weight.grad, full.wte.weight.grad, atol=1e-5)
+
+
+def test_the_8b_preset_builds_on_the_meta_device_and_plans_its_memory_per_gpu(capsys):
+    from lm_pretrain.commands.sizes import main
+    from lm_pretrain.training.hardware import training_memory_bytes
+
+    path = ROOT / "configs" / "llama-8b.yaml"
+    config = config_from_yaml(path)
+    with torch.device("meta"):  # no weights: the shapes of 7.4B parameters
+        model = GPT(config)
+    assert model.num_params() == model_size(config)["params"] and 7.3e9 < model.num_params() < 7.5e9
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.mlp_hidden) == (32, 4096, 32, 8, 14336)
+    main([str(path), "--gpus", "[8,16,64]"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| llama-8b | ")]
+    plans = {int(row[1]): float(row[-1]) for row in rows if len(row) == 7}
+    assert sorted(plans) == [8, 16, 64] and plans[8] > plans[16] > plans[64]
+    for gpus, total in plans.items():
+        expected = training_memory_bytes(config, 1, shards=gpus, activation_checkpointing=True)["total"] / 2**30
+        assert total == round(expected, 1), gpus

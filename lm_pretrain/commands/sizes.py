@@ -1,7 +1,8 @@
 """Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
 
 Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
-without building the model (and without torch, so it takes a moment, not seconds).
+without building the model. With `--gpus [8,16,64]`, also each config's memory per GPU when FSDP
+shards it over that many (`training.hardware.training_memory_bytes`: a rough plan, not a promise).
 """
 
 import sys
@@ -10,7 +11,9 @@ import yaml
 
 from lm_pretrain.commands.parsing import command_parser, parse
 from lm_pretrain.model.config import GPTConfig, model_size
+from lm_pretrain.utils import ranges
 from lm_pretrain.utils.errors import UserError, exit_on_user_error
+from lm_pretrain.utils.ranges import PositiveInt
 
 
 def config_from_yaml(path: str | Path) -> GPTConfig:
@@ -40,15 +43,40 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
-def sizes(configs: list[str] | None = None) -> str:
+def memory_table(paths: list[str], gpus: list[int]) -> str:
+    """Per-GPU memory of each config trained on each number of GPUs, FSDP sharding weights,
+    gradients and AdamW state over all of them; per-GPU batch and activation checkpointing as the
+    config sets them."""
+    from lm_pretrain.training.hardware import training_memory_bytes
+
+    rows = ["| preset | GPUs | batch per GPU | checkpointing | states GiB | activations GiB | total GiB |",
+            "|---|---:|---:|---|---:|---:|---:|"]
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        batch = (data.get("data") or {}).get("batch_size", 8)
+        checkpointing = bool((data.get("model") or {}).get("activation_checkpointing", False))
+        for count in gpus:
+            memory = training_memory_bytes(config_from_yaml(path), batch, shards=count,
+                                           activation_checkpointing=checkpointing)
+            rows.append(f"| {Path(path).stem} | {count} | {batch} | {'yes' if checkpointing else 'no'} | "
+                        f"{memory['states'] / 2**30:,.1f} | {memory['activations'] / 2**30:,.1f} | "
+                        f"{memory['total'] / 2**30:,.1f} |")
+    return "\n".join(rows)
+
+
+def sizes(configs: list[str] | None = None, gpus: list[PositiveInt] | None = None) -> str:
     """Print parameters and training FLOPs per token of train.py config files, as a Markdown table.
 
     Args:
         configs: config files (also given as CONFIGs before the flags).
+        gpus: also plan the memory per GPU on each of these numbers of GPUs (FSDP over all of them).
     """
     if not configs:
         raise UserError("give at least one config file, e.g. configs/*.yaml")
+    ranges.check(sizes, {"gpus": gpus}, "")
     text = table(configs)
+    if gpus:
+        text += "\n\n" + memory_table(configs, gpus)
     print(text)
     return text
 
@@ -58,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser("lm-pretrain-sizes", sizes)
     parser.add_argument("paths", nargs="*", metavar="CONFIG", help="the same as --configs")
     args = parse(parser, argv)
-    sizes([*args.paths, *(args.configs or [])])
+    sizes([*args.paths, *(args.configs or [])], args.gpus)
 
 
 if __name__ == "__main__":
