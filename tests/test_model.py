@@ -105,7 +105,7 @@ def test_cached_prefill_then_several_tokens_equals_the_full_forward(position):
     config = GPTConfig(**{**SMALL, "block_size": 32}, n_kv_head=1, position=position)
     model = GPT(config).eval()
     idx = torch.randint(0, 101, (2, 20))
-    cache = KVCache(config, 2, "cpu", torch.float32)
+    cache = KVCache(config, 2)
     pieces = [model(idx[:, :12], cache), model(idx[:, 12:19], cache), model(idx[:, 19:], cache)]
     assert cache.length == 20
     assert (torch.cat(pieces, dim=1) - model(idx)).abs().max() <= 1e-5
@@ -173,7 +173,7 @@ def test_kv_cache_gives_the_same_logits(name):
     model = build(name)
     idx = torch.randint(0, 211, (2, 20))
     full = model(idx)
-    cache = KVCache(model.config, 2, idx.device, torch.float32)
+    cache = KVCache(model.config, 2)
     pieces = [model(idx[:, :8], cache)] + [model(idx[:, t:t + 1], cache) for t in range(8, 20)]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
     prompt = idx[:, :4]

@@ -137,5 +137,7 @@ def test_bf16_mixed_gathers_bf16_while_shards_and_gradients_stay_float32(tmp_pat
             assert computed_with == {dtype or torch.float32}
             for parameter in model.parameters():
                 assert isinstance(parameter, DTensor) and parameter.dtype == parameter.grad.dtype == torch.float32
+            with torch.no_grad():  # sampling with a KV cache: the cache takes the type the keys come in
+                assert model.eval().generate(torch.zeros(1, 2, dtype=torch.long), 3).shape == (1, 5)
     finally:
         dist.destroy_process_group()

@@ -53,13 +53,16 @@ class KVCache:
     """Keys and values of the tokens seen so far, one per layer, so each new token costs one
     position of attention instead of re-running the whole context."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer
         self.length = 0  # positions filled
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:  # made as the first keys come, in the type and on the device the model
+            # computes in (bf16 under FSDP's mixed precision, whatever type its stored weights have)
+            self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -241,7 +244,7 @@ class GPT(nn.Module):
             else:
                 if cache is None or cache.length >= self.config.block_size:
                     keep = self.config.block_size if cache is None else self.config.block_size // 2
-                    cache = KVCache(self.config, idx.shape[0], idx.device, self.wte.weight.dtype)
+                    cache = KVCache(self.config, idx.shape[0])
                     logits = self(idx[:, -keep:], cache)[:, -1]
                 else:
                     logits = self(idx[:, -1:], cache)[:, -1]
