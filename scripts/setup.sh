@@ -37,8 +37,11 @@ pip_install -r requirements.txt "torch==$torch_version"
 if ! $PY -c "import torchvision" > /dev/null 2>&1; then
   $PY -m pip uninstall --yes torchvision >> .venv/pip.log 2>&1
 fi
-# The notebooks' kernel: this .venv, under the name the notebooks ask for, so Jupyter picks it.
-$PY -m ipykernel install --user --name lm-pretrain --display-name "Python (lm-pretrain)" >> .venv/pip.log 2>&1
+# The notebooks' kernel: this .venv, under the name the notebooks ask for, so Jupyter picks it. (Not
+# a reason to stop the set-up: a home folder that cannot be written leaves the choice to the user.)
+if ! $PY -m ipykernel install --user --name lm-pretrain --display-name "Python (lm-pretrain)" >> .venv/pip.log 2>&1; then
+  echo "note: the notebooks' kernel could not be registered (.venv/pip.log); choose .venv/bin/python in Jupyter" >&2
+fi
 $PY -c "import lightning, litdata, tiktoken, torchmetrics, lm_pretrain"
 echo "$want" > "$stamp"
 echo "set-up done"
