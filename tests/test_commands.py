@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from helpers import cli_error
+from helpers import ROOT, cli_error
 from lm_pretrain.commands import parsing as commands
 from lm_pretrain.commands.evaluate import evaluate
 from lm_pretrain.commands.export import export
@@ -132,3 +132,15 @@ def test_help_shows_a_switch(capsys):
     assert "[--overwrite [{true,false}]]" in printed  # the usage line: the value may be left out
     assert "--overwrite [{true,false}] replace OUTPUT if it exists (only once the new one is complete); never an input. " \
            "(type: bool, default: False)" in printed
+
+
+def test_reading_configs_imports_no_torch():
+    """lm-pretrain-sizes and GPTConfig read configs without torch (seconds to import); GPT brings it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lm_pretrain.commands.sizes, lm_pretrain.model; print('torch' in sys.modules); "
+            "lm_pretrain.model.GPT; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+

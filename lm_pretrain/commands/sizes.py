@@ -1,8 +1,9 @@
 """Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
 
 Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
-without building the model. With `--gpus [8,16,64]`, also each config's memory per GPU when FSDP
-shards it over that many (`training.hardware.training_memory_bytes`: a rough plan, not a promise).
+without building the model (and without torch, so it takes a moment, not seconds). With
+`--gpus [8,16,64]`, also each config's memory per GPU when FSDP shards it over that many
+(`training.hardware.training_memory_bytes`: a rough plan, not a promise).
 """
 
 import sys
@@ -52,12 +53,11 @@ def memory_table(paths: list[str], gpus: list[int]) -> str:
     rows = ["| preset | GPUs | batch per GPU | checkpointing | states GiB | activations GiB | total GiB |",
             "|---|---:|---:|---|---:|---:|---:|"]
     for path in paths:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        config, data = config_from_yaml(path), yaml.safe_load(Path(path).read_text()) or {}
         batch = (data.get("data") or {}).get("batch_size", 8)
         checkpointing = bool((data.get("model") or {}).get("activation_checkpointing", False))
         for count in gpus:
-            memory = training_memory_bytes(config_from_yaml(path), batch, shards=count,
-                                           activation_checkpointing=checkpointing)
+            memory = training_memory_bytes(config, batch, shards=count, activation_checkpointing=checkpointing)
             rows.append(f"| {Path(path).stem} | {count} | {batch} | {'yes' if checkpointing else 'no'} | "
                         f"{memory['states'] / 2**30:,.1f} | {memory['activations'] / 2**30:,.1f} | "
                         f"{memory['total'] / 2**30:,.1f} |")

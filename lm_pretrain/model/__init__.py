@@ -10,6 +10,15 @@
 """
 
 from lm_pretrain.model.config import GPTConfig, model_size
-from lm_pretrain.model.gpt import GPT
 
 __all__ = ["GPT", "GPTConfig", "model_size"]
+
+
+def __getattr__(name: str):
+    # GPT imports torch: only when asked for, so that what only reads configs (lm-pretrain-sizes,
+    # GPTConfig) stays quick
+    if name == "GPT":
+        from lm_pretrain.model.gpt import GPT
+
+        return GPT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
