@@ -94,30 +94,30 @@ class PretrainCLI(LightningCLI):
         else:
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand or "model" in self.config:  # (a parse that printed help, or the version, has neither)
-            config = self.run_config()
-            ranges.check_config(config)  # Lightning's settings, before the Trainer exists
-            use_root_dir_for_runs(config)
-            allow_mlflow_file_store(config)
-            require_logger_packages(config)
-            if subcommand == "fit":
-                checkpoints.resolve_last(config)
-            ckpt = config.get("ckpt_path")
-            if ckpt in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved as the run starts
-                ckpt = None
-            try:
-                follow_the_tokenizer(config, ckpt)
-            except UserError:
-                if not printing:
-                    raise
-            if printing:  # (left empty where the data cannot be read yet: the run itself would stop there)
-                vocab = config.model.get("vocab_size")
-                parser.parse_args([*argv, *([f"--model.vocab_size={vocab}"] if vocab else []), *printing])  # prints, exits
-            if ckpt:
-                # (validate may score a checkpoint on any data; fit resumes a run on its own)
-                checkpoints.check_resumable(ckpt, config.model.as_dict(),
-                                            config.data.as_dict() if subcommand == "fit" else None)
-            self.claimed_version = checkpoints.claim_run_folder(config)  # last; main removes it if left unused
+        config = self.run_config()
+        ranges.check_config(config)  # Lightning's settings, before the Trainer exists
+        use_root_dir_for_runs(config)
+        allow_mlflow_file_store(config)
+        require_logger_packages(config)
+        if subcommand == "fit":
+            checkpoints.resolve_last(config)
+        ckpt = config.get("ckpt_path")
+        if ckpt in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved as the run starts
+            ckpt = None
+        try:
+            saved = checkpoints.read_hyperparameters(ckpt) if ckpt else None  # read once, for both uses below
+            follow_the_tokenizer(config, saved)
+        except UserError:
+            if not printing:
+                raise
+        if printing:  # (left empty where the data cannot be read yet: the run itself would stop there)
+            vocab = config.model.get("vocab_size")
+            parser.parse_args([*argv, *([f"--model.vocab_size={vocab}"] if vocab else []), *printing])  # prints, exits
+        if saved:
+            # (validate may score a checkpoint on any data; fit resumes a run on its own)
+            checkpoints.check_resumable(ckpt, saved, config.model.as_dict(),
+                                        config.data.as_dict() if subcommand == "fit" else None)
+        self.claimed_version = checkpoints.claim_run_folder(config)  # last; main removes it if left unused
 
 
 def split_print_config(args) -> tuple:
@@ -133,14 +133,14 @@ def split_print_config(args) -> tuple:
     return args, []
 
 
-def follow_the_tokenizer(config, ckpt: str | None) -> None:
-    """model.vocab_size, when not given, is the tokenizer's: the checkpoint's that is resumed or
-    validated, else the data's (TokenDataModule.tokenizer_vocab_size). A value given is checked
-    against the data as the run starts (TokenDataModule.check_compatible)."""
+def follow_the_tokenizer(config, saved: dict | None) -> None:
+    """model.vocab_size, when not given, is the tokenizer's: that of the checkpoint resumed or
+    validated (`saved`: its read_hyperparameters), else the data's (TokenDataModule.tokenizer_vocab_size).
+    A value given is checked against the data as the run starts (TokenDataModule.check_compatible)."""
     if config.model.get("vocab_size") is not None:
         return
-    if ckpt:
-        config.model.vocab_size = checkpoints.read_hyperparameters(ckpt)["hyper_parameters"]["vocab_size"]
+    if saved:
+        config.model.vocab_size = saved["hyper_parameters"]["vocab_size"]
     else:
         config.model.vocab_size = TokenDataModule(**config.data.as_dict()).tokenizer_vocab_size()
 

@@ -162,7 +162,7 @@ def names(wanted: dict | str, recorded: dict) -> bool:
 def describe(recorded: dict | str) -> str:
     """A record (or a --tokenizer value) for messages: 'gpt2', or 'mine (sha256 0123456789ab)'."""
     if isinstance(recorded, str):
-        recorded = record(recorded) if is_file_spec(recorded) else {"tokenizer": recorded}
+        recorded = record(recorded)
     sha = recorded.get("tokenizer_sha256")
     return repr(recorded.get("tokenizer")) + (f" (sha256 {sha[:12]})" if sha else "")
 

@@ -123,12 +123,12 @@ def check_architecture(saved_hparams: dict, config: GPTConfig, what: str) -> Non
         raise UserError(f"{what} has another architecture: {', '.join(different)}")
 
 
-def check_resumable(ckpt: str, model_args: dict, data_args: dict | None = None) -> None:
-    """UserError unless `ckpt` (a file or a sharded folder) exists, holds the architecture that the
-    model flags describe (LightningCLI would rebuild the model from the checkpoint's hyperparameters
-    and silently ignore the flags) and was trained on the data the flags name (the run resumes at its
-    place in those shards; litdata would stop with a traceback deep in the restore)."""
-    saved = read_hyperparameters(ckpt)
+def check_resumable(ckpt: str, saved: dict, model_args: dict, data_args: dict | None = None) -> None:
+    """UserError unless the checkpoint at `ckpt` (`saved`: its read_hyperparameters) holds the
+    architecture that the model flags describe (LightningCLI would rebuild the model from the
+    checkpoint's hyperparameters and silently ignore the flags) and was trained on the data the flags
+    name (the run resumes at its place in those shards; litdata would stop with a traceback deep in
+    the restore)."""
     try:
         config = GPTConfig.from_dict(model_args)
     except (TypeError, ValueError) as err:
