@@ -287,6 +287,10 @@ def test_the_8b_preset_builds_on_the_meta_device_and_plans_its_memory_per_gpu(ca
         model = GPT(config)
     assert model.num_params() == model_size(config)["params"] and 7.3e9 < model.num_params() < 7.5e9
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.mlp_hidden) == (32, 4096, 32, 8, 14336)
+    from helpers import cli_error
+
+    assert cli_error(main, [str(path), "--gpus", "[8,0]"], capsys) == \
+        "error: --gpus 0 is out of range: it must be > 0 and <= 2147483647 (see lm-pretrain-sizes --help)"
     main([str(path), "--gpus", "[8,16,64]"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| llama-8b | ")]
     plans = {int(row[1]): float(row[-1]) for row in rows if len(row) == 7}
