@@ -255,13 +255,22 @@ class ReadLossEveryStep(L.Callback):
 
 
 class SaveFullWeights(L.Callback):
-    """At the end of training, gather the model's whole weights (also when sharded) and save them to
-    `path` from the first process: what a sharded checkpoint of the same step must hold."""
+    """At the end of training (or at its start), gather the model's whole weights (also when sharded)
+    and save them to `path` from the first process: what a sharded checkpoint of the same step must
+    hold."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, at_start: bool = False):
+        self.path, self.at_start = path, at_start
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.at_start:
+            self.save(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
+        if not self.at_start:
+            self.save(trainer, module)
+
+    def save(self, trainer, module) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

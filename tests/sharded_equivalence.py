@@ -9,6 +9,8 @@ losses. Validation is the template's own, over DATA_DIR's val split, at the end 
 Each rank appends to RECORD_PATH.rankR one JSON line per optimizer step and one at the end.
 """
 
+import contextlib
+import hashlib
 import json
 import sys
 from datetime import timedelta
@@ -20,10 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lm_pretrain.training.callbacks import TextSamples
 from lm_pretrain.data.datamodule import TokenDataModule
-from lm_pretrain.training.module import LanguageModel
+from lm_pretrain.training.module import LanguageModel, network_on_meta
 from lm_pretrain.training.strategies import FSDP
 
 CLIP = 0.3  # low enough that every step here is clipped
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2: shards -> whole
 
 
 def total_norm(tensors) -> float:
@@ -49,13 +55,15 @@ class Record(L.Callback):
         # before the first forward pass: FSDP2 swaps in whole (unsharded) parameters while it runs
         names = {id(p): n for n, p in module.model.named_parameters()}
         self.groups = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizers[0].param_groups}
+        self.initial = {name: hashlib.sha256(whole(p).detach().numpy().tobytes()).hexdigest()[:16]
+                        for name, p in module.model.state_dict().items()}
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_batches += 1
 
     def on_train_end(self, trainer, module) -> None:
         samples = TextSamples(prompts=["The king"], max_new_tokens=8, top_k=1)._samples(module)
-        self.write(trainer, groups=self.groups, val_loss=float(trainer.callback_metrics["val/loss"]),
+        self.write(trainer, groups=self.groups, initial=self.initial, built_on_meta=BUILT_ON_META, val_loss=float(trainer.callback_metrics["val/loss"]),
                    val_batches=self.val_batches, samples=samples)
 
 
@@ -71,7 +79,10 @@ class FixedTrainTokens(TokenDataModule):
 if __name__ == "__main__":
     kind, devices, batch_size, data_dir, record = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     L.seed_everything(0)
-    module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3)
+    # sharded as train.py shards: no process builds the whole model (strategies.materialize)
+    with network_on_meta() if kind == "fsdp" else contextlib.nullcontext():
+        module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3)
+    BUILT_ON_META = module.model.lm_head.weight.is_meta
     strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)),
                 "fsdp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120))}[kind]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,

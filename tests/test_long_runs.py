@@ -298,3 +298,25 @@ def test_ctrl_c_to_the_process_group_exits_130_and_keeps_a_whole_checkpoint(prep
     saved = torch.load(ckpt, weights_only=False)  # whole: it loads
     assert saved["global_step"] >= 2
     assert not [p for p in ckpt.parent.iterdir() if p.name != "last.ckpt" and not p.name.startswith("best")]
+
+
+def test_peak_host_memory_records_each_process_peak_as_it_grows(tmp_path):
+    """debug.PeakHostMemory (bench/host_memory.py): the kernel's peak resident bytes of a process, once
+    built and once trained, the second covering memory touched in between (a fresh process: pytest's
+    own peak would hide the growth)."""
+    code = f"""
+from types import SimpleNamespace
+import torch
+from lm_pretrain.training.debug import PeakHostMemory
+callback, trainer = PeakHostMemory({str(tmp_path / "memory")!r}), SimpleNamespace(global_rank=0)
+callback.on_fit_start(trainer, None)
+block = torch.ones(256 * 2**20 // 4)  # 256 MiB, written
+callback.on_train_end(trainer, None)
+"""
+    done = subprocess.run([python(), "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "memory.rank0").read_text().splitlines()]
+    assert [r["at"] for r in rows] == ["built", "trained"] and rows[0]["peak_bytes"] > 2**20
+    assert rows[1]["peak_bytes"] - rows[0]["peak_bytes"] >= 200 * 2**20

@@ -298,3 +298,41 @@ def test_the_8b_preset_builds_on_the_meta_device_and_plans_its_memory_per_gpu(ca
     for gpus, total in plans.items():
         expected = training_memory_bytes(config, 1, shards=gpus, activation_checkpointing=True)["total"] / 2**30
         assert total == round(expected, 1), gpus
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_model_built_on_meta_draws_nothing_and_materialises_to_the_model_built_whole(tied):
+    """GPT draws its weights in init_weights alone: built on the meta device it takes no memory and
+    no random draw, and strategies.materialize (what each process of a sharded run does with its
+    shards) then gives the weights and buffers of the model built whole from the same seed."""
+    from lm_pretrain.training.strategies import materialize
+
+    config = GPTConfig(**{**BASE, "position": "learned" if tied else "rope", "tie_embeddings": tied})
+    torch.manual_seed(0)
+    whole = GPT(config)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with torch.device("meta"):
+        model = GPT(config)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert torch.equal(torch.get_rng_state(), state)
+    materialize(model, torch.device("cpu"))
+    assert not torch.equal(torch.get_rng_state(), state)  # the draws happen here
+    assert (model.lm_head.weight is model.wte.weight) == tied
+    want = whole.state_dict() | dict(whole.named_buffers())
+    got = model.state_dict() | dict(model.named_buffers())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_llama_8b_preset_is_built_on_the_meta_device_by_train_py_in_seconds(tmp_path):
+    """Under the FSDP overlay train.py builds the 7.4B model without memory: each process makes only
+    its shards when the run starts."""
+    from lm_pretrain.commands.train import build
+
+    cli = build(["--config", str(ROOT / "configs" / "llama-8b.yaml"), "--config",
+                 str(ROOT / "configs" / "overlays" / "fsdp.yaml"), "--trainer.accelerator", "cpu",
+                 "--trainer.devices", "8", "--model.vocab_size", "128256", "--trainer.logger", "false",
+                 "--data.data_dir", str(tmp_path)],
+                subcommand=False)
+    params = list(cli.model.model.parameters())
+    assert all(p.is_meta for p in params) and sum(p.numel() for p in params) > 7e9

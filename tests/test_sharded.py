@@ -57,6 +57,9 @@ def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepar
     val.setup("fit")
     assert sum(val.val_dataset.sizes) % (2 * 4) != 0
     for rank in sharded_end:
+        # FSDP: built on the meta device, each process drawing its shards: the same initial weights, bitwise
+        assert rank["built_on_meta"] == (kind == "fsdp") and not end["built_on_meta"]
+        assert rank["initial"] == end["initial"] and len(end["initial"]) > 8
         assert rank["groups"] == end["groups"] and len(end["groups"]["decay"]) == 8  # the same weight decay groups
         assert rank["val_batches"] == sharded_end[0]["val_batches"]
         assert rank["val_loss"] == pytest.approx(end["val_loss"], abs=1e-5)
@@ -111,6 +114,12 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     continued = run_cli([*run_args(prepared, 1, tmp_path / "rec-c"), "--model.init_from", str(ckpt)],
                         cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr[-3000:]
+    # sharded again: each process, built on the meta device, starts from its shards of those weights
+    continued = fsdp_run(prepared, tmp_path / "c", 1, "--model.init_from", str(ckpt),
+                         callback("SaveFullWeights", path=str(tmp_path / "start.pt"), at_start=True))
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    start = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "start.pt").items()}
+    assert start.keys() == full.keys() and all(torch.equal(start[k], full[k]) for k in full)
 
 
 def compiled_fsdp_args(data: Path, runs: Path, steps: int, early: int, late: int, *extra: str) -> list[str]:

@@ -4,6 +4,8 @@ Every constructor argument of the model, the data module, the Trainer and the ch
 is a flag (`--model.n_layer 6`) and a YAML key (see configs/); `python train.py fit --help` lists them.
 """
 
+import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lm_pretrain.training import checkpoints
@@ -26,13 +29,30 @@ from lm_pretrain.data.datamodule import TokenDataModule
 from lm_pretrain.utils.errors import Interrupted, UserError, exit_on_user_error
 from lm_pretrain.utils.extras import require
 from lm_pretrain.utils.files import check_can_create, refuse_output_over_inputs
-from lm_pretrain.training.module import LanguageModel
+from lm_pretrain.training.module import LanguageModel, network_on_meta
 
 
 # The settings every run starts from (seed, clipping, validation, logger, text samples), read by each
 # subcommand before any --config: the presets hold only what differs. It lives in the package,
 # beside this module, so that a clone, an editable install and a wheel all read it.
 DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "training" / "defaults.yaml"
+
+
+def shards_the_model(config) -> bool:
+    """Whether the run's trainer.strategy lays the model out over processes (a ModelParallelStrategy,
+    as strategies.FSDP), rather than giving each process the whole of it."""
+    strategy = config.trainer.get("strategy")
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not class_path:  # a name ("ddp", "auto") or none
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # LightningCLI names the class it cannot find, when it builds the strategy
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
 
 
 class PretrainCLI(LightningCLI):
@@ -59,6 +79,12 @@ class PretrainCLI(LightningCLI):
         built with run=False) the whole."""
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
+
+    def instantiate_classes(self) -> None:
+        # Under a sharding strategy no process builds the whole model: its network is made on the meta
+        # device and each process materialises its own shard (LanguageModel.configure_model).
+        with network_on_meta() if shards_the_model(self.run_config()) else contextlib.nullcontext():
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
         # The logger (built by now) has the version claimed for it; the config saved beside the run

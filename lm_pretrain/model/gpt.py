@@ -157,35 +157,60 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
-        if config.position == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
+        # The layers are made on the meta device (shapes only: no memory, no random draws), then made
+        # real where the caller builds (the CPU, or a `with torch.device(...)` block) and initialised by
+        # init_weights alone. A caller that builds inside `with torch.device("meta")` gets the model
+        # without memory, to shard and initialise later (training.strategies.materialize): the same
+        # weights as a model built whole from the same seed, whatever the layout.
+        device = torch.empty(()).device
+        with torch.device("meta"):
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+            if config.position == "learned":
+                self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+            self.ln_f = make_norm(config)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.position == "rope":  # not parameters: recomputed (init_weights), never saved
+                self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_dim), persistent=False)
+                self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_dim), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing: see strategies.parallelize
-        if config.position == "rope":  # not parameters: recomputed, never saved
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        if device.type != "meta":
+            self.to_empty(device=device)
+        self.tie_weights()
+        if device.type != "meta":
+            self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def tie_weights(self) -> None:
+        """With tie_embeddings, one matrix reads tokens in and writes them out (to_empty unties them)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    @torch.no_grad()
+    def init_weights(self, normal_=nn.init.normal_) -> None:
+        """Set every parameter and buffer to its initial value; the only random draws of a model's
+        making, in a fixed order, so that the same seed gives the same model. `normal_(tensor, mean,
+        std)` fills a weight (strategies.materialize passes one that draws each whole tensor and keeps
+        this process's shard of it)."""
         # GPT-2: N(0, 0.02) everywhere (PyTorch's N(0, 1) embeddings would start the loss near 23, not ln V).
         # Projections that write into the residual stream are scaled by 1/sqrt(2 * n_layer) so the
         # stream's variance does not grow with depth (two such writes per block).
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std /= math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        drawn = set()  # a tied matrix is drawn once, as the token embeddings
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in drawn:
+                drawn.add(id(module.weight))
+                std = 0.02
+                if getattr(module, "is_residual_projection", False):
+                    std /= math.sqrt(2 * self.config.n_layer)
+                normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()  # scale 1, bias 0
+        if self.config.position == "rope":
+            cos, sin = rope_tables(self.config)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, each shared tensor counted once. non_embedding leaves out the token and

@@ -220,6 +220,30 @@ def peak_cpu_bytes(step) -> int:
     return max(e["args"]["Total Allocated"] for e in events) - start
 
 
+class PeakHostMemory(L.Callback):
+    """Append each process's peak resident host memory so far (bytes; the kernel's count, getrusage)
+    to a JSON Lines file (one per rank) twice: once the model is built, laid out and its optimizer
+    made ("built"), and when training ends ("trained": gradients and optimizer state too). The first
+    process's count includes what it did before starting the others (LightningCLI builds the model
+    there first)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, trainer, at: str) -> None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps({"rank": trainer.global_rank, "at": at, "peak_bytes": peak}) + "\n")
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.write(trainer, "built")
+
+    def on_train_end(self, trainer, module) -> None:
+        self.write(trainer, "trained")
+
+
 class RecordBatches(L.Callback):
     """Append {rank, step, loss, batch sha, threads} per training batch to a JSON Lines file (one per
     rank). The intra-op thread count is there because rounding depends on it: two runs compared

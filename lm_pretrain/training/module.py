@@ -14,6 +14,8 @@ A training step that does not log never waits for the GPU: no value is read back
 while the GPU runs this one (tests/test_sync_free.py counts them).
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import math
@@ -22,6 +24,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torchmetrics import Metric
 
 from lm_pretrain.training import checkpoints, optim
@@ -35,12 +38,29 @@ from lm_pretrain.model import GPT
 from lm_pretrain.utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.training.steps import ends_optimizer_step, is_log_step
-from lm_pretrain.training.strategies import parallelize
+from lm_pretrain.training.strategies import materialize, parallelize
 from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer.encoding import describe as describe_tokenizer
 from lm_pretrain.tokenizer.encoding import record as tokenizer_record
 from lm_pretrain.tokenizer.encoding import names as tokenizer_names
 from lm_pretrain.tokenizer.encoding import same as tokenizer_same
+
+
+_NETWORK_ON_META = contextvars.ContextVar("network_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def network_on_meta():
+    """LanguageModels made inside this block build their network on the meta device, without memory;
+    configure_model then gives each process its shard (strategies.materialize), the same weights as
+    a model built whole. train.py builds so under a sharding strategy: no process ever holds the
+    whole model. (Lightning's own way, trainer.init_module(empty_init=True), needs the Trainer before
+    the model; LightningCLI makes the model first.)"""
+    token = _NETWORK_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _NETWORK_ON_META.reset(token)
 
 
 def saved_tokenizer(checkpoint: dict) -> dict:
@@ -164,7 +184,8 @@ class LanguageModel(L.LightningModule):
         if head_lr is not None and self.config.tie_embeddings:
             raise UserError("model.head_lr needs an untied output layer: set model.tie_embeddings false")
         self.loss_path  # an impossible loss setting stops here, before any work
-        self.model = GPT(self.config)
+        with torch.device("meta") if _NETWORK_ON_META.get() else contextlib.nullcontext():
+            self.model = GPT(self.config)
         self.val_loss = MeanLoss()
         self._step_loss: torch.Tensor | None = None  # the summed losses of this optimizer step's micro-batches
         self._step_batches = 0
@@ -232,6 +253,10 @@ class LanguageModel(L.LightningModule):
         bf16 = self._trainer is not None and str(self.trainer.precision) == "bf16-mixed"
         parallelize(self.model, self.device_mesh, hp.activation_checkpointing, compile=hp.compile and sharded,
                     compile_mode=hp.compile_mode, param_dtype=torch.bfloat16 if bf16 else None)
+        if self.model.lm_head.weight.is_meta:  # built by network_on_meta: each process makes its shard now
+            materialize(self.model, self.trainer.strategy.root_device)
+            if self.trainer.state.fn == "fit" and hp.init_from:  # (setup could not load into no memory)
+                self._load_initial_weights()
         if hp.compile and not sharded:
             # The loss step is compiled, model and loss together (inductor fuses the cross-entropy
             # into the output layer's kernels); calls of the model itself, as in sampling, stay
@@ -254,7 +279,16 @@ class LanguageModel(L.LightningModule):
         if stage == "fit" and self.hparams.init_from:
             self.check_tokenizer_of(checkpoints.read_hyperparameters(self.hparams.init_from, "model.init_from: checkpoint",
                                                                      full=True), f"model.init_from {self.hparams.init_from}")
-            self.model.load_state_dict(checkpoints.load_weights(self.hparams.init_from, self.config))
+            if not self.model.lm_head.weight.is_meta:  # else once configure_model has made the weights
+                self._load_initial_weights()
+
+    def _load_initial_weights(self) -> None:
+        """model.init_from's weights, into the whole model or into this process's shards of it."""
+        weights = checkpoints.load_weights(self.hparams.init_from, self.config)
+        if self.device_mesh is None:
+            self.model.load_state_dict(weights)
+        else:
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
 
     def on_fit_start(self) -> None:
         size = model_size(self.config)

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lm_pretrain.training.checkpoints import tensor_bytes
 from lm_pretrain.utils.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
@@ -56,6 +57,31 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: b
     # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused
     # loss) sees the whole matrix.
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def materialize(model: GPT, device: torch.device) -> None:
+    """Give a model built on the meta device (laid out by parallelize: each process holds only its
+    shards) memory on `device` and its initial weights. Each weight is drawn whole on the CPU, with the
+    draws and in the order of a model built whole (GPT.init_weights), and each process keeps its shard
+    of it: the same seed gives the same model on any number of processes, bitwise, for the price of
+    one whole weight matrix at a time, never the whole model (torchtitan's seed checkpoint gets the
+    same from a file; DTensor's own random ops match a whole draw only on CUDA)."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(normal_=_draw_whole_keep_shard)
+
+
+def _draw_whole_keep_shard(weight: torch.Tensor, mean: float, std: float) -> None:
+    whole = torch.empty(weight.shape, dtype=weight.dtype).normal_(mean, std)  # on the CPU, as GPT(config) draws
+    if not isinstance(weight, DTensor):
+        weight.copy_(whole)
+        return
+    whole = whole.to(weight.device)
+    try:  # every process drew the same tensor: each keeps its part, nothing is sent
+        shard = distribute_tensor(whole, weight.device_mesh, weight.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7: sent from the first process instead (the same tensor)
+        shard = distribute_tensor(whole, weight.device_mesh, weight.placements)
+    weight.copy_(shard)
 
 
 class FSDP(ModelParallelStrategy):
