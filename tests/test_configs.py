@@ -127,6 +127,13 @@ def test_overlays_compose_over_a_preset(monkeypatch, capsys):
     assert csv["trainer.logger.init_args.name"] == "tiny" and csv["trainer.logger.init_args.save_dir"] == "runs"
     assert csv["trainer.devices"] == 2 and csv["trainer.strategy"] == "ddp"
     assert csv["seed_everything"] == 1337 and csv["trainer.gradient_clip_val"] == 1.0
+    # the downstream overlay appends its callback to the preset's, whose settings stay; a flag reaches it
+    downstream = resolve(*preset("tiny"), "--config", overlay.format("downstream"), "--trainer.callbacks.init_args.limit",
+                         "100", monkeypatch=monkeypatch, capsys=capsys)
+    text_samples, evaluation = downstream["trainer.callbacks"]
+    assert text_samples["init_args"]["prompts"] == ["ROMEO:", "To be, or not to be"]
+    assert evaluation["class_path"] == "lm_pretrain.training.downstream.DownstreamEval"
+    assert evaluation["init_args"]["limit"] == 100 and evaluation["init_args"]["every_n_steps"] == 1000
 
 
 def test_a_missing_defaults_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):

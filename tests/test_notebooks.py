@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import nbformat
 import pytest
@@ -123,16 +124,34 @@ def test_sizing_notebook(kernel):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(trained_run, kernel, monkeypatch):
-    monkeypatch.setenv("LM_PRETRAIN_LOG_DIR", str(trained_run["log_dir"]))
+@pytest.mark.parametrize("downstream", [False, True], ids=["plain", "with downstream scores"])
+def test_quickstart_notebook_runs(trained_run, kernel, monkeypatch, tmp_path, downstream):
+    log_dir = trained_run["log_dir"]
+    if downstream:  # the run as if trained with configs/overlays/downstream.yaml: its scores in an event file more
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = tmp_path / "version_0"
+        shutil.copytree(trained_run["log_dir"], log_dir)
+        with SummaryWriter(str(log_dir)) as writer:
+            for step, value in ((20, 0.24), (40, 0.27)):
+                writer.add_scalar("downstream/hellaswag/acc_norm", value, step)
+                writer.add_scalar("downstream/piqa/acc_norm", value + 0.25, step)
+                writer.add_scalar("downstream/centred", value - 0.25, step)
+    monkeypatch.setenv("LM_PRETRAIN_LOG_DIR", str(log_dir))
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert str(trained_run["log_dir"]) in text and "val loss:" in text
+    assert str(log_dir) in text and "val loss:" in text
     assert text.count("--- temperature") == 2 and "ROMEO:" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot was drawn
+    plots = sum("image/png" in o.get("data", {}) for o in outputs)  # the loss plot, the downstream one
+    if downstream:
+        assert "downstream/piqa/acc_norm: 0.520 at step 40" in text and "downstream/centred: 0.020 at step 40" in text
+        assert plots == 2
+    else:
+        assert "no downstream scores in this run (train with --config configs/overlays/downstream.yaml)" in text
+        assert plots == 1
 
 
 @pytest.mark.slow

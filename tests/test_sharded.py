@@ -142,9 +142,14 @@ def compiled_fsdp_args(data: Path, runs: Path, steps: int, early: int, late: int
 def test_fsdp_compiled_blocks_stay_compiled_through_samples_validation_checkpoints_and_resume(prepared, tmp_path):
     # Under FSDP2 each block is compiled on its own (strategies.parallelize); CompiledStepCheck fails
     # the run if a training step recompiles or runs other operators in step 7 than in step 1.
-    first = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 9, 1, 7), cwd=tmp_path)
+    # with downstream evaluations at steps 3 and 6 too (the eager model, other shapes): training keeps its graphs
+    downstream = "--trainer.callbacks+=" + json.dumps({
+        "class_path": "lm_pretrain.training.downstream.DownstreamEval",
+        "init_args": {"tasks": [str(ROOT / "tests" / "downstream" / "tiny_rc.jsonl")], "every_n_steps": 3, "limit": 6}})
+    first = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 9, 1, 7, downstream), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "CompiledStepCheck: the 8 training steps after this process's first reused the graphs" in first.stderr
+    assert "=== downstream after 9 steps" in first.stdout
     resumed = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 13, 10, 12, "--ckpt_path", "last"),
                       cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

