@@ -2,10 +2,10 @@
 
     python tests/sharded_equivalence.py STRATEGY DEVICES BATCH_SIZE DATA_DIR RECORD_PATH
 
-STRATEGY is single, ddp or fsdp. Training reads fixed random tokens through a DistributedSampler,
-which deals rank r the samples r, r + N, ...: N processes at batch b see, step by step, the same
+STRATEGY is single, ddp, fsdp or tp (FSDP with tensor_parallel_size 2). Training reads fixed random tokens through a DistributedSampler,
+which deals replica r the samples r, r + N, ...: N replicas at batch b see, step by step, the same
 samples as one process at batch N * b, so (gradients being averaged) they must follow the same
-losses. Validation is the template's own, over DATA_DIR's val split, at the end of training.
+losses. (Each process is a replica, but a tensor-parallel group of processes is one.) Validation is the template's own, over DATA_DIR's val split, at the end of training.
 Each rank appends to RECORD_PATH.rankR one JSON line per optimizer step and one at the end.
 """
 
@@ -21,8 +21,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lm_pretrain.training.callbacks import TextSamples
-from lm_pretrain.data.datamodule import TokenDataModule
+from lm_pretrain.data.datamodule import TokenDataModule, data_replicas
 from lm_pretrain.training.module import LanguageModel, network_on_meta
+from lm_pretrain.training import strategies
 from lm_pretrain.training.strategies import FSDP
 
 CLIP = 0.3  # low enough that every step here is clipped
@@ -33,8 +34,7 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def total_norm(tensors) -> float:
-    norm = torch.nn.utils.get_total_norm(tensors)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: shards -> whole
+    return float(strategies.total_norm(tensors))  # sharded: the whole model's
 
 
 class Record(L.Callback):
@@ -71,7 +71,8 @@ class FixedTrainTokens(TokenDataModule):
     def train_dataloader(self):
         tokens = torch.randint(0, 50257, (64, 17), generator=torch.Generator().manual_seed(1))
         dataset = TensorDataset(tokens)
-        sampler = DistributedSampler(dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        replica, replicas = data_replicas(self.trainer)  # (a tensor-parallel group reads the same samples)
+        sampler = DistributedSampler(dataset, replicas, replica, shuffle=False)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=lambda rows: torch.stack(
             [r[0] for r in rows]))
 
@@ -80,11 +81,14 @@ if __name__ == "__main__":
     kind, devices, batch_size, data_dir, record = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     L.seed_everything(0)
     # sharded as train.py shards: no process builds the whole model (strategies.materialize)
-    with network_on_meta() if kind == "fsdp" else contextlib.nullcontext():
+    with network_on_meta() if kind in ("fsdp", "tp") else contextlib.nullcontext():
         module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3)
     BUILT_ON_META = module.model.lm_head.weight.is_meta
     strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)),
-                "fsdp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120))}[kind]
+                "fsdp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120)),
+                # groups of 2 processes split each block and read the same samples (2 processes: one
+                # group, one replica of the data; 4: FSDP across 2 groups)
+                "tp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120), tensor_parallel_size=2)}[kind]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Record(record)], use_distributed_sampler=False, gradient_clip_val=CLIP,

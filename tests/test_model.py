@@ -258,10 +258,8 @@ def test_grouped_query_attention_equals_multi_head_attention_with_the_kv_heads_c
     full = GPT(GPTConfig(**{**BASE, "position": "rope", "bias": False}, n_kv_head=4))
     state, d, head = grouped.state_dict(), BASE["n_embd"], BASE["n_embd"] // BASE["n_head"]
     for name, weight in list(state.items()):
-        if name.endswith("qkv.weight"):
-            q, k, v = weight.split([d, 2 * head, 2 * head])
-            copy = lambda w: w.view(2, head, d).repeat_interleave(2, dim=0).reshape(4 * head, d)  # noqa: E731
-            state[name] = torch.cat([q, copy(k), copy(v)])
+        if name.endswith(("attn.k.weight", "attn.v.weight")):  # each K/V head, twice in a row
+            state[name] = weight.view(2, head, d).repeat_interleave(2, dim=0).reshape(4 * head, d)
     full.load_state_dict(state)
     idx = torch.randint(0, BASE["vocab_size"], (3, 24))
     copies, repeat = [], torch.Tensor.repeat_interleave
@@ -291,13 +289,20 @@ def test_the_8b_preset_builds_on_the_meta_device_and_plans_its_memory_per_gpu(ca
 
     assert cli_error(main, [str(path), "--gpus", "[8,0]"], capsys) == \
         "error: --gpus 0 is out of range: it must be > 0 and <= 2147483647 (see lm-pretrain-sizes --help)"
-    main([str(path), "--gpus", "[8,16,64]"])
+    assert cli_error(main, [str(path), "--tensor_parallel", "[2]"], capsys) == \
+        "error: --tensor_parallel plans memory per GPU: give --gpus too"
+    main([str(path), "--gpus", "[8,16,64]", "--tensor_parallel", "[1,2,3,4,8]"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| llama-8b | ")]
-    plans = {int(row[1]): float(row[-1]) for row in rows if len(row) == 7}
-    assert sorted(plans) == [8, 16, 64] and plans[8] > plans[16] > plans[64]
-    for gpus, total in plans.items():
-        expected = training_memory_bytes(config, 1, shards=gpus, activation_checkpointing=True)["total"] / 2**30
-        assert total == round(expected, 1), gpus
+    plans = {(int(row[1]), int(row[2])): (float(row[5]), float(row[-1])) for row in rows if len(row) == 8}
+    assert sorted(plans) == [(g, t) for g in (8, 16, 64) for t in (1, 2, 4, 8)]  # 3 divides neither: left out
+    assert plans[(8, 1)][1] > plans[(16, 1)][1] > plans[(64, 1)][1]
+    # states: the blocks' matrices split over every GPU, the rest (embeddings, norms, head) over the groups
+    split = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
+    for (gpus, tp), (states, _) in plans.items():
+        assert states == round(16 * (split / gpus + (model.num_params() - split) / (gpus / tp)) / 2**30, 1)
+    # without checkpointing tensor parallelism splits most of each block's activations
+    activations = [training_memory_bytes(config, 1, 8, tensor_parallel=tp)["activations"] for tp in (1, 2, 8)]
+    assert activations[0] > activations[1] > activations[2]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -336,3 +341,27 @@ def test_the_llama_8b_preset_is_built_on_the_meta_device_by_train_py_in_seconds(
                 subcommand=False)
     params = list(cli.model.model.parameters())
     assert all(p.is_meta for p in params) and sum(p.numel() for p in params) > 7e9
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_a_checkpoint_with_fused_qkv_and_gate_up_matrices_still_loads(mlp):
+    """Earlier versions kept q, k, v in one attn.qkv matrix and SwiGLU's gate and up halves in one
+    mlp.fc: such weights load into the separate matrices (tensor parallelism splits those by heads)."""
+    torch.manual_seed(0)
+    config = GPTConfig(**{**BASE, "n_kv_head": 2, "mlp": mlp, "position": "rope", "norm": "rmsnorm"})
+    model = GPT(config)
+    state, fused = model.state_dict(), {}
+    for name, tensor in state.items():
+        if ".attn.k." in name or ".attn.v." in name or ".mlp.gate." in name:
+            continue  # folded into the fused matrices
+        if ".attn.q." in name:
+            fused[name.replace(".attn.q.", ".attn.qkv.")] = torch.cat([state[name.replace(".q.", f".{x}.")] for x in "qkv"])
+        elif mlp == "swiglu" and ".mlp.fc." in name:
+            fused[name] = torch.cat([state[name.replace(".fc.", ".gate.")], tensor])  # gate half first
+        else:
+            fused[name] = tensor
+    assert any(".attn.qkv." in k for k in fused) and not any(".attn.q." in k for k in fused)
+    loaded = GPT(config)
+    loaded.load_state_dict(fused)
+    idx = torch.randint(0, BASE["vocab_size"], (2, 12))
+    assert torch.equal(loaded(idx), model(idx))

@@ -46,7 +46,7 @@ def test_weight_decay_only_on_matrices():
     names = {id(p): n for n, p in module.model.named_parameters()}
     decayed = {names[id(p)] for group in (decay, head) for p in group["params"]}
     assert decay["weight_decay"] == head["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
+    assert "lm_head.weight" in decayed and "blocks.0.attn.q.weight" in decayed
     assert not any(n.startswith(("wte", "wpe")) or "ln_" in n or n.endswith("bias") for n in decayed)
     assert sum(len(g["params"]) for g in (decay, no_decay, head)) == len(list(module.model.parameters()))
 

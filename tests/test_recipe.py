@@ -44,9 +44,10 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
         torch.manual_seed(0)
         model = GPT(GPTConfig(**{k: v for k, v in TINY.items() if k in GPTConfig.__dataclass_fields__}, qk_norm=qk_norm))
         with torch.no_grad():
-            for block in model.blocks:  # queries and keys are the first 2 * n_embd rows of qkv
-                block.attn.qkv.weight[:64] *= scale
-                block.attn.qkv.bias[:64] *= scale
+            for block in model.blocks:
+                for layer in (block.attn.q, block.attn.k):
+                    layer.weight *= scale
+                    layer.bias *= scale
         return model(torch.arange(16)[None])
 
     assert torch.allclose(logits(True, 1.0), logits(True, 7.0), atol=1e-5)

@@ -36,17 +36,27 @@ def one_process(prepared, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
-def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepared, tmp_path):
+@pytest.mark.parametrize("kind, processes", [("fsdp", 2), ("ddp", 2), ("tp", 2), ("tp", 4)],
+                         ids=["fsdp", "ddp", "tensor parallel 2", "fsdp 2 x tensor parallel 2"])
+def test_n_processes_match_one_with_the_global_batch(kind, processes, one_process, prepared, tmp_path):
+    """DDP, FSDP2, tensor parallelism in one group of 2, and 2 FSDP groups of 2 tensor-parallel
+    processes (4 processes) against one process: the same samples, losses, gradient norms, validation
+    and text samples. The processes of a tensor-parallel group read the same samples."""
     from lm_pretrain.data.datamodule import TokenDataModule
 
     steps, (end,) = one_process
-    sharded_steps, sharded_end = equivalence_run(kind, 2, 4, prepared, tmp_path)
-    assert len(steps) == 4 and len(sharded_steps) == 8 and len(sharded_end) == 2
+    group = 2 if kind == "tp" else 1
+    replicas = processes // group
+    sharded_steps, sharded_end = equivalence_run(kind, processes, 8 // replicas, prepared, tmp_path)
+    assert len(steps) == 4 and len(sharded_steps) == 4 * processes and len(sharded_end) == processes
     for one in steps:
         ranks = [r for r in sharded_steps if r["step"] == one["step"]]
-        assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == sorted(one["rows"])  # the same samples
-        assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - one["loss"]) <= 1e-5
+        for first in range(0, processes, group):  # a group's processes: the same samples and loss
+            assert all(r["rows"] == ranks[first]["rows"] and r["loss"] == ranks[first]["loss"]
+                       for r in ranks[first:first + group])
+        replica_rows = [r["rows"] for r in ranks[::group]]
+        assert sorted(sum(replica_rows, [])) == sorted(one["rows"])  # the same samples
+        assert abs(sum(r["loss"] for r in ranks) / processes - one["loss"]) <= 1e-5
         for rank in ranks:  # the whole model's gradient norm, before and after clipping
             assert one["grad_norm"] > CLIP and rank["clipped_norm"] == pytest.approx(CLIP, abs=1e-5)
             # from the same weights, the same gradient; later, Adam's updates of near-zero gradients
@@ -55,12 +65,12 @@ def test_two_processes_match_one_with_the_global_batch(kind, one_process, prepar
     # an uneven validation split: the ranks' last batches are part padding, yet they run as many
     val = attach(TokenDataModule(str(prepared), batch_size=4), block_size=16)
     val.setup("fit")
-    assert sum(val.val_dataset.sizes) % (2 * 4) != 0
+    assert sum(val.val_dataset.sizes) % 8 != 0
     for rank in sharded_end:
         # FSDP: built on the meta device, each process drawing its shards: the same initial weights, bitwise
-        assert rank["built_on_meta"] == (kind == "fsdp") and not end["built_on_meta"]
+        assert rank["built_on_meta"] == (kind != "ddp") and not end["built_on_meta"]
         assert rank["initial"] == end["initial"] and len(end["initial"]) > 8
-        assert rank["groups"] == end["groups"] and len(end["groups"]["decay"]) == 8  # the same weight decay groups
+        assert rank["groups"] == end["groups"] and len(end["groups"]["decay"]) == 12  # same decay groups
         assert rank["val_batches"] == sharded_end[0]["val_batches"]
         assert rank["val_loss"] == pytest.approx(end["val_loss"], abs=1e-5)
         assert rank["samples"] == end["samples"] and len(rank["samples"][0]) > len("The king")  # every rank samples
@@ -120,6 +130,55 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_serves_every_command(prepared, 
     assert continued.returncode == 0, continued.stderr[-3000:]
     start = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "start.pt").items()}
     assert start.keys() == full.keys() and all(torch.equal(start[k], full[k]) for k in full)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_compiled_blocks_stay_compiled_through_samples_validation_and_checkpoints(prepared, tmp_path):
+    """llama-125m as shipped (compile on) in one tensor-parallel group of 2 processes: each block's
+    compiled forward takes the split matrices, and the training steps keep reusing their graphs."""
+    done = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 6, 1, 5, "--model.n_kv_head", "2",
+                                      "--trainer.strategy.init_args.tensor_parallel_size", "2"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CompiledStepCheck: the 5 training steps after this process's first reused the graphs" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_under_another_layout_and_a_tensor_parallel_one_serves_every_command(prepared, tmp_path):
+    """FSDP over 2 processes to step 2, then from that checkpoint 2 FSDP groups of 2 tensor-parallel
+    processes (4 processes, the same 2 data replicas): the batches and, to rounding (the layouts sum
+    in other orders), the losses of a straight FSDP run. The 2-D checkpoint serves generate and
+    export, whose model is the checkpoint's."""
+    from lm_pretrain.training.module import LanguageModel
+
+    no_dropout, tp = ("--model.dropout", "0"), "--trainer.strategy.init_args.tensor_parallel_size"
+    straight = fsdp_run(prepared, tmp_path / "s", 4, *no_dropout)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = fsdp_run(prepared, tmp_path / "a", 2, *no_dropout)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = fsdp_run(prepared, tmp_path / "a", 4, *no_dropout, tp, "2", "--trainer.devices", "4", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    want = {(r["rank"], r["step"]): r for r in read_records(tmp_path / "s" / "rec")}
+    got = read_records(tmp_path / "a" / "rec")
+    assert sorted((r["rank"], r["step"]) for r in got) == \
+        sorted([(rank, step) for rank in (0, 1) for step in (1, 2)] + [(rank, step) for rank in range(4) for step in (3, 4)])
+    for r in got:  # process r of the 2-D run is in group r // 2: FSDP process r // 2's replica
+        replica = r["rank"] // 2 if r["step"] > 2 else r["rank"]
+        assert r["rows"] == want[(replica, r["step"])]["rows"]
+        assert r["loss"] == pytest.approx(want[(replica, r["step"])]["loss"], abs=1e-5)
+
+    ckpt = tmp_path / "a" / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    sample = run_cli(["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(ckpt), "--prompt", "The king",
+                      "--max_new_tokens", "5", "--seed", "0"], cwd=tmp_path)
+    assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr[-2000:]
+    export = run_cli(["-m", "lm_pretrain.commands.export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")],
+                     cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-2000:]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert (hf(tokens).logits - LanguageModel.from_checkpoint(ckpt)(tokens)).abs().max() < 1e-4
 
 
 def compiled_fsdp_args(data: Path, runs: Path, steps: int, early: int, late: int, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule
 
-from helpers import tiny_checkpoint
+from helpers import ROOT, tiny_checkpoint
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.model import GPT, GPTConfig
 from lm_pretrain.training.strategies import FSDP, parallelize
@@ -29,6 +29,7 @@ def test_fsdp_still_finds_the_private_setting_it_overrides():
     `_data_parallel_size` before its setup_environment reads it: fail here if Lightning renames it."""
     assert FSDP().distributed_checkpoint and not FSDP(save_distributed_checkpoint=False).distributed_checkpoint
     assert "_data_parallel_size" in vars(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    assert FSDP(tensor_parallel_size=2)._tensor_parallel_size == 2  # (read by train.py and setup_environment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,3 +142,26 @@ def test_bf16_mixed_gathers_bf16_while_shards_and_gradients_stay_float32(tmp_pat
                 assert model.eval().generate(torch.zeros(1, 2, dtype=torch.long), 3).shape == (1, 5)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_tensor_parallel_layout_that_does_not_divide_is_one_line_before_any_process_starts(prepared, tmp_path,
+                                                                                             capsys):
+    from helpers import cli_error
+    from lm_pretrain.commands.train import main
+
+    overlay = str(ROOT / "configs" / "overlays" / "tensor_parallel.yaml")
+    base = ["fit", "--config", overlay, "--data.data_dir", str(prepared), "--model.block_size", "16",
+            "--model.n_layer", "1", "--model.n_embd", "32", "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    assert cli_error(main, [*base, "--model.n_head", "2", "--trainer.devices", "3"], capsys) == (
+        "error: tensor_parallel_size 2 must divide the number of processes (3: trainer.devices x trainer.num_nodes)")
+    assert cli_error(main, [*base, "--model.n_head", "1", "--trainer.devices", "2"], capsys) == (
+        "error: tensor_parallel_size 2 must divide model.n_head (1): each process of a group takes an equal share")
+    assert cli_error(main, [*base, "--model.n_head", "4", "--model.n_kv_head", "1", "--trainer.devices", "2"],
+                     capsys) == ("error: tensor_parallel_size 2 must divide model.n_kv_head (1): each process of a "
+                                 "group takes an equal share")
+    assert cli_error(main, [*base, "--model.n_head", "2", "--model.dropout", "0.1", "--trainer.devices", "2"],
+                     capsys).startswith("error: model.dropout 0.1 with tensor parallelism: the processes of a group")
+    assert cli_error(main, [*base, "--trainer.strategy.init_args.tensor_parallel_size", "0"], capsys).startswith(
+        "error: --trainer.strategy (FSDP) tensor_parallel_size 0 is out of range: it must be > 0")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

@@ -41,16 +41,21 @@ def family(config: GPTConfig) -> str:
 def gpt2_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
     """(HF config kwargs, HF state dict) for GPT2LMHeadModel. HF's GPT-2 uses Conv1D layers, whose
     weights are the transpose of nn.Linear's."""
+    import torch
+
     hf = {"transformer.wte.weight": state["wte.weight"], "transformer.wpe.weight": state["wpe.weight"],
           "transformer.ln_f.weight": state["ln_f.weight"], "transformer.ln_f.bias": state["ln_f.bias"],
           "lm_head.weight": state["lm_head.weight"]}
-    names = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln_2": "ln_2",
-             "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+    names = {"ln_1": "ln_1", "attn.proj": "attn.c_proj", "ln_2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
     for i in range(config.n_layer):
-        for ours, theirs in names.items():
-            weight = state[f"blocks.{i}.{ours}.weight"]
-            hf[f"transformer.h.{i}.{theirs}.weight"] = weight if ours.startswith("ln") else weight.t()
-            hf[f"transformer.h.{i}.{theirs}.bias"] = state[f"blocks.{i}.{ours}.bias"]
+        ours = f"blocks.{i}."
+        for mine, theirs in names.items():
+            weight = state[f"{ours}{mine}.weight"]
+            hf[f"transformer.h.{i}.{theirs}.weight"] = weight if mine.startswith("ln") else weight.t()
+            hf[f"transformer.h.{i}.{theirs}.bias"] = state[f"{ours}{mine}.bias"]
+        # HF's one c_attn holds our q, k and v, one after the other
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([state[f"{ours}attn.{x}.weight"] for x in "qkv"]).t()
+        hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([state[f"{ours}attn.{x}.bias"] for x in "qkv"])
     kwargs = dict(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                   n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
                   activation_function="gelu_new", layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0,
@@ -60,9 +65,8 @@ def gpt2_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
 
 
 def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
-    """(HF config kwargs, HF state dict) for LlamaForCausalLM: our fused qkv and gate/up matrices
-    are split into HF's separate projections."""
-    hd, q, kv = config.head_dim, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    """(HF config kwargs, HF state dict) for LlamaForCausalLM: one matrix of HF's for each of ours."""
+    hd = config.head_dim
     hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"],
           "lm_head.weight": state["lm_head.weight"]}
     for i in range(config.n_layer):
@@ -70,14 +74,10 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
         hf[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
         hf[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
         for kind in ("weight", "bias") if config.bias else ("weight",):
-            qkv = state[ours + f"attn.qkv.{kind}"]
-            hf[theirs + f"self_attn.q_proj.{kind}"] = qkv[:q]
-            hf[theirs + f"self_attn.k_proj.{kind}"] = qkv[q:q + kv]
-            hf[theirs + f"self_attn.v_proj.{kind}"] = qkv[q + kv:]
-            hf[theirs + f"self_attn.o_proj.{kind}"] = state[ours + f"attn.proj.{kind}"]
-            gate, up = state[ours + f"mlp.fc.{kind}"].chunk(2, dim=0)
-            hf[theirs + f"mlp.gate_proj.{kind}"], hf[theirs + f"mlp.up_proj.{kind}"] = gate, up
-            hf[theirs + f"mlp.down_proj.{kind}"] = state[ours + f"mlp.proj.{kind}"]
+            for mine, hf_name in (("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
+                                  ("attn.v", "self_attn.v_proj"), ("attn.proj", "self_attn.o_proj"),
+                                  ("mlp.gate", "mlp.gate_proj"), ("mlp.fc", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")):
+                hf[theirs + f"{hf_name}.{kind}"] = state[ours + f"{mine}.{kind}"]
     kwargs = dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_hidden,
                   num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
                   num_key_value_heads=config.n_kv_head, head_dim=hd, max_position_embeddings=config.block_size,

@@ -2,7 +2,8 @@
 
 Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
 without building the model (and without torch, so it takes a moment, not seconds). With
-`--gpus [8,16,64]`, also each config's memory per GPU when FSDP shards it over that many
+`--gpus [8,16,64]`, also each config's memory per GPU when FSDP shards it over that many, and with
+`--tensor_parallel [1,2,4,8]` in tensor-parallel groups of those sizes
 (`training.hardware.training_memory_bytes`: a rough plan, not a promise).
 """
 
@@ -44,39 +45,53 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
-def memory_table(paths: list[str], gpus: list[int]) -> str:
+def memory_table(paths: list[str], gpus: list[int], tensor_parallel: list[int] = (1,)) -> str:
     """Per-GPU memory of each config trained on each number of GPUs, FSDP sharding weights,
-    gradients and AdamW state over all of them; per-GPU batch and activation checkpointing as the
-    config sets them."""
+    gradients and AdamW state over all of them, in groups of each tensor_parallel size that split
+    the blocks (sizes that do not divide the GPUs or the model are left out); per-GPU batch and
+    activation checkpointing as the config sets them."""
     from lm_pretrain.training.hardware import training_memory_bytes
+    from lm_pretrain.training.strategies import check_tensor_parallel
 
-    rows = ["| preset | GPUs | batch per GPU | checkpointing | states GiB | activations GiB | total GiB |",
-            "|---|---:|---:|---|---:|---:|---:|"]
+    rows = ["| preset | GPUs | tensor parallel | batch per group | checkpointing | states GiB | activations GiB | "
+            "total GiB |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     for path in paths:
         config, data = config_from_yaml(path), yaml.safe_load(Path(path).read_text()) or {}
         batch = (data.get("data") or {}).get("batch_size", 8)
         checkpointing = bool((data.get("model") or {}).get("activation_checkpointing", False))
         for count in gpus:
-            memory = training_memory_bytes(config, batch, shards=count, activation_checkpointing=checkpointing)
-            rows.append(f"| {Path(path).stem} | {count} | {batch} | {'yes' if checkpointing else 'no'} | "
-                        f"{memory['states'] / 2**30:,.1f} | {memory['activations'] / 2**30:,.1f} | "
-                        f"{memory['total'] / 2**30:,.1f} |")
+            for tp in tensor_parallel:
+                try:
+                    check_tensor_parallel(config, tp) if tp > 1 else None
+                except UserError:
+                    continue
+                if count % tp:
+                    continue
+                memory = training_memory_bytes(config, batch, shards=count, activation_checkpointing=checkpointing,
+                                               tensor_parallel=tp)
+                rows.append(f"| {Path(path).stem} | {count} | {tp} | {batch} | {'yes' if checkpointing else 'no'} | "
+                            f"{memory['states'] / 2**30:,.1f} | {memory['activations'] / 2**30:,.1f} | "
+                            f"{memory['total'] / 2**30:,.1f} |")
     return "\n".join(rows)
 
 
-def sizes(configs: list[str] | None = None, gpus: list[PositiveInt] | None = None) -> str:
+def sizes(configs: list[str] | None = None, gpus: list[PositiveInt] | None = None,
+          tensor_parallel: list[PositiveInt] | None = None) -> str:
     """Print parameters and training FLOPs per token of train.py config files, as a Markdown table.
 
     Args:
         configs: config files (also given as CONFIGs before the flags).
         gpus: also plan the memory per GPU on each of these numbers of GPUs (FSDP over all of them).
+        tensor_parallel: with --gpus, plan each of these tensor-parallel group sizes too (default: 1).
     """
     if not configs:
         raise UserError("give at least one config file, e.g. configs/*.yaml")
-    ranges.check(sizes, {"gpus": gpus}, "")
+    ranges.check(sizes, {"gpus": gpus, "tensor_parallel": tensor_parallel}, "")
+    if tensor_parallel and not gpus:
+        raise UserError("--tensor_parallel plans memory per GPU: give --gpus too")
     text = table(configs)
     if gpus:
-        text += "\n\n" + memory_table(configs, gpus)
+        text += "\n\n" + memory_table(configs, gpus, tensor_parallel or [1])
     print(text)
     return text
 
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser("lm-pretrain-sizes", sizes)
     parser.add_argument("paths", nargs="*", metavar="CONFIG", help="the same as --configs")
     args = parse(parser, argv)
-    sizes([*args.paths, *(args.configs or [])], args.gpus)
+    sizes([*args.paths, *(args.configs or [])], args.gpus, args.tensor_parallel)
 
 
 if __name__ == "__main__":

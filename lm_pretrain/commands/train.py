@@ -30,6 +30,7 @@ from lm_pretrain.utils.errors import Interrupted, UserError, exit_on_user_error
 from lm_pretrain.utils.extras import require
 from lm_pretrain.utils.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.training.module import LanguageModel, network_on_meta
+from lm_pretrain.training.strategies import check_layout, check_tensor_parallel
 
 
 # The settings every run starts from (seed, clipping, validation, logger, text samples), read by each
@@ -85,6 +86,11 @@ class PretrainCLI(LightningCLI):
         # device and each process materialises its own shard (LanguageModel.configure_model).
         with network_on_meta() if shards_the_model(self.run_config()) else contextlib.nullcontext():
             super().instantiate_classes()
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and strategy._tensor_parallel_size > 1:
+            # before any process starts: a layout that does not divide is one line, said once
+            check_layout(self.trainer.num_devices * self.trainer.num_nodes, strategy._tensor_parallel_size)
+            check_tensor_parallel(self.model.config, strategy._tensor_parallel_size)
 
     def instantiate_trainer(self, **kwargs):
         # The logger (built by now) has the version claimed for it; the config saved beside the run

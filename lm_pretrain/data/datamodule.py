@@ -76,9 +76,11 @@ class EvenSplit(torch.utils.data.IterableDataset):
     single process would score, whatever the number of processes.
     """
 
-    def __init__(self, datasets: list, batch_size: int, window: int, limit: int | None = None):
+    def __init__(self, datasets: list, batch_size: int, window: int, limit: int | None = None,
+                 replicas: tuple[int, int] | None = None):
         super().__init__()
         self.datasets, self.batch_size, self.window, self.limit = datasets, batch_size, window, limit
+        self.replicas = replicas  # (this replica, replicas); None: each process is one (torch.distributed's)
         self._sizes: list[int] | None = None
 
     @property
@@ -95,10 +97,10 @@ class EvenSplit(torch.utils.data.IterableDataset):
         return pairs[np.argsort(keys, kind="stable")][:self.limit]
 
     def __len__(self) -> int:
-        return math.ceil(min(sum(self.sizes), self.limit or math.inf) / _rank_and_world()[1])
+        return math.ceil(min(sum(self.sizes), self.limit or math.inf) / (self.replicas or _rank_and_world())[1])
 
     def __iter__(self):
-        rank, world = _rank_and_world()
+        rank, world = self.replicas or _rank_and_world()
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         mine, length = self.order()[rank::world], len(self)
@@ -117,6 +119,37 @@ def windows_in(dataset) -> int:
     counter.cache = None
     counter[0]  # opens the index
     return sum(i.roi_end_idx - i.roi_start_idx for i in counter.cache.get_chunk_intervals())
+
+
+def data_replicas(trainer) -> tuple[int, int]:
+    """(this process's replica, how many): the processes that read different data. Each process is
+    one, except under tensor parallelism, where a group of processes computes on the same batches
+    (Lightning's distributed_sampler_kwargs say so for every strategy)."""
+    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+    return kwargs.get("rank", 0), kwargs.get("num_replicas", 1)
+
+
+class ReplicaLoader:
+    """Reads litdata's training datasets per data replica, not per process (litdata counts the
+    processes of torch.distributed; its maintainers' way is to set a dataset's distributed_env, and
+    its loader reads the world size once more when it restores its state)."""
+
+    def __init__(self, replica: int, replicas: int, nodes: int):
+        from litdata.utilities.env import _DistributedEnv
+
+        self.env = _DistributedEnv(world_size=replicas, global_rank=replica, num_nodes=nodes)
+
+    def apply(self, datasets: list) -> None:
+        for dataset in datasets:
+            dataset.distributed_env = self.env
+
+    def restoring(self):
+        """A context in which the loader's load_state_dict sees the replicas as its world."""
+        from unittest import mock
+
+        import litdata.streaming.dataloader as dataloader
+
+        return mock.patch.object(dataloader._DistributedEnv, "detect", lambda *args, **kwargs: self.env)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -187,6 +220,7 @@ class TokenDataModule(L.LightningDataModule):
         self.batch_size, self.block_size, self.num_workers, self.seed = ranges.plain((batch_size, block_size, num_workers,
                                                                                      seed))
         self.verify, self.storage_options, self.cache_dir = verify, storage_options, cache_dir
+        self._replica_loader: ReplicaLoader | None = None
 
     def tokenizer_vocab_size(self) -> int:
         """How many token ids the data's tokenizer has, from its metadata.json (the first dataset's: a
@@ -247,9 +281,17 @@ class TokenDataModule(L.LightningDataModule):
         # Trainer's limit_val_batches counts one process's batches: here it counts all processes'
         # windows together, so 1 and N processes score the same windows (val/loss, bits per byte).
         limit = getattr(self.trainer, "limit_val_batches", None)
+        replica, replicas = data_replicas(self.trainer)
         self.val_dataset = EvenSplit([dataset(s, "val", shuffle=False) for s in self.sources], self.batch_size,
-                                     self.block_size + 1, limit * self.batch_size if isinstance(limit, int) else None)
+                                     self.block_size + 1, limit * self.batch_size if isinstance(limit, int) else None,
+                                     replicas=(replica, replicas))
         train = [dataset(s, "train", shuffle=True) for s in self.sources]
+        # Under tensor parallelism fewer replicas than processes read the training data: each group
+        # reads one share, its processes the same batches.
+        self._replica_loader = None
+        if self.trainer is not None and replicas != self.trainer.world_size:
+            self._replica_loader = ReplicaLoader(replica, replicas, self.trainer.num_nodes)
+            self._replica_loader.apply(train)
         if stage == "fit":
             self.check_one_batch(train)
         if len(self.sources) == 1:
@@ -261,7 +303,7 @@ class TokenDataModule(L.LightningDataModule):
     def check_one_batch(self, train: list) -> None:
         """A train split too small for one batch per process would end `fit` after 0 steps, exit 0 and
         no checkpoint (the loader drops the incomplete batch): refused instead, naming the numbers."""
-        processes = self.trainer.world_size if self.trainer is not None else 1
+        processes = data_replicas(self.trainer)[1]
         for source, data in zip(self.sources, train):
             windows = windows_in(data)
             if windows // processes < self.batch_size:
@@ -294,8 +336,16 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self):
         from litdata import StreamingDataLoader
 
-        return StreamingDataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   pin_memory=torch.cuda.is_available(), drop_last=True)
+        loader = StreamingDataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                     pin_memory=torch.cuda.is_available(), drop_last=True)
+        if self._replica_loader is not None:  # restored with the replicas as its world
+            load_state_dict, restoring = loader.load_state_dict, self._replica_loader.restoring
+
+            def load_per_replica(state: dict) -> None:
+                with restoring():
+                    load_state_dict(state)
+            loader.load_state_dict = load_per_replica
+        return loader
 
     def val_dataloader(self):
         # A plain DataLoader: EvenSplit deals the windows to processes and workers itself, and there

@@ -54,15 +54,17 @@ class KVCache:
     position of attention instead of re-running the whole context."""
 
     def __init__(self, config: GPTConfig, batch_size: int):
-        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.block_size = config.block_size
         self.k: list[torch.Tensor | None] = [None] * config.n_layer
         self.v: list[torch.Tensor | None] = [None] * config.n_layer
         self.length = 0  # positions filled
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:  # made as the first keys come, in the type and on the device the model
-            # computes in (bf16 under FSDP's mixed precision, whatever type its stored weights have)
-            self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        if self.k[layer] is None:  # made as the first keys come: in the type and on the device the model
+            # computes in (bf16 under FSDP's mixed precision, whatever type its stored weights have), for
+            # the heads this process holds (some of them under tensor parallelism)
+            shape = (k.shape[0], k.shape[1], self.block_size, k.shape[3])
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -75,20 +77,22 @@ class CausalSelfAttention(nn.Module):
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
         self.rope, self.qk_norm = config.position == "rope", config.qk_norm
-        # one matmul for q, k, v; k and v are narrower with grouped-query attention
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # k and v are narrower with grouped-query attention. Three matrices, not one fused qkv: tensor
+        # parallelism (strategies.parallelize) gives each process its heads' rows of each.
+        self.q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True  # see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=2)
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): heads attend independently
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        B, T, _ = x.shape
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): heads attend independently. (-1: under
+        # tensor parallelism this process holds only some of the heads.)
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # unit RMS per head: q.k stays bounded however large the weights grow
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if self.rope:
@@ -113,7 +117,7 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=gqa, **mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.proj(y))
 
 
@@ -121,16 +125,16 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp  # gelu, swiglu or relu2
-        # SwiGLU: silu(x W_gate) * (x W_up), one matmul for both halves
-        self.fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * config.mlp_hidden, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        if self.kind == "swiglu":  # silu(x W_gate) * (x W_fc)
+            self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            gate, up = self.fc(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(self.gate(x)) * self.fc(x)
         elif self.kind == "relu2":  # sparse and cheap; learns faster than GELU in small models
             h = F.relu(self.fc(x)).square()
         else:
@@ -175,11 +179,15 @@ class GPT(nn.Module):
                 self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_dim), persistent=False)
                 self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_dim), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing: see strategies.parallelize
+        self.register_load_state_dict_pre_hook(self._load_fused_layout)  # checkpoints of earlier versions
         if device.type != "meta":
             self.to_empty(device=device)
         self.tie_weights()
         if device.type != "meta":
             self.init_weights()
+
+    def _load_fused_layout(self, module, state_dict, prefix, *args) -> None:
+        split_fused_weights(state_dict, self.config, prefix)
 
     def tie_weights(self) -> None:
         """With tie_embeddings, one matrix reads tokens in and writes them out (to_empty unties them)."""
@@ -281,6 +289,22 @@ class GPT(nn.Module):
             if stop_token is not None and bool(done.all()):
                 break
         return idx
+
+
+def split_fused_weights(state: dict, config: GPTConfig, prefix: str = "") -> None:
+    """Rewrite, in place, the weights of a checkpoint written before q, k, v and SwiGLU's gate and
+    up projection were separate matrices (one fused attn.qkv, one mlp.fc of both halves)."""
+    sizes = [config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.n_kv_head * config.head_dim]
+    for i in range(config.n_layer):
+        block = f"{prefix}blocks.{i}."
+        for kind in ("weight", "bias"):
+            fused = state.pop(f"{block}attn.qkv.{kind}", None)
+            if fused is not None:
+                for name, part in zip("qkv", fused.split(sizes)):
+                    state[f"{block}attn.{name}.{kind}"] = part
+            fc = state.get(f"{block}mlp.fc.{kind}")
+            if config.mlp == "swiglu" and fc is not None and fc.shape[0] == 2 * config.mlp_hidden:
+                state[f"{block}mlp.gate.{kind}"], state[f"{block}mlp.fc.{kind}"] = fc.chunk(2)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from lm_pretrain.data.datamodule import data_replicas
 from lm_pretrain.training import checkpoints
 from lm_pretrain.utils import ranges
 from lm_pretrain.utils.errors import UserError
@@ -249,7 +250,10 @@ class Throughput(L.Callback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         if self._start is not None:
-            per_device = self._tokens / (now - self._start)
+            # The processes of a tensor-parallel group share their tokens (and split their work):
+            # count each of those tokens once.
+            replicas = data_replicas(trainer)[1]
+            per_device = self._tokens / (now - self._start) * replicas / trainer.world_size
             metrics = {"perf/tokens_per_s": per_device * trainer.world_size, "perf/tokens_per_s_per_device": per_device,
                        "perf/tflops_per_device": per_device * self.flops_per_token / 1e12}
             if self.peak:

@@ -20,6 +20,7 @@ from lm_pretrain.data import storage
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.utils.files import remove_orphans, write_atomically
 from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.model.gpt import split_fused_weights
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 LAST = "last.ckpt"
@@ -101,10 +102,12 @@ def model_weights(checkpoint: dict) -> dict:
 
 def load_weights(path: str, config: GPTConfig) -> dict:
     """The model weights of a checkpoint (file or sharded folder), refused with a UserError unless its
-    architecture is `config`'s (for `--model.init_from`)."""
+    architecture is `config`'s (for `--model.init_from`), in this version's layout."""
     checkpoint = read(path, what="model.init_from: checkpoint")
     check_architecture(checkpoint["hyper_parameters"], config, f"model.init_from: {path}")
-    return model_weights(checkpoint)
+    weights = model_weights(checkpoint)
+    split_fused_weights(weights, config)  # (also loaded into shards, where no load hook of the model runs)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from lm_pretrain.data import downstream as tasks
+from lm_pretrain.data.datamodule import data_replicas
 from lm_pretrain.model.scoring import continuation_logprobs, encode_pair
 from lm_pretrain.training.steps import due
 from lm_pretrain.utils import ranges
@@ -122,9 +123,12 @@ class DownstreamEval(L.Callback):
         start, was_training = time.perf_counter(), module.training
         module.eval()
         try:
+            # Each data-parallel replica scores a share (the processes of a tensor-parallel group
+            # compute together, on the same requests).
+            rank, world = data_replicas(trainer)
             with trainer.precision_plugin.forward_context():
-                scores = evaluate(module, chosen, self.batch_size, trainer.global_rank, trainer.world_size,
-                                  gather=lambda share: all_gather_lists(share, trainer.world_size))
+                scores = evaluate(module, chosen, self.batch_size, rank, world,
+                                  gather=lambda share: gather_shares(rank, share, world, trainer.world_size))
         finally:
             module.train(was_training)
         metrics = {}
@@ -138,10 +142,12 @@ class DownstreamEval(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def all_gather_lists(share: list[float], world: int) -> list[list[float]]:
-    shares = [None] * world
-    torch.distributed.all_gather_object(shares, share)
-    return shares
+def gather_shares(rank: int, share: list[float], replicas: int, processes: int) -> list[list[float]]:
+    """Every replica's share, in replica order (a replica of several processes sends it once each)."""
+    everyone = [None] * processes
+    torch.distributed.all_gather_object(everyone, (rank, share))
+    by_replica = dict(everyone)
+    return [by_replica[r] for r in range(replicas)]
 
 
 def summary(metrics: dict[str, float], when: str) -> str:

@@ -67,21 +67,26 @@ def peak_flops(device_name: str, precision: str = "bf16-mixed") -> float | None:
 
 
 def training_memory_bytes(config: GPTConfig, batch_size: int, shards: int = 1,
-                          activation_checkpointing: bool = False) -> dict[str, float]:
+                          activation_checkpointing: bool = False, tensor_parallel: int = 1) -> dict[str, float]:
     """A rough per-GPU memory estimate for mixed-precision AdamW training (bf16 activations).
 
     States: fp32 weights (4 B) + fp32 grads (4 B) + AdamW moments (8 B) = 16 B per parameter,
-    divided by `shards` under FSDP. Activations per layer and token ~ 34 * n_embd bytes plus the
-    logits (Korthikanti et al. 2022, with a fused attention kernel: no T x T scores kept); with
-    activation checkpointing only each block's input is kept (2 * n_embd bytes per layer and token).
+    divided by `shards` (all GPUs) under FSDP; with tensor parallelism the parameters it does not
+    split (embeddings, norms, output layer) are sharded over the shards / tensor_parallel groups only.
+    Activations per layer and token ~ 34 * n_embd bytes plus the logits (Korthikanti et al. 2022, with
+    a fused attention kernel: no T x T scores kept), of which 24 * n_embd are split by tensor
+    parallelism (the group computes on the same batch_size sequences); with activation checkpointing
+    only each block's input is kept (2 * n_embd bytes per layer and token).
     A rough guide, not a promise: torch.compile fuses some activations away (GPT-2 124M at batch 32
     peaked at ~15.5 GiB on an H200 with compile; this estimate says 20.6 GiB), while the allocator's
     slack and temporary buffers add some back.
     """
     size = model_size(config)
-    states = 16 * size["params"] / shards
+    c, attention = config.n_embd, config.head_dim * (2 * config.n_head + 2 * config.n_kv_head)
+    split = config.n_layer * c * (attention + (3 if config.mlp == "swiglu" else 2) * config.mlp_hidden)
+    states = 16 * (split / shards + (size["params"] - split) / (shards / tensor_parallel))
     tokens = batch_size * config.block_size
-    per_layer = (2 if activation_checkpointing else 34) * config.n_embd
+    per_layer = (2 if activation_checkpointing else 10 + 24 / tensor_parallel) * config.n_embd
     activations = tokens * (config.n_layer * per_layer + 6 * config.vocab_size)  # logits: bf16 + fp32 for the loss
     return {"states": states, "activations": activations, "total": states + activations}
 

@@ -38,7 +38,7 @@ from lm_pretrain.model import GPT
 from lm_pretrain.utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt)
 from lm_pretrain.training.steps import ends_optimizer_step, is_log_step
-from lm_pretrain.training.strategies import materialize, parallelize
+from lm_pretrain.training.strategies import materialize, parallelize, total_norm
 from lm_pretrain.tokenizer.encoding import DEFAULT_TOKENIZER, from_record
 from lm_pretrain.tokenizer.encoding import describe as describe_tokenizer
 from lm_pretrain.tokenizer.encoding import record as tokenizer_record
@@ -337,9 +337,7 @@ class LanguageModel(L.LightningModule):
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: shards -> whole
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", total_norm(grads))  # (sharded: the whole model's)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_architecture(checkpoint.get("hyper_parameters", {}), self.config, "checkpoint")
@@ -348,6 +346,8 @@ class LanguageModel(L.LightningModule):
         self.check_tokenizer_of(checkpoint, "the checkpoint resumed from")
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        # (the processes of a tensor-parallel group score the same batches: each adds the same sums,
+        # which leaves the mean over all processes as it is)
         self.val_loss.update(self._loss(batch, reduction="sum"), (batch[1] != IGNORE_INDEX).sum())
 
     def on_validation_epoch_end(self) -> None:
@@ -371,10 +371,14 @@ class LanguageModel(L.LightningModule):
                             "with the FSDP overlay, or DDP")
         # One kernel for all AdamW parameters instead of many; not for FSDP2's sharded DTensor
         # parameters on CPUs, nor with fp16's gradient scaler (Lightning must unscale before clipping).
+        # Tensor parallelism lays parameters out over two meshes, which one kernel cannot take together:
+        # one parameter at a time there, on GPUs as on the CPUs of the tests.
+        tensor_parallel = self.device_mesh is not None and self.device_mesh["tensor_parallel"].size() > 1
         fused = (self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)) \
-            and self._gradient_scaler() is None
+            and self._gradient_scaler() is None and not tensor_parallel
         optimizer = optim.build_optimizer(self.model, hp.optimizer, hp.learning_rate, hp.weight_decay, hp.betas,
-                                          head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused)
+                                          head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused,
+                                          foreach=False if tensor_parallel else None)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         # One closed-form multiplier of the step (optim.lr_multiplier): torch's LinearLR cannot warm up
         # from 0, and SequentialLR needs three schedulers for WSD and steps the cosine recursively.
@@ -397,4 +401,8 @@ class LanguageModel(L.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                # (one tensor at a time: torch's multi-tensor kernels take one mesh's DTensors at once)
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm(grads),
+                                                     foreach=False if self.device_mesh is not None else None)

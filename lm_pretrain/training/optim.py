@@ -80,15 +80,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def build_optimizer(model: torch.nn.Module, optimizer: OptimizerName, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], head_lr: float | None = None, muon_lr: float | None = None,
-                    fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer of a recipe, its groups named (the names label the logged learning rates)."""
+                    fused: bool = False, foreach: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer of a recipe, its groups named (the names label the logged learning rates).
+    fused: one kernel for all AdamW parameters; foreach False: one parameter at a time (torch's
+    choice when None)."""
     roles = parameter_roles(model)
     groups = [{"params": roles["embedding"] + roles["gains"], "weight_decay": 0.0, "name": "no_decay"}]
     if roles["head"]:
         groups.append({"params": roles["head"], "weight_decay": weight_decay, "lr": head_lr or learning_rate,
                        "name": "head"})
     hidden = {"params": roles["hidden"], "weight_decay": weight_decay, "name": "decay"}
-    adamw = {"lr": learning_rate, "betas": tuple(betas), "fused": fused}
+    adamw = {"lr": learning_rate, "betas": tuple(betas), "fused": fused, "foreach": foreach}
     if optimizer == "adamw":
         return torch.optim.AdamW([hidden, *groups], **adamw)
     if not hasattr(torch.optim, "Muon"):

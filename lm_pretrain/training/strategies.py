@@ -14,6 +14,15 @@ the tests cover it). Chosen in YAML with configs/overlays/fsdp.yaml:
     trainer:
       strategy:
         class_path: lm_pretrain.training.strategies.FSDP
+
+With `tensor_parallel_size: T` (configs/overlays/tensor_parallel.yaml) the processes form groups of T
+that split each block's matrices between them, as torchtitan's plan for Llama does: q, k, v and the
+MLP's input matrices by output rows (each process computes its own heads and its share of the hidden
+units), the attention and MLP output matrices by input columns, summed across the group. Embeddings,
+norms and the output layer are not split (the fused loss needs the whole output matrix); FSDP shards
+everything across the groups. A 2-D layout: N processes = N / T data-parallel groups of T, each group
+reading one share of the data (the same batches for its processes: TokenDataModule's data_replicas),
+so the global batch is batch_size x N / T.
 """
 
 import shutil
@@ -24,10 +33,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lm_pretrain.training.checkpoints import tensor_bytes
 from lm_pretrain.utils.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
-from lm_pretrain.model import GPT
+from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.utils import ranges
+from lm_pretrain.utils.errors import UserError
+from lm_pretrain.utils.ranges import PositiveInt
 
 
 def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: bool = False,
@@ -44,6 +57,11 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: b
     model.checkpoint_blocks = activation_checkpointing
     if mesh is None or isinstance(model, FSDPModule):
         return
+    tensor_parallel = mesh["tensor_parallel"]
+    if tensor_parallel.size() > 1:
+        check_tensor_parallel(model.config, tensor_parallel.size())
+        for block in model.blocks:
+            parallelize_module(block, tensor_parallel, block_plan(model.config))
     mesh = mesh["data_parallel"]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
         MixedPrecisionPolicy()
@@ -57,6 +75,51 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: b
     # the backward that follows), so a loss that reads lm_head.weight after the forward (the fused
     # loss) sees the whole matrix.
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def check_layout(processes: int, tensor_parallel_size: int) -> int:
+    """The number of data-parallel groups; UserError when the processes do not split into groups of
+    tensor_parallel_size."""
+    if processes % tensor_parallel_size:
+        raise UserError(f"tensor_parallel_size {tensor_parallel_size} must divide the number of processes "
+                        f"({processes}: trainer.devices x trainer.num_nodes)")
+    return processes // tensor_parallel_size
+
+
+def block_plan(config: GPTConfig) -> dict:
+    """Tensor parallelism for one block: matrices that fan out split by output rows (each process
+    gets whole heads, whole hidden units), those that fan back in split by input columns, their
+    partial sums added across the group."""
+    plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()}
+    if config.mlp == "swiglu":
+        plan["mlp.gate"] = ColwiseParallel()
+    return plan
+
+
+def check_tensor_parallel(config: GPTConfig, size: int) -> None:
+    """UserError (one line) for a model that `size` processes cannot split between them."""
+    for name, count in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("mlp_hidden", config.mlp_hidden)):
+        if count % size:
+            raise UserError(f"tensor_parallel_size {size} must divide model.{name} ({count}): each process of a "
+                            f"group takes an equal share")
+    if config.dropout:
+        raise UserError(f"model.dropout {config.dropout} with tensor parallelism: the processes of a group would "
+                        f"drop different units of the same activations; set model.dropout 0")
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `tensors` together, as one process's tensor: sharded ones (DTensors) count
+    whole. Tensor parallelism lays blocks out over both mesh dimensions and the rest over one; norms
+    are taken per layout and then combined (torch's get_total_norm needs a single one)."""
+    by_mesh: dict = {}
+    for t in tensors:
+        by_mesh.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    parts = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        parts.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return torch.linalg.vector_norm(torch.stack(parts)) if len(parts) > 1 else parts[0]
 
 
 def materialize(model: GPT, device: torch.device) -> None:
@@ -85,22 +148,26 @@ def _draw_whole_keep_shard(weight: torch.Tensor, mean: float, std: float) -> Non
 
 
 class FSDP(ModelParallelStrategy):
-    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
+    def __init__(self, save_distributed_checkpoint: bool = True, tensor_parallel_size: PositiveInt = 1, **kwargs):
         """
         Args:
             save_distributed_checkpoint: each process writes its own shard (fast, no gathering; the
                 checkpoint is a folder, read back by train.py, generate, export and init_from alike);
                 false gathers one full checkpoint file on the first process (slow, needs its memory).
+            tensor_parallel_size: processes that split each block's matrices between them (1: none);
+                it must divide the number of processes and the model's heads, K/V heads and MLP width.
             kwargs: any other ModelParallelStrategy argument (process_group_backend, timeout).
         """
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+        ranges.check(FSDP.__init__, {"tensor_parallel_size": tensor_parallel_size}, "trainer.strategy.init_args")
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=tensor_parallel_size,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.distributed_checkpoint = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
-        # ModelParallelStrategy's "auto" shards across nodes only; shard across every process instead.
-        # (It reads the size from this private attribute: tests/test_strategies.py fails if that changes.)
-        self._data_parallel_size = self.num_processes * self.num_nodes
+        # ModelParallelStrategy's "auto" shards across nodes only; shard across every process (every
+        # group of tensor_parallel_size processes) instead. (It reads the sizes from these private
+        # attributes: tests/test_strategies.py fails if that changes.)
+        self._data_parallel_size = check_layout(self.num_processes * self.num_nodes, self._tensor_parallel_size)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
