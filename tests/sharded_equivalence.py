@@ -89,9 +89,9 @@ if __name__ == "__main__":
                 # groups of 2 processes split each block and read the same samples (2 processes: one
                 # group, one replica of the data; 4: FSDP across 2 groups)
                 "tp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120), tensor_parallel_size=2)}[kind]
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=10, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Record(record)], use_distributed_sampler=False, gradient_clip_val=CLIP,
-                        log_every_n_steps=1, val_check_interval=4, check_val_every_n_epoch=None,
+                        log_every_n_steps=1, val_check_interval=10, check_val_every_n_epoch=None,
                         num_sanity_val_steps=0)
     trainer.fit(module, datamodule=FixedTrainTokens(data_dir, batch_size=batch_size))

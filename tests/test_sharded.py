@@ -48,7 +48,7 @@ def test_n_processes_match_one_with_the_global_batch(kind, processes, one_proces
     group = 2 if kind == "tp" else 1
     replicas = processes // group
     sharded_steps, sharded_end = equivalence_run(kind, processes, 8 // replicas, prepared, tmp_path)
-    assert len(steps) == 4 and len(sharded_steps) == 4 * processes and len(sharded_end) == processes
+    assert len(steps) == 10 and len(sharded_steps) == 10 * processes and len(sharded_end) == processes
     for one in steps:
         ranks = [r for r in sharded_steps if r["step"] == one["step"]]
         for first in range(0, processes, group):  # a group's processes: the same samples and loss
@@ -60,7 +60,7 @@ def test_n_processes_match_one_with_the_global_batch(kind, processes, one_proces
         for rank in ranks:  # the whole model's gradient norm, before and after clipping
             assert one["grad_norm"] > CLIP and rank["clipped_norm"] == pytest.approx(CLIP, abs=1e-5)
             # from the same weights, the same gradient; later, Adam's updates of near-zero gradients
-            # amplify the rounding differences of a sharded reduction (relative ~2e-5 by step 4)
+            # amplify the rounding differences of a sharded reduction (up to ~8e-5 by step 10)
             assert rank["grad_norm"] == pytest.approx(one["grad_norm"], abs=1e-5 if one["step"] == 1 else 1e-4)
     # an uneven validation split: the ranks' last batches are part padding, yet they run as many
     val = attach(TokenDataModule(str(prepared), batch_size=4), block_size=16)
