@@ -4,7 +4,7 @@
 
 One training step of a preset (GPT-2 350M by default, with GPT-2's 50,257-token vocabulary: 355M
 parameters) on CPU processes, three ways: one process (the whole model, as any one-device run), two
-FSDP2 processes as train.py runs them (the network built on the meta device, each process drawing
+FSDP2 processes as train.py runs them (the network built on the meta device, each process keeping
 only its shards: strategies.materialize), and two FSDP2 processes that each build the whole model
 first and shard it after (what train.py did before). Each process's peak resident memory (getrusage)
 is read once the model is laid out and its optimizer made, and after the step (gradients, AdamW's

@@ -203,3 +203,39 @@ def test_a_chosen_version_or_a_launched_process_claims_nothing(tmp_path, monkeyp
     config = run_config(tmp_path)
     claim_run_folder(config)
     assert config.trainer.logger.init_args.version == 5 and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "folder of shards"])
+def test_a_checkpoint_from_before_q_k_v_were_split_still_serves_its_weights_but_is_not_resumed(tmp_path, sharded):
+    """Earlier versions saved one fused attn.qkv matrix (and SwiGLU's halves in one mlp.fc): its
+    weights load (generate, export, init_from read them through checkpoints.read), and resuming it
+    is one line naming --model.init_from (its optimizer state has other shapes)."""
+    import torch.distributed.checkpoint as dcp
+
+    from lm_pretrain.training.checkpoints import META_FILE, check_resumable
+
+    module, ckpt = tiny_checkpoint(tmp_path / "new.ckpt", mlp="swiglu", position="rope", norm="rmsnorm", bias=False)
+    saved = torch.load(ckpt, weights_only=False)
+    state, fused = saved["state_dict"], {}
+    for name, tensor in state.items():
+        if ".attn.k." in name or ".attn.v." in name or ".mlp.gate." in name:
+            continue
+        if ".attn.q." in name:
+            fused[name.replace(".attn.q.", ".attn.qkv.")] = torch.cat([state[name.replace(".q.", f".{x}.")] for x in "qkv"])
+        elif ".mlp.fc." in name:
+            fused[name] = torch.cat([state[name.replace(".fc.", ".gate.")], tensor])
+        else:
+            fused[name] = tensor
+    old = tmp_path / ("old" if sharded else "old.ckpt")
+    if sharded:  # as the FSDP strategy writes one: tensors by DCP, the rest in meta.pt
+        dcp.save({"state_dict": fused}, checkpoint_id=old)
+        torch.save({k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")}, old / META_FILE)
+    else:
+        torch.save({**saved, "state_dict": fused}, old)
+    loaded = LanguageModel.from_checkpoint(old)
+    tokens = torch.randint(0, module.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), module.eval()(tokens))
+    with pytest.raises(UserError, match=rf"^checkpoint {old} was written before q, k and v .* --model.init_from {old}$"):
+        check_resumable(str(old), read_hyperparameters(old), dict(module.config.__dict__))
+    check_resumable(str(ckpt), read_hyperparameters(ckpt), dict(module.config.__dict__))  # today's: resumable

@@ -59,6 +59,8 @@ def test_tasks_of_the_package_are_found_without_importing_it(tmp_path, monkeypat
     (b'{"doc_id": 0, "label": 0}\n', r"cannot read .* \(no key 'request'\)"),
     (b'{"doc_id": 0, "label": 3, "request": {"context": "a", "continuation": " b"}}\n'
      b'{"doc_id": 0, "label": 3, "request": {"context": "a", "continuation": " c"}}\n', "holds no questions"),
+    (b'{"doc_id": 0, "label": "A", "request": {"context": "a", "continuation": " b"}}\n',
+     r"line 1: label must be the right choice's index, got 'A'"),
 ])
 def test_a_task_that_cannot_be_read_is_one_line(tmp_path, content, message):
     path = tmp_path / ("bad.jsonl.gz" if content and content.startswith(b"\x1f") else "bad.jsonl")
@@ -242,7 +244,7 @@ def test_an_evaluation_due_just_before_the_end_is_left_to_the_end():
                                                   setattr(callback, "_last_step", trainer.global_step))
     for step in (999, 1000, 1000, 1500, 2000, 2099, 2100):  # (1000 twice: the accumulated batches of one step)
         callback.on_train_batch_end(SimpleNamespace(global_step=step, max_steps=2100), None, None, None, 0)
-    callback.on_train_end(SimpleNamespace(global_step=2100, max_steps=2100, is_global_zero=False), None)
+    callback.on_train_end(SimpleNamespace(global_step=2100, max_steps=2100, is_global_zero=False, callbacks=[]), None)
     assert ran == [(1000, False), (2100, False)]
     callback.on_train_batch_end(SimpleNamespace(global_step=3000, max_steps=-1), None, None, None, 0)  # no max_steps
     assert ran[-1] == (3000, False)
@@ -263,3 +265,36 @@ def test_lm_pretrain_evaluate_scores_the_same_tasks_offline_on_any_checkpoint(tm
         "error: give --tasks (lm-evaluation-harness tasks) or --downstream (the offline tasks of training), one of them")
     assert cli_error(main, ["--ckpt_path", str(ckpt), "--downstream", "nope.jsonl"], capsys) == (
         "error: downstream task file nope.jsonl does not exist")
+    assert cli_error(main, ["--ckpt_path", str(ckpt), "--downstream", str(TASK), "--num_fewshot", "5"],
+                     capsys).startswith("error: --include_path and --num_fewshot are lm-evaluation-harness's")
+
+
+def test_choices_follow_their_idx_and_a_name_given_twice_is_refused(tmp_path):
+    rows = [{"doc_id": 0, "idx": i, "label": 1, "request": {"context": "Q:", "continuation": f" {c}"}}
+            for i, c in ((1, "b"), (0, "a"))]  # written out of order
+    path = tmp_path / "shuffled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (question,) = downstream.load(str(path))
+    assert question.pairs == (("Q:", " a"), ("Q:", " b")) and question.label == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "shuffled.jsonl").write_text(path.read_text())
+    with pytest.raises(UserError, match=r"^downstream tasks shuffled are given twice"):
+        downstream.load_all([str(path), str(tmp_path / "other" / "shuffled.jsonl")])
+
+
+def test_a_run_stopped_by_a_signal_skips_the_final_evaluation():
+    from types import SimpleNamespace
+
+    from lm_pretrain.training.callbacks import Preemption
+    from lm_pretrain.training.downstream import DownstreamEval
+
+    callback, ran = DownstreamEval(tasks=[str(TASK)], every_n_steps=0), []
+    callback.run = lambda trainer, module, full: ran.append(trainer.global_step)
+    stopped = Preemption()
+    trainer = SimpleNamespace(global_step=7, max_steps=100, is_global_zero=False, callbacks=[stopped])
+    stopped.requested = 15  # SIGTERM
+    callback.on_train_end(trainer, None)
+    assert ran == []
+    stopped.requested = None
+    callback.on_train_end(trainer, None)
+    assert ran == [7]

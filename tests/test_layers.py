@@ -23,7 +23,7 @@ FOLDERS = {
     "model": [["config", "loss", "sampling", "scoring"], ["gpt"]],  # plain PyTorch: no Lightning, data or tokenizer
     "tokenizer": [["bpe"], ["encoding"]],  # what a tokenizer is
     "data": [["storage", "readers", "downstream"], ["prepared"], ["prepare"], ["train_tokenizer"], ["built_in"], ["datamodule"]],
-    "training": [["steps", "optim", "loggers"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug", "downstream"], ["module"]],
+    "training": [["steps", "optim", "loggers"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug"], ["downstream"], ["module"]],
     "commands": [["parsing"], ["train", "prepare", "tokenizer", "generate", "export", "evaluate", "sizes"], ["experiment"]],
 }
 FOLDER = {folder: i for i, folder in enumerate(FOLDERS)}

@@ -67,7 +67,7 @@ def test_n_processes_match_one_with_the_global_batch(kind, processes, one_proces
     val.setup("fit")
     assert sum(val.val_dataset.sizes) % 8 != 0
     for rank in sharded_end:
-        # FSDP: built on the meta device, each process drawing its shards: the same initial weights, bitwise
+        # FSDP: built on the meta device, each process keeping its shards: the same initial weights, bitwise
         assert rank["built_on_meta"] == (kind != "ddp") and not end["built_on_meta"]
         assert rank["initial"] == end["initial"] and len(end["initial"]) > 8
         assert rank["groups"] == end["groups"] and len(end["groups"]["decay"]) == 12  # same decay groups

@@ -154,7 +154,8 @@ def test_a_tensor_parallel_layout_that_does_not_divide_is_one_line_before_any_pr
             "--model.n_layer", "1", "--model.n_embd", "32", "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     assert cli_error(main, [*base, "--model.n_head", "2", "--trainer.devices", "3"], capsys) == (
-        "error: tensor_parallel_size 2 must divide the number of processes (3: trainer.devices x trainer.num_nodes)")
+        "error: tensor_parallel_size 2 must divide the processes of each node (3: trainer.devices): a group's "
+        "processes work together at every block")
     assert cli_error(main, [*base, "--model.n_head", "1", "--trainer.devices", "2"], capsys) == (
         "error: tensor_parallel_size 2 must divide model.n_head (1): each process of a group takes an equal share")
     assert cli_error(main, [*base, "--model.n_head", "4", "--model.n_kv_head", "1", "--trainer.devices", "2"],

@@ -136,7 +136,11 @@ def evaluate(ckpt_path: str, tasks: str | list[str] | None = None, include_path:
     given = tasks if downstream is None else downstream
     tasks = [t.strip() for item in ([given] if isinstance(given, str) else given) for t in item.split(",") if t.strip()]
     if not tasks:
-        raise UserError(f"give at least one task: {'--downstream' if downstream else '--tasks'} hellaswag,arc_easy")
+        raise UserError(f"give at least one task: {'--tasks' if downstream is None else '--downstream'} "
+                        f"hellaswag,arc_easy")
+    if downstream is not None and (include_path is not None or num_fewshot is not None):
+        raise UserError("--include_path and --num_fewshot are lm-evaluation-harness's: --downstream tasks are "
+                        "files of questions, scored with no examples before them")
     device = pick_device(device)  # before minutes of indexing tasks
     ckpt = Path(ckpt_path)
     output = Path(output) if output else ckpt.with_name(f"{ckpt.name.removesuffix('.ckpt')}-eval.json")
@@ -174,7 +178,7 @@ def evaluate_downstream(ckpt_path: str, tasks: list[str], limit: int | None, bat
     from lm_pretrain.training.module import LanguageModel
 
     # every task read before the model is loaded: a bad one stops here
-    questions = {downstream.name_of(task): downstream.subset(downstream.load(task), limit) for task in tasks}
+    questions = {name: downstream.subset(q, limit) for name, q in downstream.load_all(tasks).items()}
     module = LanguageModel.from_checkpoint(ckpt_path, device)
     start = time.perf_counter()
     scores = score(module, questions, batch_size)

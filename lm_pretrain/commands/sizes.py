@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from lm_pretrain.commands.parsing import command_parser, parse
-from lm_pretrain.model.config import GPTConfig, model_size
+from lm_pretrain.model.config import GPTConfig, check_tensor_parallel, model_size
 from lm_pretrain.utils import ranges
 from lm_pretrain.utils.errors import UserError, exit_on_user_error
 from lm_pretrain.utils.ranges import PositiveInt
@@ -51,7 +51,6 @@ def memory_table(paths: list[str], gpus: list[int], tensor_parallel: list[int] =
     the blocks (sizes that do not divide the GPUs or the model are left out); per-GPU batch and
     activation checkpointing as the config sets them."""
     from lm_pretrain.training.hardware import training_memory_bytes
-    from lm_pretrain.training.strategies import check_tensor_parallel
 
     rows = ["| preset | GPUs | tensor parallel | batch per group | checkpointing | states GiB | activations GiB | "
             "total GiB |", "|---|---:|---:|---:|---|---:|---:|---:|"]

@@ -30,7 +30,8 @@ from lm_pretrain.utils.errors import Interrupted, UserError, exit_on_user_error
 from lm_pretrain.utils.extras import require
 from lm_pretrain.utils.files import check_can_create, refuse_output_over_inputs
 from lm_pretrain.training.module import LanguageModel, network_on_meta
-from lm_pretrain.training.strategies import check_layout, check_tensor_parallel
+from lm_pretrain.model.config import check_tensor_parallel
+from lm_pretrain.training.strategies import check_layout
 
 
 # The settings every run starts from (seed, clipping, validation, logger, text samples), read by each
@@ -89,7 +90,8 @@ class PretrainCLI(LightningCLI):
         strategy = self.trainer.strategy
         if isinstance(strategy, ModelParallelStrategy) and strategy._tensor_parallel_size > 1:
             # before any process starts: a layout that does not divide is one line, said once
-            check_layout(self.trainer.num_devices * self.trainer.num_nodes, strategy._tensor_parallel_size)
+            check_layout(self.trainer.num_devices * self.trainer.num_nodes, strategy._tensor_parallel_size,
+                         self.trainer.num_devices)
             check_tensor_parallel(self.model.config, strategy._tensor_parallel_size)
 
     def instantiate_trainer(self, **kwargs):

@@ -104,17 +104,31 @@ def load(task: str) -> list[Question]:
                 pair = (row["request"]["context"], row["request"]["continuation"])
                 if not all(isinstance(text, str) for text in pair):
                     raise ValueError(f"line {number}: context and continuation must be text")
+                if not isinstance(row["label"], int) or isinstance(row["label"], bool):
+                    raise ValueError(f"line {number}: label must be the right choice's index, got {row['label']!r}")
                 doc = by_doc.setdefault(row["doc_id"], {"pairs": [], "label": row["label"]})
-                doc["pairs"].append(pair)
+                doc["pairs"].append((row.get("idx", len(doc["pairs"])), pair))
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         detail = f"no key {err}" if isinstance(err, KeyError) else " ".join(str(err).split())
         raise UserError(f"downstream task {task}: cannot read {path} ({detail})") from None
-    questions = [Question(tuple(d["pairs"]), int(d["label"])) for d in by_doc.values()]
+    # (a question's choices in the order of their idx, as the package numbers them)
+    questions = [Question(tuple(pair for _, pair in sorted(d["pairs"], key=lambda p: p[0])), d["label"])
+                 for d in by_doc.values()]
     bad = next((q for q in questions if len(q.pairs) < 2 or not 0 <= q.label < len(q.pairs)), None)
     if not questions or bad is not None:
         raise UserError(f"downstream task {task}: {path} holds no questions with two or more choices and a label "
                         f"among them")
     return questions
+
+
+def load_all(tasks: list[str]) -> dict[str, list[Question]]:
+    """{name: questions} of several tasks; UserError for two that would be logged under one name."""
+    names = [name_of(task) for task in tasks]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f"downstream tasks {', '.join(twice)} are given twice (or two files have that name): each "
+                        f"task's scores are logged under its name")
+    return {name: load(task) for name, task in zip(names, tasks)}
 
 
 def subset(questions: list[Question], limit: int | None, seed: int = 0) -> list[Question]:

@@ -11,6 +11,7 @@ from typing import Literal
 from lm_pretrain.utils.ranges import Context, Fraction, Heads, Layers, PositiveFloat, VocabSize, Width
 from lm_pretrain.utils.ranges import check as check_ranges
 from lm_pretrain.utils.ranges import plain
+from lm_pretrain.utils.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer: 50,256 merges and bytes, and <|endoftext|>
 
@@ -116,3 +117,14 @@ def model_size(config: GPTConfig) -> dict[str, int]:
         "non_embedding_params": non_embedding,
         "flops_per_token": 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size,
     }
+
+
+def check_tensor_parallel(config: GPTConfig, size: int) -> None:
+    """UserError (one line) for a model that `size` processes cannot split between them."""
+    for name, count in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("mlp_hidden", config.mlp_hidden)):
+        if count % size:
+            raise UserError(f"tensor_parallel_size {size} must divide model.{name} ({count}): each process of a "
+                            f"group takes an equal share")
+    if config.dropout:
+        raise UserError(f"model.dropout {config.dropout} with tensor parallelism: the processes of a group would "
+                        f"drop different units of the same activations; set model.dropout 0")

@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
         self.v = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
-        self.proj.is_residual_projection = True  # see GPT._init_weights
+        self.proj.is_residual_projection = True  # see GPT.init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import CheckpointException
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lm_pretrain.data import storage
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.utils.files import remove_orphans, write_atomically
-from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.model import GPTConfig
 from lm_pretrain.model.gpt import split_fused_weights
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
@@ -47,7 +48,7 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
     try:
         if path.is_dir():
             checkpoint = read_hyperparameters(path, what, full=True)
-            checkpoint["state_dict"] = _gather_shards(path, checkpoint["hyper_parameters"])
+            checkpoint["state_dict"] = _gather_shards(path)
             return checkpoint
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
@@ -55,7 +56,7 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
         return checkpoint
     except UserError:
         raise
-    except Exception as err:  # torch.load and the shard reader raise many kinds for a bad file
+    except (Exception, CheckpointException) as err:  # torch.load and the shard reader raise many kinds
         first_line = str(err).splitlines()[0] if str(err) else "unreadable"
         raise UserError(f"{what} {path} is not a checkpoint of this project ({type(err).__name__}: {first_line})") from None
 
@@ -74,10 +75,27 @@ def read_hyperparameters(path: str | Path, what: str = "checkpoint", full: bool 
         raise UserError(f"{what} {path} is not a checkpoint ({type(err).__name__})") from None
     if not isinstance(saved, dict) or "hyper_parameters" not in saved:
         raise UserError(f"{what} {path} is not a checkpoint written by train.py")
-    return saved if full else {"hyper_parameters": saved["hyper_parameters"], "streamed_from": streamed_from(saved)}
+    if full:
+        return saved
+    return {"hyper_parameters": saved["hyper_parameters"], "streamed_from": streamed_from(saved),
+            "fused_layout": fused_layout(path, saved)}
 
 
-def _gather_shards(path: Path, hparams: dict) -> dict:
+def fused_layout(path: Path, saved: dict) -> bool:
+    """Whether a checkpoint keeps q, k and v in one attn.qkv matrix, as before they were separate."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (Exception, CheckpointException):
+            return False  # (an unreadable folder is refused where its weights are read)
+    else:
+        keys = saved.get("state_dict") or {}
+    return any(".attn.qkv." in key for key in keys)
+
+
+def _gather_shards(path: Path) -> dict:
     """The LightningModule state dict of a sharded checkpoint, read into one process's memory: the
     weights alone (torch's dcp_to_torch_save would read the optimizer's moments too, twice the
     weights with AdamW, and write them all to a file first)."""
@@ -85,10 +103,12 @@ def _gather_shards(path: Path, hparams: dict) -> dict:
 
     import torch.distributed.checkpoint as dcp
 
-    with torch.device("meta"):  # the shapes, without initialising weights that are about to be replaced
-        model = GPT(GPTConfig.from_dict(hparams))
-    model.to_empty(device="cpu")
-    state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    # The model's tensors as the checkpoint names and shapes them (one written before q, k and v were
+    # separate matrices holds attn.qkv: loading splits it, model.gpt.split_fused_weights)
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {"state_dict": {key.removeprefix("state_dict."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                            for key, meta in stored.items()
+                            if key.startswith("state_dict.model.") and hasattr(meta, "size")}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=path)  # one process, no process group: reads every shard
@@ -137,6 +157,10 @@ def check_resumable(ckpt: str, saved: dict, model_args: dict, data_args: dict | 
     except (TypeError, ValueError) as err:
         raise UserError(f"model: {err}") from None
     check_architecture(saved["hyper_parameters"], config, f"checkpoint {ckpt}")
+    if saved.get("fused_layout"):
+        raise UserError(f"checkpoint {ckpt} was written before q, k and v (and SwiGLU's two halves) were separate "
+                        f"matrices: its optimizer state cannot continue here; start a new run from its weights with "
+                        f"--model.init_from {ckpt}")
     if data_args is not None and saved["streamed_from"] and saved["streamed_from"] != train_splits(data_args):
         trained_on = ", ".join(sorted(str(Path(p).parent) for p in saved["streamed_from"]))
         given = ", ".join(sorted(str(Path(p).parent) for p in train_splits(data_args)))

@@ -25,6 +25,7 @@ import torch
 from lm_pretrain.data import downstream as tasks
 from lm_pretrain.data.datamodule import data_replicas
 from lm_pretrain.model.scoring import continuation_logprobs, encode_pair
+from lm_pretrain.training.callbacks import Preemption
 from lm_pretrain.training.steps import due
 from lm_pretrain.utils import ranges
 from lm_pretrain.utils.ranges import NonNegativeInt, PositiveInt, Seed
@@ -99,7 +100,7 @@ class DownstreamEval(L.Callback):
 
     def setup(self, trainer, module, stage: str) -> None:
         if stage == "fit" and self.questions is None:  # every task read before training: a bad one stops here
-            self.questions = {tasks.name_of(task): tasks.load(task) for task in self.tasks}
+            self.questions = tasks.load_all(self.tasks)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -112,6 +113,8 @@ class DownstreamEval(L.Callback):
         return trainer.max_steps is not None and 0 < trainer.max_steps - trainer.global_step < self.every_n_steps / 2
 
     def on_train_end(self, trainer, module) -> None:
+        if any(c.requested for c in trainer.callbacks if isinstance(c, Preemption)):
+            return  # stopped by a signal: its grace period is for the checkpoint, not for benchmarks
         if trainer.global_step != self._last_step or self.full_at_end:
             self.run(trainer, module, full=self.full_at_end)
         if trainer.is_global_zero and self.last:
@@ -126,7 +129,9 @@ class DownstreamEval(L.Callback):
             # Each data-parallel replica scores a share (the processes of a tensor-parallel group
             # compute together, on the same requests).
             rank, world = data_replicas(trainer)
-            with trainer.precision_plugin.forward_context():
+            # eagerly, as sampling does: compiled blocks (FSDP with compile) would recompile for
+            # every shape of these batches
+            with trainer.precision_plugin.forward_context(), torch.compiler.set_stance("force_eager"):
                 scores = evaluate(module, chosen, self.batch_size, rank, world,
                                   gather=lambda share: gather_shares(rank, share, world, trainer.world_size))
         finally:

@@ -53,8 +53,8 @@ _NETWORK_ON_META = contextvars.ContextVar("network_on_meta", default=False)
 def network_on_meta():
     """LanguageModels made inside this block build their network on the meta device, without memory;
     configure_model then gives each process its shard (strategies.materialize), the same weights as
-    a model built whole. train.py builds so under a sharding strategy: no process ever holds the
-    whole model. (Lightning's own way, trainer.init_module(empty_init=True), needs the Trainer before
+    a model built whole. train.py builds so under a sharding strategy: no process builds the whole
+    model (model.init_from still reads the checkpoint's whole weights in each process). (Lightning's own way, trainer.init_module(empty_init=True), needs the Trainer before
     the model; LightningCLI makes the model first.)"""
     token = _NETWORK_ON_META.set(True)
     try:
@@ -403,6 +403,8 @@ class LanguageModel(L.LightningModule):
         else:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                # (one tensor at a time: torch's multi-tensor kernels take one mesh's DTensors at once)
+                # (one tensor at a time under tensor parallelism: torch's multi-tensor kernels take one
+                # mesh's DTensors at once)
+                tensor_parallel = self.device_mesh is not None and self.device_mesh["tensor_parallel"].size() > 1
                 torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm(grads),
-                                                     foreach=False if self.device_mesh is not None else None)
+                                                     foreach=False if tensor_parallel else None)

@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from lm_pretrain.training.checkpoints import tensor_bytes
 from lm_pretrain.utils.files import done_with, full_disk_is_one_line, partial_path, publish, remove_orphans
 from lm_pretrain.model import GPT, GPTConfig
+from lm_pretrain.model.config import check_tensor_parallel
 from lm_pretrain.utils import ranges
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.utils.ranges import PositiveInt
@@ -77,12 +78,12 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, activation_checkpointing: b
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def check_layout(processes: int, tensor_parallel_size: int) -> int:
-    """The number of data-parallel groups; UserError when the processes do not split into groups of
-    tensor_parallel_size."""
-    if processes % tensor_parallel_size:
-        raise UserError(f"tensor_parallel_size {tensor_parallel_size} must divide the number of processes "
-                        f"({processes}: trainer.devices x trainer.num_nodes)")
+def check_layout(processes: int, tensor_parallel_size: int, per_node: int) -> int:
+    """The number of data-parallel groups; UserError when the processes (`per_node` on each node) do
+    not split into groups of tensor_parallel_size within nodes (a group talks at every block)."""
+    if per_node % tensor_parallel_size:
+        raise UserError(f"tensor_parallel_size {tensor_parallel_size} must divide the processes of each node "
+                        f"({per_node}: trainer.devices): a group's processes work together at every block")
     return processes // tensor_parallel_size
 
 
@@ -95,17 +96,6 @@ def block_plan(config: GPTConfig) -> dict:
     if config.mlp == "swiglu":
         plan["mlp.gate"] = ColwiseParallel()
     return plan
-
-
-def check_tensor_parallel(config: GPTConfig, size: int) -> None:
-    """UserError (one line) for a model that `size` processes cannot split between them."""
-    for name, count in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("mlp_hidden", config.mlp_hidden)):
-        if count % size:
-            raise UserError(f"tensor_parallel_size {size} must divide model.{name} ({count}): each process of a "
-                            f"group takes an equal share")
-    if config.dropout:
-        raise UserError(f"model.dropout {config.dropout} with tensor parallelism: the processes of a group would "
-                        f"drop different units of the same activations; set model.dropout 0")
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -167,7 +157,8 @@ class FSDP(ModelParallelStrategy):
         # ModelParallelStrategy's "auto" shards across nodes only; shard across every process (every
         # group of tensor_parallel_size processes) instead. (It reads the sizes from these private
         # attributes: tests/test_strategies.py fails if that changes.)
-        self._data_parallel_size = check_layout(self.num_processes * self.num_nodes, self._tensor_parallel_size)
+        self._data_parallel_size = check_layout(self.num_processes * self.num_nodes, self._tensor_parallel_size,
+                                                self.num_processes)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
