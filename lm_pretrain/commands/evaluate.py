@@ -6,10 +6,10 @@ multiple-choice tasks that training scores in the loop (lm_pretrain.training.dow
 
 `HarnessModel` is the harness's view of this project's model, with nothing in between: the
 log-likelihood of a continuation is the sum of the model's own log-probabilities of its tokens
-(lm_pretrain.model.scoring, batched, longest first), the rolling log-likelihood of a text is scored window by window over the
-model's context, and generation uses the model's KV cache. The harness picks the tasks (its own, or
-task YAML of yours with --include_path), the few-shot prompts and the metrics; the table it prints
-is written as JSON next to the checkpoint. Tasks are downloaded by the harness from the Hugging Face
+(lm_pretrain.model.scoring, batched, longest first), the rolling log-likelihood of a text is scored
+window by window over the model's context, and generation uses the model's KV cache. The harness
+picks the tasks (its own, or task YAML of yours with --include_path), the few-shot prompts and the
+metrics; the table it prints is written as JSON next to the checkpoint. Tasks are downloaded by the harness from the Hugging Face
 hub on first use; a task of your own can read local files (`dataset_path: json`).
 """
 

@@ -65,9 +65,13 @@ def continuation_scores(model: Callable[[torch.Tensor], torch.Tensor], pairs: li
         width = max(map(len, rows))
         x = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
         logits = model(x)
-        for row, (i, (first, continuation)) in enumerate(zip(batch, spans)):
+        totals, greedy = [], []
+        for row, (first, continuation) in enumerate(spans):
             logprobs = F.log_softmax(logits[row, first:first + len(continuation)].float(), dim=-1)
             target = torch.tensor(continuation, device=logprobs.device)
-            results[i] = (float(logprobs.gather(1, target[:, None]).sum()),
-                          bool((logprobs.argmax(dim=-1) == target).all()))
+            totals.append(logprobs.gather(1, target[:, None]).sum())
+            greedy.append((logprobs.argmax(dim=-1) == target).all())
+        # read back once per batch, not once per sequence
+        for i, total, likeliest in zip(batch, torch.stack(totals).tolist(), torch.stack(greedy).tolist()):
+            results[i] = (total, likeliest)
     return results

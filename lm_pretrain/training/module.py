@@ -54,8 +54,9 @@ def network_on_meta():
     """LanguageModels made inside this block build their network on the meta device, without memory;
     configure_model then gives each process its shard (strategies.materialize), the same weights as
     a model built whole. train.py builds so under a sharding strategy: no process builds the whole
-    model (model.init_from still reads the checkpoint's whole weights in each process). (Lightning's own way, trainer.init_module(empty_init=True), needs the Trainer before
-    the model; LightningCLI makes the model first.)"""
+    model (model.init_from still reads the checkpoint's whole weights in each process). Lightning's
+    own way, trainer.init_module(empty_init=True), needs the Trainer before the model; LightningCLI
+    makes the model first."""
     token = _NETWORK_ON_META.set(True)
     try:
         yield
@@ -272,6 +273,11 @@ class LanguageModel(L.LightningModule):
         hp = self.hparams
         return pick_loss(hp.loss, hp.compile and self.device_mesh is None, hp.z_loss, self.config.logit_softcap)
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the strategy splits blocks between processes (strategies.FSDP's tensor_parallel_size)."""
+        return self.device_mesh is not None and self.device_mesh["tensor_parallel"].size() > 1
+
     def setup(self, stage: str) -> None:
         allow_tf32(self.trainer.strategy.root_device.type)
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
@@ -373,12 +379,11 @@ class LanguageModel(L.LightningModule):
         # parameters on CPUs, nor with fp16's gradient scaler (Lightning must unscale before clipping).
         # Tensor parallelism lays parameters out over two meshes, which one kernel cannot take together:
         # one parameter at a time there, on GPUs as on the CPUs of the tests.
-        tensor_parallel = self.device_mesh is not None and self.device_mesh["tensor_parallel"].size() > 1
         fused = (self.device.type == "cuda" or (self.device.type == "cpu" and self.device_mesh is None)) \
-            and self._gradient_scaler() is None and not tensor_parallel
+            and self._gradient_scaler() is None and not self.tensor_parallel
         optimizer = optim.build_optimizer(self.model, hp.optimizer, hp.learning_rate, hp.weight_decay, hp.betas,
                                           head_lr=hp.head_lr, muon_lr=hp.muon_lr, fused=fused,
-                                          foreach=False if tensor_parallel else None)
+                                          foreach=False if self.tensor_parallel else None)
         total = hp.decay_steps or self.trainer.estimated_stepping_batches
         # One closed-form multiplier of the step (optim.lr_multiplier): torch's LinearLR cannot warm up
         # from 0, and SequentialLR needs three schedulers for WSD and steps the cosine recursively.
@@ -405,6 +410,5 @@ class LanguageModel(L.LightningModule):
             if grads:
                 # (one tensor at a time under tensor parallelism: torch's multi-tensor kernels take one
                 # mesh's DTensors at once)
-                tensor_parallel = self.device_mesh is not None and self.device_mesh["tensor_parallel"].size() > 1
                 torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm(grads),
-                                                     foreach=False if tensor_parallel else None)
+                                                     foreach=False if self.tensor_parallel else None)

@@ -145,7 +145,7 @@ class FSDP(ModelParallelStrategy):
                 checkpoint is a folder, read back by train.py, generate, export and init_from alike);
                 false gathers one full checkpoint file on the first process (slow, needs its memory).
             tensor_parallel_size: processes that split each block's matrices between them (1: none);
-                it must divide the number of processes and the model's heads, K/V heads and MLP width.
+                it must divide each node's processes and the model's heads, K/V heads and MLP width.
             kwargs: any other ModelParallelStrategy argument (process_group_backend, timeout).
         """
         ranges.check(FSDP.__init__, {"tensor_parallel_size": tensor_parallel_size}, "trainer.strategy.init_args")
