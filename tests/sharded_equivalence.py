@@ -2,7 +2,8 @@
 
     python tests/sharded_equivalence.py STRATEGY DEVICES BATCH_SIZE DATA_DIR RECORD_PATH
 
-STRATEGY is single, ddp, fsdp or tp (FSDP with tensor_parallel_size 2). Training reads fixed random tokens through a DistributedSampler,
+STRATEGY is single, ddp, fsdp or tp (FSDP with tensor_parallel_size 2); with -moe appended (single-moe,
+fsdp-moe), the model is a mixture of experts with bias balancing. Training reads fixed random tokens through a DistributedSampler,
 which deals replica r the samples r, r + N, ...: N replicas at batch b see, step by step, the same
 samples as one process at batch N * b, so (gradients being averaged) they must follow the same
 losses. (Each process is a replica, but a tensor-parallel group of processes is one.) Validation is the template's own, over DATA_DIR's val split, at the end of training.
@@ -63,7 +64,8 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         samples = TextSamples(prompts=["The king"], max_new_tokens=8, top_k=1)._samples(module)
-        self.write(trainer, groups=self.groups, initial=self.initial, built_on_meta=BUILT_ON_META, val_loss=float(trainer.callback_metrics["val/loss"]),
+        bias = [b.tolist() for name, b in module.model.named_buffers() if name.endswith("expert_bias")]
+        self.write(trainer, bias=bias, groups=self.groups, initial=self.initial, built_on_meta=BUILT_ON_META, val_loss=float(trainer.callback_metrics["val/loss"]),
                    val_batches=self.val_batches, samples=samples)
 
 
@@ -79,10 +81,13 @@ class FixedTrainTokens(TokenDataModule):
 
 if __name__ == "__main__":
     kind, devices, batch_size, data_dir, record = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    kind, experts = kind.removesuffix("-moe"), kind.endswith("-moe")
     L.seed_everything(0)
     # sharded as train.py shards: no process builds the whole model (strategies.materialize)
     with network_on_meta() if kind in ("fsdp", "tp") else contextlib.nullcontext():
-        module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3)
+        module = LanguageModel(block_size=16, n_layer=2, n_head=2, n_embd=32, warmup_steps=0, learning_rate=3e-3,
+                               **(dict(mlp="moe", n_experts=4, top_k=2, mlp_hidden=16, router_bias_rate=0.01)
+                                  if experts else {}))
     BUILT_ON_META = module.model.lm_head.weight.is_meta
     strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)),
                 "fsdp": FSDP(process_group_backend="gloo", timeout=timedelta(seconds=120)),

@@ -57,7 +57,7 @@ def preset(name: str) -> list[str]:
 
 
 def test_there_are_presets_of_both_kinds():
-    assert len(GPU) == 8 and len(CPU) == 3
+    assert len(GPU) == 9 and len(CPU) == 3
 
 
 @pytest.mark.parametrize("name", PRESETS)

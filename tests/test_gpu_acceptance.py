@@ -24,6 +24,6 @@ def test_gpu_acceptance_steps_pass_on_a_cpu(tmp_path):
     assert not [r for r in rows if "failed" in r or "skipped" in r], section
     for expected in ("gpt2-124m", "template / bare", "no host sync outside log steps",
                      "kill + resume, FSDP2 on 1 device | 8 steps, killed after step 6, resumed from the step-4 "
-                     "checkpoint: **identical**", "folder checkpoint | generate: ok", "FSDP2, gpt2-1.5b", "aten::mm"):
+                     "checkpoint: **identical**", "folder checkpoint | generate: ok", "FSDP2, gpt2-1.5b", "aten::mm", "MoE, moe-1b-7b"):
         assert expected in section, (expected, section)
     assert {"section.md", "gpt2-124m.json", "resume-fsdp-resumed.log"} <= {p.name for p in (tmp_path / "out").iterdir()}

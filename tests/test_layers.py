@@ -20,10 +20,10 @@ PACKAGE = ROOT / "lm_pretrain"
 # Folders lowest first, each with its modules' layers lowest first.
 FOLDERS = {
     "utils": [["errors"], ["ranges", "files", "extras"], ["assets"]],  # small helpers every folder may use
-    "model": [["config", "loss", "sampling", "scoring"], ["gpt"]],  # plain PyTorch: no Lightning, data or tokenizer
+    "model": [["config", "loss", "sampling", "scoring"], ["moe"], ["gpt"]],  # plain PyTorch: no Lightning, data or tokenizer
     "tokenizer": [["bpe"], ["encoding"]],  # what a tokenizer is
     "data": [["storage", "readers", "downstream"], ["prepared"], ["prepare"], ["train_tokenizer"], ["built_in"], ["datamodule"]],
-    "training": [["steps", "optim", "loggers"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug"], ["downstream"], ["module"]],
+    "training": [["steps", "optim", "loggers"], ["hardware", "checkpoints"], ["strategies", "callbacks", "debug", "experts"], ["downstream"], ["module"]],
     "commands": [["parsing"], ["train", "prepare", "tokenizer", "generate", "export", "evaluate", "sizes"], ["experiment"]],
 }
 FOLDER = {folder: i for i, folder in enumerate(FOLDERS)}

@@ -76,6 +76,27 @@ def test_n_processes_match_one_with_the_global_batch(kind, processes, one_proces
         assert rank["samples"] == end["samples"] and len(rank["samples"][0]) > len("The king")  # every rank samples
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp-moe", "ddp-moe"])
+def test_a_mixture_of_experts_on_two_processes_matches_one_process(kind, prepared, tmp_path):
+    """Experts, router losses over the global batch's choices and the balancing bias: FSDP2 or DDP on 2
+    processes follows one process at the global batch, to the final bias."""
+    (steps, (end,)), (sharded_steps, sharded_end) = (equivalence_run(name, n, 8 // n, prepared, tmp_path)
+                                                     for name, n in (("single-moe", 1), (kind, 2)))
+    assert len(sharded_steps) == 20 and len(sharded_end) == 2
+    for one in steps:
+        ranks = [r for r in sharded_steps if r["step"] == one["step"]]
+        assert sorted(sum((r["rows"] for r in ranks), [])) == sorted(one["rows"])
+        assert abs(sum(r["loss"] for r in ranks) / 2 - one["loss"]) <= 1e-5
+        assert all(r["grad_norm"] == pytest.approx(one["grad_norm"], abs=1e-5 if one["step"] == 1 else 1e-4)
+                   for r in ranks)
+    for rank in sharded_end:
+        assert rank["initial"] == end["initial"] and any(k.endswith("mlp.gate") for k in end["initial"])
+        assert rank["val_loss"] == pytest.approx(end["val_loss"], abs=1e-5)
+        assert rank["bias"] == end["bias"] and any(any(b) for b in end["bias"])
+        assert rank["samples"] == end["samples"]
+
+
 def fsdp_run(data: Path, folder: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     folder.mkdir(exist_ok=True)
     return run_cli([*run_args(data, steps, folder / "rec", every=2), "--config", str(ROOT / "configs" / "overlays" / "fsdp.yaml"),
@@ -215,3 +236,14 @@ def test_fsdp_compiled_blocks_stay_compiled_through_samples_validation_checkpoin
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert re.search(r"CompiledStepCheck: the \d+ training steps after this process's first reused the graphs compiled "
                      r"in it; steps 10 and 12 ran the same", resumed.stderr)
+
+
+@pytest.mark.slow
+def test_a_compiled_sharded_mixture_of_experts_keeps_its_graphs(prepared, tmp_path):
+    """Experts under FSDP2 with compiled, checkpointed blocks: the routing, the all-reduced counts and
+    the statistics kept in buffers compile into the blocks' graphs without a break or a recompile."""
+    done = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 9, 1, 7, "--model.mlp", "moe", "--model.n_experts",
+                                      "4", "--model.mlp_hidden", "16", "--model.router_bias_rate", "0.001"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"CompiledStepCheck: the 8 training steps after this process's first reused the graphs .*"
+                     r"no graph break", done.stderr)

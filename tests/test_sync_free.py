@@ -23,8 +23,11 @@ def gpu_preset_on_cpu(data, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_steps_between_log_steps_never_sync(prepared, tmp_path):
-    done = run_cli(gpu_preset_on_cpu(prepared), cwd=tmp_path)
+@pytest.mark.parametrize("model", [[], ["--model.mlp", "moe", "--model.n_experts", "4", "--model.mlp_hidden", "16",
+                                        "--model.router_bias_rate", "0.001"]], ids=["dense", "mixture of experts"])
+def test_steps_between_log_steps_never_sync(model, prepared, tmp_path):
+    """Also a mixture of experts: its load statistics and balancing stay on the device."""
+    done = run_cli(gpu_preset_on_cpu(prepared, *model), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # steps 3, 4, 6-9, 11-13 (not 1-2: warm-up; not 5 and 10: log steps; not 14: the last)
     assert "HostSyncCheck: 9 optimizer steps without a log step checked, no host sync in them" in done.stdout + done.stderr

@@ -2,7 +2,8 @@
 
     lm-pretrain-export --ckpt_path PATH --output DIR
 
-GPT-2-style models become `GPT2LMHeadModel`, Llama-style ones `LlamaForCausalLM`: config.json and
+GPT-2-style models become `GPT2LMHeadModel`, Llama-style ones `LlamaForCausalLM`, Llama-style mixtures
+of experts `MixtralForCausalLM`: config.json and
 model.safetensors, plus the tokenizer: GPT-2's files (vocab.json, merges.txt) when the model uses
 the gpt2 tokenizer, a tokenizer.json of the same BPE when it uses a tokenizer of your own. Load the result with `AutoModelForCausalLM.from_pretrained(DIR)`.
 `transformers` is needed here (and in the tests), not for training.
@@ -24,10 +25,18 @@ from lm_pretrain.tokenizer.encoding import eot_id
 
 
 def family(config: GPTConfig) -> str:
-    """"gpt2" or "llama": which Hugging Face class can hold this architecture exactly."""
+    """"gpt2", "llama" or "mixtral": which Hugging Face class can hold this architecture exactly."""
     if config.qk_norm or config.logit_softcap is not None:
-        raise UserError("no Hugging Face GPT-2 or Llama class has QK-norm or logit soft-capping; "
+        raise UserError("no Hugging Face GPT-2, Llama or Mixtral class has QK-norm or logit soft-capping; "
                         "this model cannot be exported")
+    if config.mlp == "moe":
+        if (config.position, config.norm, config.bias) != ("rope", "rmsnorm", False):
+            raise UserError("a mixture of experts exports as MixtralForCausalLM, which needs position rope, norm "
+                            "rmsnorm and bias false; this model cannot be exported")
+        if config.n_shared_experts or not config.router_renormalize:
+            raise UserError("MixtralForCausalLM has no shared experts and renormalises the chosen experts' weights: "
+                            "a model with n_shared_experts or router_renormalize false cannot be exported")
+        return "mixtral"
     if (config.position, config.norm, config.mlp) == ("learned", "layernorm", "gelu"):
         if not config.bias or config.n_kv_head != config.n_head:
             raise UserError("GPT2LMHeadModel needs bias: true and n_kv_head = n_head; this model cannot be exported")
@@ -65,7 +74,8 @@ def gpt2_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
 
 
 def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
-    """(HF config kwargs, HF state dict) for LlamaForCausalLM: one matrix of HF's for each of ours."""
+    """(HF config kwargs, HF state dict) for LlamaForCausalLM: one matrix of HF's for each of ours (the
+    attention's only, for a mixture of experts: mixtral_state adds its own)."""
     hd = config.head_dim
     hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"],
           "lm_head.weight": state["lm_head.weight"]}
@@ -76,7 +86,8 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
         for kind in ("weight", "bias") if config.bias else ("weight",):
             for mine, hf_name in (("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
                                   ("attn.v", "self_attn.v_proj"), ("attn.proj", "self_attn.o_proj"),
-                                  ("mlp.gate", "mlp.gate_proj"), ("mlp.fc", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")):
+                                  *(() if config.mlp == "moe" else (("mlp.gate", "mlp.gate_proj"), ("mlp.fc", "mlp.up_proj"),
+                                                                    ("mlp.proj", "mlp.down_proj")))):
                 hf[theirs + f"{hf_name}.{kind}"] = state[ours + f"{mine}.{kind}"]
     kwargs = dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_hidden,
                   num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
@@ -87,20 +98,44 @@ def llama_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
     return kwargs, hf
 
 
+def mixtral_state(config: GPTConfig, state: dict) -> tuple[dict, dict]:
+    """(HF config kwargs, HF state dict) for MixtralForCausalLM: Llama's attention, and per block the
+    router (`gate`) and the experts' stacked matrices, gate and up in one (transformers 5's layout;
+    save_pretrained writes what every version reads)."""
+    import torch
+
+    kwargs, hf = llama_state(config, state)
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.mlp.", f"model.layers.{i}.mlp."
+        if state[ours + "expert_bias"].any():
+            raise UserError("this model was trained with model.router_bias_rate: its experts are chosen with a "
+                            "bias, which MixtralForCausalLM does not have; it cannot be exported")
+        hf[theirs + "gate.weight"] = state[ours + "router.weight"]
+        hf[theirs + "experts.gate_up_proj"] = torch.cat([state[ours + "gate"], state[ours + "up"]], dim=1)
+        hf[theirs + "experts.down_proj"] = state[ours + "down"]
+    kwargs.update(num_local_experts=config.n_experts, num_experts_per_tok=config.top_k, sliding_window=None,
+                  router_aux_loss_coef=config.router_aux_loss, router_jitter_noise=0.0,
+                  architectures=["MixtralForCausalLM"])
+    for name in ("attention_bias", "mlp_bias"):
+        kwargs.pop(name)
+    return kwargs, hf
+
+
 def to_hf(config: GPTConfig, state: dict, eot_token_id: int = 50256):
     """A transformers model holding the same weights (float32, eval mode); the tokenizer's
     end-of-text id is its bos and eos."""
     transformers = require("transformers", "export", "exporting to Hugging Face")
 
     kind = family(config)
-    kwargs, hf_state = (gpt2_state if kind == "gpt2" else llama_state)(config, state)
+    kwargs, hf_state = {"gpt2": gpt2_state, "llama": llama_state, "mixtral": mixtral_state}[kind](config, state)
     # Documents were separated by the end-of-text token in training: it starts and ends them here.
     kwargs.update(bos_token_id=eot_token_id, eos_token_id=eot_token_id)
     architectures = kwargs.pop("architectures")
-    hf_config = (transformers.GPT2Config if kind == "gpt2" else transformers.LlamaConfig)(**kwargs)
+    config_class, model_class = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "mixtral": ("MixtralConfig", "MixtralForCausalLM")}[kind]
+    hf_config = getattr(transformers, config_class)(**kwargs)
     hf_config.architectures = architectures
-    model_class = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
-    model = model_class(hf_config)
+    model = getattr(transformers, model_class)(hf_config)
     hf_state = {k: v.detach().float().contiguous() for k, v in hf_state.items()}
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight") and ".attn.bias" not in k

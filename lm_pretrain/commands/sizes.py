@@ -1,6 +1,7 @@
 """Parameters and training FLOPs per token of configs: `lm-pretrain-sizes configs/*.yaml`.
 
-Prints a Markdown table computed from each config's `model:` section by `config.model_size`,
+Prints a Markdown table computed from each config's `model:` section by `config.model_size` (a
+mixture of experts' parameters all, and those a token goes through: active, which set its FLOPs),
 without building the model (and without torch, so it takes a moment, not seconds). With
 `--gpus [8,16,64]`, also each config's memory per GPU when FSDP shards it over that many, and with
 `--tensor_parallel [1,2,4,8]` in tensor-parallel groups of those sizes
@@ -33,15 +34,15 @@ def config_from_yaml(path: str | Path) -> GPTConfig:
 
 
 def table(paths: list[str]) -> str:
-    rows = ["| preset | blocks | layers | width | heads (kv) | context | parameters | non-embedding | GFLOPs/token |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| preset | blocks | layers | width | heads (kv) | context | parameters | non-embedding | active | "
+            "GFLOPs/token |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
         c = config_from_yaml(path)
         size = model_size(c)
-        style = "GPT-2" if c.position == "learned" else "Llama"
+        style = ("GPT-2" if c.position == "learned" else "Llama") + (f", MoE {c.top_k}/{c.n_experts}" if c.mlp == "moe" else "")
         rows.append(f"| {Path(path).stem} | {style} | {c.n_layer} | {c.n_embd} | {c.n_head} ({c.n_kv_head}) | "
                     f"{c.block_size} | {size['params'] / 1e6:,.1f}M | {size['non_embedding_params'] / 1e6:,.1f}M | "
-                    f"{size['flops_per_token'] / 1e9:.2f} |")
+                    f"{size['active_params'] / 1e6:,.1f}M | {size['flops_per_token'] / 1e9:.2f} |")
     return "\n".join(rows)
 
 

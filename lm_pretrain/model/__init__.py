@@ -1,6 +1,7 @@
 """The model: plain PyTorch, nothing here knows Lightning, the data or the tokenizer.
 
     config.py    GPTConfig, the architecture as data, and its cost (model_size: parameters, FLOPs per token)
+    moe.py       a mixture-of-experts MLP (model.mlp moe): router, grouped experts, load balancing
     gpt.py       the GPT (GPT-2 and Llama-style blocks are settings of one class): tokens -> logits, generate()
     loss.py      the training objective: plain or fused (output layer + cross-entropy in one step)
     sampling.py  a prompt -> sampled text (training's samples and lm-pretrain-generate)

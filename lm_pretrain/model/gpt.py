@@ -14,7 +14,8 @@ Tokens -> token embeddings (+ learned positions, for GPT-2) -> n_layer pre-norm 
 
 Three options of recent small-model recipes (e.g. modded-nanogpt) are flags too: QK-norm (queries and
 keys normalised per head, so attention logits stay bounded at high learning rates), the ReLU² MLP
-(relu(x)², 4x wide) and logit soft-capping (logits squashed smoothly into (-cap, cap)).
+(relu(x)², 4x wide) and logit soft-capping (logits squashed smoothly into (-cap, cap)). With
+mlp "moe" each block's MLP is a mixture of experts (lm_pretrain.model.moe), in either style of block.
 """
 
 import math
@@ -26,6 +27,7 @@ import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from lm_pretrain.model.config import GPTConfig
+from lm_pretrain.model.moe import MoE
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -150,7 +152,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.mlp == "moe" else MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
@@ -215,6 +217,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()  # scale 1, bias 0
+            elif isinstance(module, MoE):  # (its router and shared experts are nn.Linear: drawn above)
+                module.init_weights(normal_, 0.02, 0.02 / math.sqrt(2 * self.config.n_layer))
         if self.config.position == "rope":
             cos, sin = rope_tables(self.config)
             self.rope_cos.copy_(cos)
@@ -227,6 +231,11 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
+
+    def router_loss(self) -> torch.Tensor | float:
+        """The weighted router losses (balancing and z-loss) of the last training forward pass, summed
+        over the blocks, to add to the training loss; 0 for a dense model."""
+        return sum((block.mlp.router_loss for block in self.blocks if isinstance(block.mlp, MoE)), 0.0)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the

@@ -9,6 +9,7 @@
                     built on the meta device gets its shards), and the FSDP strategy
     callbacks.py    text samples, preemption, throughput, the progress bar, the NaN/inf guard, RNG
                     states on resume
+    experts.py      ExpertLoad: a mixture of experts' load and router losses logged, idle experts warned of
     debug.py        debugging aids behind a flag: HostSyncCheck, CompiledStepCheck, the resume
                     probes RecordBatches and SignalAt, peak_cpu_bytes, PeakHostMemory
     downstream.py   DownstreamEval: benchmark accuracies every N steps (HellaSwag, ARC, ...)

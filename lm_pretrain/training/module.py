@@ -30,6 +30,7 @@ from torchmetrics import Metric
 from lm_pretrain.training import checkpoints, optim
 from lm_pretrain.utils import ranges
 from lm_pretrain.training.callbacks import NonFiniteGuard, RestoreRNG
+from lm_pretrain.training.experts import ExpertLoad, balance_group, experts_of
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.training.hardware import allow_tf32
 from lm_pretrain.model.loss import CHUNK_ROWS, IGNORE_INDEX, LossKind, next_token_loss, pick_loss
@@ -247,7 +248,11 @@ class LanguageModel(L.LightningModule):
         return module.to(device).eval()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [self.nonfinite, RestoreRNG()]
+        callbacks = [self.nonfinite, RestoreRNG()]
+        given = self._trainer is not None and any(isinstance(c, ExpertLoad) for c in self.trainer.callbacks)
+        if self.config.mlp == "moe" and not given:  # (one in trainer.callbacks, with its own settings, stays)
+            callbacks.append(ExpertLoad())
+        return callbacks
 
     def configure_model(self) -> None:
         hp, sharded = self.hparams, self.device_mesh is not None
@@ -280,6 +285,8 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         allow_tf32(self.trainer.strategy.root_device.type)
+        for layer in experts_of(self.model):  # balancing counts the global batch's choices
+            layer.balance_group = balance_group(self.trainer.strategy)
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
         # with its own, as it should.
         if stage == "fit" and self.hparams.init_from:
@@ -299,8 +306,9 @@ class LanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         size = model_size(self.config)
         if self.trainer.is_global_zero:  # (self.print writes nothing before the progress bar exists)
+            active = f", {size['active_params'] / 1e6:.2f}M active per token" if self.config.mlp == "moe" else ""
             print(f"model: {size['params'] / 1e6:.2f}M parameters ({size['non_embedding_params'] / 1e6:.2f}M "
-                  f"non-embedding), {size['flops_per_token'] / 1e9:.3f} GFLOPs per trained token", flush=True)
+                  f"non-embedding{active}), {size['flops_per_token'] / 1e9:.3f} GFLOPs per trained token", flush=True)
         if self.logger is not None:
             self.logger.log_metrics({f"model/{k}": float(v) for k, v in size.items()}, step=0)
 
@@ -324,7 +332,13 @@ class LanguageModel(L.LightningModule):
             self._step_batches += 1
         if ends_optimizer_step(self.trainer, batch_idx):
             self._log_step_loss()
-        return None if skip else loss  # None: no backward, no optimizer step for this batch
+        # A mixture of experts' router losses are trained, not logged as train/loss (lm_pretrain.training.experts)
+        return None if skip else loss + self.model.router_loss()  # None: no backward, no optimizer step
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for layer in experts_of(self.model):  # part of the step: a checkpoint after it has its result
+            layer.end_step(self.config.router_bias_rate)
 
     def _log_step_loss(self) -> None:
         """train/loss: the optimizer step's loss, the mean over its micro-batches and processes, on

@@ -4,6 +4,7 @@ Parameters fall into roles, and each role gets the update that suits it:
 
     role        what                                  AdamW recipe          Muon recipe
     hidden      the blocks' matrices                  AdamW, decayed        Muon, decayed
+                (a mixture's stacked experts)         AdamW, decayed        AdamW, decayed
     embedding   token (and position) tables           AdamW, no decay       AdamW, no decay
     head        an untied output layer                AdamW at head_lr      AdamW at head_lr
     gains       norms' scales, biases                 AdamW, no decay       AdamW, no decay
@@ -97,6 +98,10 @@ def build_optimizer(model: torch.nn.Module, optimizer: OptimizerName, learning_r
         raise UserError(f"model.optimizer muon needs torch.optim.Muon, which torch 2.9 added; this is torch "
                         f"{torch.__version__}: upgrade torch, or use model.optimizer adamw")
     hidden["lr"] = muon_lr or learning_rate
+    stacked = [p for p in hidden["params"] if p.dim() > 2]  # a mixture's experts, (E, out, in): AdamW, decayed
+    if stacked:
+        hidden["params"] = [p for p in hidden["params"] if p.dim() == 2]
+        groups.append({"params": stacked, "weight_decay": weight_decay, "name": "experts"})
     return MuonWithAdamW([hidden], groups, muon={"lr": learning_rate, "adjust_lr_fn": "match_rms_adamw"},
                          adamw=adamw)
 

@@ -25,7 +25,7 @@ from jsonargparse.typing import ClosedUnitInterval, restricted_number_type
 from lm_pretrain.utils.errors import UserError
 
 __all__ = ["ClosedUnitInterval", "FiniteFloat", "Fraction", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "Probability", "Seed", "VocabSize", "Characters", "Workers", "NonNegativeWorkers", "Layers", "Heads", "Width",
+           "PositiveInt", "Probability", "Seed", "VocabSize", "Characters", "Workers", "NonNegativeWorkers", "Layers", "Heads", "Experts", "Width",
            "Context", "check", "check_config", "choices", "describe", "plain", "restrictions"]
 
 # Every count has both bounds. 2**31 - 1 at most: beyond, torch's and NumPy's index types overflow,
@@ -44,6 +44,7 @@ NonNegativeWorkers = restricted_number_type("NonNegativeWorkers", int, [(">=", 0
 # of 10M tokens): beyond, the model cannot be built on any machine, and building it would take hours.
 Layers = restricted_number_type("Layers", int, [(">", 0), ("<=", 2048)])
 Heads = restricted_number_type("Heads", int, [(">", 0), ("<=", 1024)])
+Experts = restricted_number_type("Experts", int, [(">", 0), ("<=", 4096)])  # DeepSeek-V3: 256 per block
 Width = restricted_number_type("Width", int, [(">", 0), ("<=", 1 << 18)])
 Context = restricted_number_type("Context", int, [(">", 0), ("<=", 1 << 27)])
 
