@@ -14,7 +14,7 @@ from helpers import TINY_MODEL, assert_same_run, callback, cli_error, one_line_e
 from lm_pretrain.model.config import GPTConfig, check_tensor_parallel, model_size
 from lm_pretrain.model.gpt import GPT, MLP
 from lm_pretrain.model.loss import next_token_loss
-from lm_pretrain.model.moe import MoE
+from lm_pretrain.model.moe import TORCH_VERSION, MoE, router_losses
 from lm_pretrain.training.debug import read_records
 from lm_pretrain.utils.errors import UserError
 
@@ -28,7 +28,7 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     out = torch.zeros_like(flat)
     for t, token in enumerate(flat):
-        probs = moe.router(token).float().softmax(dim=-1)
+        probs = moe.router(token).softmax(dim=-1)
         chosen = (probs + moe.expert_bias).topk(moe.top_k).indices
         weights = probs[chosen] / (probs[chosen].sum() if moe.renormalize else 1)
         for e, w in zip(chosen.tolist(), weights):
@@ -50,28 +50,47 @@ def layer(**settings) -> MoE:
     return moe
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped matmul", "loop over experts"])
-@pytest.mark.parametrize("settings", [{}, {"router_renormalize": False}, {"n_shared_experts": 1}, {"top_k": 1},
-                                      {"top_k": 4}], ids=["mixtral", "olmoe", "shared expert", "top-1", "all experts"])
-def test_the_routed_computation_equals_a_per_token_loop(settings, grouped):
+GROUPED = [pytest.param(True, id="grouped matmul", marks=pytest.mark.skipif(
+    TORCH_VERSION < (2, 9), reason="torch._grouped_mm runs on CPUs from torch 2.9")), pytest.param(False, id="loop")]
+
+
+@pytest.mark.parametrize("grouped", GROUPED)
+@pytest.mark.parametrize("settings", [{}, {"router_renormalize": False}, {"n_shared_experts": 1},
+                                      {"top_k": 1, "router_renormalize": False}, {"top_k": 4}],
+                         ids=["mixtral", "olmoe", "shared expert", "top-1", "all experts"])
+def test_the_routed_computation_and_its_gradients_equal_a_per_token_loop(settings, grouped):
     moe, x = layer(**settings), torch.randn(3, 16, 32)
     moe.grouped = grouped
     with torch.no_grad():
         moe.expert_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))  # a trained bias changes the choice
-        assert torch.allclose(moe(x), naive_moe(moe, x), atol=1e-5)
+    grad = torch.randn(3, 16, 32)
+    grads = []
+    for run in (lambda: moe(x)[0], lambda: naive_moe(moe, x)):
+        moe.zero_grad()
+        out = run()
+        (out * grad).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in moe.named_parameters()}))
+    (ours, ours_grads), (naive, naive_grads) = grads
+    assert torch.allclose(ours, naive, atol=1e-5)
+    assert all(torch.allclose(ours_grads[n], naive_grads[n], atol=1e-4) for n in naive_grads)
+    assert ours_grads["router.weight"].abs().sum() > 0 and ours_grads["down"].abs().sum() > 0
 
 
-def test_grouped_matmul_and_the_loop_give_the_same_gradients():
-    x = torch.randn(2, 16, 32)
-    runs = []
-    for grouped in (True, False):
-        moe = layer()
-        moe.grouped = grouped
-        moe.train()
-        (moe(x).square().sum() + 0 * moe.router_loss).backward()
-        runs.append({n: p.grad for n, p in moe.named_parameters()})
-    assert all(torch.allclose(runs[0][n], runs[1][n], atol=1e-5) for n in runs[0])
-    assert runs[0]["gate"].abs().sum() > 0
+def test_the_expert_matmuls_backward_passes_gradcheck():
+    from lm_pretrain.model.moe import expert_matmul
+
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    ends = torch.tensor([2, 2, 7])  # expert 1 gets no row
+    assert torch.autograd.gradcheck(lambda x, w: expert_matmul(x, w, ends, grouped=False), (x, weight))
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 9), reason="torch._grouped_mm runs on CPUs from torch 2.9")
+def test_bf16_experts_take_the_native_grouped_matmul_and_stay_close_to_float32():
+    moe, x = layer(), torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = moe(x)[0]
+    assert low.dtype == torch.float32 and torch.allclose(low, moe(x)[0], rtol=0.05, atol=0.05 * x.abs().max())
 
 
 def test_one_expert_with_top_1_is_the_dense_swiglu_mlp():
@@ -83,7 +102,7 @@ def test_one_expert_with_top_1_is_the_dense_swiglu_mlp():
         dense.fc.weight.copy_(moe.up[0])
         dense.proj.weight.copy_(moe.down[0])
     x = torch.randn(2, 16, 32)
-    assert torch.allclose(moe(x), dense(x), atol=1e-6)
+    assert torch.allclose(moe(x)[0], dense(x), atol=1e-6)
 
 
 def test_permuting_the_experts_and_the_routers_rows_changes_nothing():
@@ -94,7 +113,7 @@ def test_permuting_the_experts_and_the_routers_rows_changes_nothing():
         for name in ("gate", "up", "down", "expert_bias"):
             getattr(permuted, name).copy_(getattr(moe, name)[order])
         permuted.router.weight.copy_(moe.router.weight[order])
-        assert torch.allclose(moe(x), permuted(x), atol=1e-6)
+        assert torch.allclose(moe(x)[0], permuted(x)[0], atol=1e-6)
 
 
 def test_gradients_reach_the_router_and_exactly_the_chosen_experts():
@@ -102,30 +121,50 @@ def test_gradients_reach_the_router_and_exactly_the_chosen_experts():
     moe.train()
     x = torch.randn(1, 3, 32)  # 3 tokens choose at most 6 of the 8 experts
     chosen = set((moe.router(x).softmax(-1)).topk(2).indices.flatten().tolist())
-    moe.aux_weight = moe.z_weight = 0.0  # (the router losses alone would reach the router anyway)
-    moe(x).square().sum().backward()
+    moe(x)[0].square().sum().backward()  # (no router loss: it alone would reach the router anyway)
     used = {e for e in range(8) if moe.gate.grad[e].abs().sum() > 0}
     assert used == chosen and len(chosen) < 8
     assert all(moe.up.grad[e].abs().sum() > 0 and moe.down.grad[e].abs().sum() > 0 for e in chosen)
     assert moe.router.weight.grad.abs().sum() > 0  # through the chosen experts' weights
 
 
-def test_the_auxiliary_loss_is_switch_transformers_and_the_statistics_add_up():
+def test_the_router_losses_are_switch_transformers_averaged_over_blocks_and_recorded():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**LLAMA)).train()
+    tokens = torch.randint(0, 256, (2, 16))
+    model(tokens)
+    hidden, want, aux, z = model.wte(tokens), [], [], []
+    rope = (model.rope_cos[:16], model.rope_sin[:16])
+    for block in model.blocks:  # each block's router on its own input, by hand
+        x = hidden + block.attn(block.ln_1(hidden), rope)
+        logits = block.mlp.router(block.ln_2(x).reshape(-1, 32))
+        probs = logits.softmax(-1)
+        counts = torch.bincount(probs.topk(2).indices.flatten(), minlength=4).float()
+        aux.append(4 * (counts / counts.sum() * probs.mean(0)).sum())
+        z.append(torch.logsumexp(logits, -1).square().mean())
+        want.append(counts)
+        hidden = block(hidden, rope)[0]
+    loss = model.router_loss()
+    assert torch.allclose(loss, (0.01 * torch.stack(aux) + 0.001 * torch.stack(z)).mean())
+    assert model.router_stats is None and model.router_loss() == 0.0  # read once
+    for layer, counts, a, zz in zip(model.experts, want, aux, z):
+        assert torch.equal(layer.step_tokens, counts) and layer.step_tokens.sum() == 2 * 16 * 2
+        assert torch.allclose(layer.loss_sums, torch.stack([a, zz, torch.tensor(1.0)]).detach())
+    model.eval()
+    model(tokens)  # evaluation gathers nothing
+    assert model.router_stats is None and model.experts[0].step_tokens.sum() == 64
+
+
+def test_router_losses_count_the_choices_of_every_process():
+    """f_e of two halves of a batch, each counted across both (as an all-reduce gives), averages to the
+    whole batch's auxiliary loss."""
+    torch.manual_seed(0)
     moe = layer()
-    moe.train()
-    x = torch.randn(2, 16, 32)
-    moe(x)
-    logits = moe.router(x.reshape(-1, 32))
-    probs = logits.softmax(-1)
-    counts = torch.bincount(probs.topk(2).indices.flatten(), minlength=4).float()
-    aux = 4 * (counts / counts.sum() * probs.mean(0)).sum()
-    z = torch.logsumexp(logits, -1).square().mean()
-    assert torch.allclose(moe.router_loss, 0.01 * aux + 0.001 * z)
-    assert torch.equal(moe.step_tokens, counts) and moe.step_tokens.sum() == 2 * 16 * 2
-    assert torch.allclose(moe.loss_sums, torch.stack([aux, z, torch.tensor(1.0)]).detach())
-    moe.eval()
-    moe(x)  # evaluation counts nothing
-    assert moe.step_tokens.sum() == 64
+    x = torch.randn(4, 16, 32)
+    (_, whole), (_, first), (_, second) = moe(x), moe(x[:2]), moe(x[2:])
+    total = first.counts + second.counts
+    halves = [router_losses([moe], [s._replace(counts=total)]) for s in (first, second)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, router_losses([moe], [whole]))
 
 
 def test_the_balancing_bias_moves_towards_experts_that_got_fewer_tokens():
@@ -147,7 +186,7 @@ def test_bias_balancing_evens_out_a_router_that_prefers_one_expert():
     def cv(steps: int, bias_rate: float) -> float:  # of the tokens per expert over `steps` steps
         moe.window_tokens.zero_()
         for _ in range(steps):
-            moe(x)
+            moe.record(moe(x)[1].counts, torch.tensor(0.0), torch.tensor(0.0))
             moe.end_step(bias_rate)
         return float(moe.window_tokens.std(correction=0) / moe.window_tokens.mean())
 
@@ -176,25 +215,31 @@ def test_gpt_2_and_llama_blocks_with_experts_learn_a_batch_by_heart():
         assert losses[-1] < losses[0] - 1.5, settings
 
 
-def test_the_compiled_training_step_has_one_graph_and_the_eager_steps_numbers():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "activation checkpointing"])
+def test_the_compiled_training_step_has_one_graph_and_the_eager_steps_numbers(checkpointing):
+    """Compiled whole (one device, DDP), with or without activation checkpointing: no graph break, the
+    eager step's loss and gradients, and recomputed blocks count no choice twice."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**LLAMA)).train()
+    model.checkpoint_blocks = checkpointing
     tokens = torch.randint(0, 256, (2, 17))
 
     def step(model, tokens):
-        return next_token_loss(model, tokens[:, :-1], tokens[:, 1:]) + model.router_loss()
+        return next_token_loss(model, tokens[:, :-1], tokens[:, 1:])
 
     explained = torch._dynamo.explain(step)(model, tokens)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
-    eager = step(model, tokens)
+    model.router_stats = None
+    eager = step(model, tokens) + model.router_loss()
     eager.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)(model, tokens)
+    compiled = torch.compile(step, fullgraph=True)(model, tokens) + model.router_loss()
     compiled.backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert all(torch.allclose(p.grad, want[n], atol=1e-5) for n, p in model.named_parameters())
+    assert all(layer.step_tokens.sum() == 2 * (2 * 16 * 2) for layer in model.experts)  # two steps, k = 2
 
 
 def test_sizes_count_every_parameter_and_flops_for_the_active_ones():
@@ -215,6 +260,8 @@ def test_bad_settings_are_one_line(capsys):
 
     with pytest.raises(ValueError, match=r"top_k \(5\) cannot exceed n_experts \(4\)"):
         GPTConfig(**{**LLAMA, "top_k": 5})
+    with pytest.raises(ValueError, match="top_k 1 with router_renormalize true"):
+        GPTConfig(**{**LLAMA, "top_k": 1})
     with pytest.raises(UserError, match="n_experts 0 is out of range"):
         GPTConfig(**{**LLAMA, "n_experts": 0})
     with pytest.raises(UserError, match="tensor parallelism does not split experts"):

@@ -44,17 +44,20 @@ class GPTConfig:
         mlp: "gelu" (GPT-2, 4x wide), "swiglu" (Llama, gated), "relu2" (relu(x) squared, 4x wide) or
             "moe": a mixture of SwiGLU experts, top_k of n_experts per token (lm_pretrain.model.moe).
         mlp_hidden: MLP hidden width (with moe, each expert's); empty means 4 * n_embd for gelu and relu2,
-            8/3 * n_embd rounded up to a multiple of 256 for swiglu, and that divided by top_k (rounded up
-            to a multiple of 64) for moe: a token's experts then cost what the dense SwiGLU costs.
+            8/3 * n_embd rounded up to a multiple of 256 for swiglu, and that divided by top_k +
+            n_shared_experts (rounded up to a multiple of 64) for moe: a token's experts then cost what
+            the dense SwiGLU costs. A mixture's experts and router have no biases.
         n_experts: with mlp moe, the routed experts per block.
-        top_k: with mlp moe, the experts each token goes through (at most n_experts).
+        top_k: with mlp moe, the experts each token goes through (at most n_experts; 1 needs
+            router_renormalize false).
         n_shared_experts: with mlp moe, experts every token goes through besides its top_k (DeepSeek-MoE):
             one SwiGLU n_shared_experts times an expert's width.
         router_renormalize: with mlp moe, scale the chosen experts' probabilities to sum to 1 (Mixtral,
             Qwen3-MoE); false keeps them as they are (OLMoE).
-        router_aux_loss: with mlp moe, weight of the load-balancing loss (Switch Transformer; OLMoE: 0.01);
-            0 turns it off.
-        router_z_loss: with mlp moe, weight of the router's z-loss (ST-MoE, OLMoE: 0.001); 0 turns it off.
+        router_aux_loss: with mlp moe, weight of the load-balancing loss, averaged over blocks (Switch
+            Transformer; OLMoE: 0.01); 0 turns it off.
+        router_z_loss: with mlp moe, weight of the router's z-loss, averaged over blocks (ST-MoE, OLMoE:
+            0.001); 0 turns it off.
         router_bias_rate: with mlp moe, how far each optimizer step moves the per-expert balancing bias
             (DeepSeek-V3: 0.001); 0 turns it off.
         qk_norm: RMS-normalise each head's queries and keys (no learned scale) before attention.
@@ -110,9 +113,13 @@ class GPTConfig:
         if self.mlp == "moe" and self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts}): each token "
                              f"goes through top_k different experts")
+        if self.mlp == "moe" and self.top_k == 1 and self.router_renormalize:
+            raise ValueError("top_k 1 with router_renormalize true: each token's one weight would be 1, and the "
+                             "router would learn nothing from the loss; set router_renormalize false (Switch)")
         if self.mlp_hidden is None:
             swiglu = 256 * math.ceil(8 * self.n_embd / 3 / 256)
-            self.mlp_hidden = {"swiglu": swiglu, "moe": 64 * math.ceil(swiglu / self.top_k / 64)}.get(
+            per_token = self.top_k + self.n_shared_experts  # experts a token goes through
+            self.mlp_hidden = {"swiglu": swiglu, "moe": 64 * math.ceil(swiglu / per_token / 64)}.get(
                 self.mlp, 4 * self.n_embd)
 
     @property

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from lm_pretrain.model.config import GPTConfig
-from lm_pretrain.model.moe import MoE
+from lm_pretrain.model.moe import MoE, RouterStats, router_losses
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -154,9 +154,13 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.mlp == "moe" else MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        """The block's output, and with a mixture of experts its routing statistics (else None)."""
         x = x + self.attn(self.ln_1(x), rope, cache)
-        return x + self.mlp(self.ln_2(x))
+        h = self.mlp(self.ln_2(x))
+        h, stats = h if isinstance(self.mlp, MoE) else (h, None)
+        return x + h, stats
 
 
 class GPT(nn.Module):
@@ -181,6 +185,11 @@ class GPT(nn.Module):
                 self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_dim), persistent=False)
                 self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_dim), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing: see strategies.parallelize
+        # A mixture of experts: the routing statistics of the last training forward pass (router_loss
+        # reads them), and the process group whose choices balancing counts (LanguageModel.setup).
+        self.experts = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+        self.router_stats: list[RouterStats] | None = None
+        self.balance_group = None
         self.register_load_state_dict_pre_hook(self._load_fused_layout)  # checkpoints of earlier versions
         if device.type != "meta":
             self.to_empty(device=device)
@@ -233,9 +242,11 @@ class GPT(nn.Module):
         return n
 
     def router_loss(self) -> torch.Tensor | float:
-        """The weighted router losses (balancing and z-loss) of the last training forward pass, summed
-        over the blocks, to add to the training loss; 0 for a dense model."""
-        return sum((block.mlp.router_loss for block in self.blocks if isinstance(block.mlp, MoE)), 0.0)
+        """The weighted router losses (balancing and z-loss) of the last training forward pass, averaged
+        over the blocks, to add to the training loss (moe.router_losses; read once: the statistics go);
+        0 for a dense model."""
+        stats, self.router_stats = self.router_stats, None
+        return router_losses(self.experts, stats, self.balance_group) if stats else 0.0
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the
@@ -252,11 +263,15 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.drop(x)
+        routed = []
         for block in self.blocks:
             if self.checkpoint_blocks and self.training:  # keep only block inputs; recompute the rest
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x, stats = block(x, rope, cache)
+            routed.append(stats)
+        if self.experts and self.training and torch.is_grad_enabled():
+            self.router_stats = routed
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)

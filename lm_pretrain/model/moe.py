@@ -20,13 +20,19 @@ attract more. Two remedies, usable together:
     bias             a per-expert bias added to the scores for the choice only, not the weights,
                      nudged after every optimizer step by router_bias_rate towards the experts that
                      got fewer tokens than average (DeepSeek-V3's auxiliary-loss-free balancing)
-f_e counts the choices of the whole global batch (a sum across data-parallel processes), as the
-global-batch balancing of Qwen3: N processes train as one process with N times their batch does.
-router_z_loss * mean(logsumexp(logits)^2) keeps the router's logits small (ST-MoE).
+f_e counts the choices of the micro-batch across all data-parallel processes (as Qwen3's global-batch
+balancing): N processes train as one process with N times their batch does. router_z_loss *
+mean(logsumexp(logits)^2) keeps the router's logits small (ST-MoE). Both losses are averaged over
+the blocks (as OLMoE's MegaBlocks does), so their weights mean the same at any depth.
 
-Statistics for logging accumulate on the device, in buffers (no value is read back while training):
-the tokens each expert received this optimizer step, the router losses and their count.
+The layer itself has no side effects: it returns its output and its RouterStats, which the model
+gathers (GPT.forward) and router_losses turns into the loss, outside any compiled or recomputed
+(activation checkpointing) region. The statistics for logging accumulate on the device, in buffers
+(nothing is read back): the tokens each expert received this optimizer step, the router losses.
 """
+
+import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -34,17 +40,27 @@ import torch.nn.functional as F
 
 from lm_pretrain.model.config import GPTConfig
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+class RouterStats(NamedTuple):
+    """What one MoE layer's routing of a batch says about balance (router_losses uses them)."""
+    mean_probs: torch.Tensor  # (E,) the router's mean probability of each expert (has a gradient)
+    counts: torch.Tensor  # (E,) how many tokens chose each expert, as floats (no gradient)
+    z: torch.Tensor  # () mean over tokens of logsumexp(router logits)^2 (has a gradient)
+
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, weight_shape: torch.Size) -> bool:
-    """Whether torch._grouped_mm multiplies experts of this shape in `dtype` on `device`: CPUs (torch
-    >= 2.9) and CUDA GPUs of compute capability 9.0+ in bf16; rows 16-byte aligned."""
+    """Whether torch._grouped_mm multiplies experts of this shape in `dtype` on `device`: CPUs in float32
+    or bf16 from torch 2.9, Hopper GPUs (compute capability 9.0) in bf16; rows 16-byte aligned. (Not
+    yet Blackwell: there torch gives experts without tokens nonzero gradients, pytorch/pytorch#172439.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
     aligned = all((n * dtype.itemsize) % 16 == 0 for n in weight_shape[1:])
     if device.type == "cpu":
-        return aligned
+        return aligned and TORCH_VERSION >= (2, 9) and dtype in (torch.float32, torch.bfloat16)
     if device.type == "cuda":
-        return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+        return aligned and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0)
     return False
 
 
@@ -124,8 +140,8 @@ class MoE(nn.Module):
             self.shared_up = nn.Linear(d, self.n_shared * h, bias=False)
             self.shared_down = nn.Linear(self.n_shared * h, d, bias=False)
             self.shared_down.is_residual_projection = True
-        # Added to the router's probabilities to choose experts (never to weight them); trained by
-        # the balancing step (lm_pretrain.training.experts), zero without router_bias_rate. A weight: saved.
+        # Added to the router's probabilities to choose experts (never to weight them); moved after each
+        # optimizer step by end_step, zero without router_bias_rate. Part of the model: saved.
         self.register_buffer("expert_bias", torch.zeros(E))
         # Optimizer steps in a row in which each expert got no token (saved: the warning survives a resume).
         self.register_buffer("idle_steps", torch.zeros(E, dtype=torch.int64))
@@ -134,15 +150,19 @@ class MoE(nn.Module):
         self.register_buffer("step_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("window_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("loss_sums", torch.zeros(3), persistent=False)
-        self.balance_group = None  # the data-parallel process group f_e is summed over (set by the strategy)
-        self.grouped: bool | None = None  # None: torch._grouped_mm where it runs, else the loop (tests force one)
-        self.router_loss: torch.Tensor | None = None  # the last training forward's weighted router losses
+        # torch._grouped_mm or the loop: decided once for the run's device and precision
+        # (LanguageModel.setup), else at each call (grouped_mm_supported); tests force one.
+        self.grouped: bool | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape, E, k = x.shape, self.n_experts, self.top_k
         x = x.reshape(-1, shape[-1])  # (N, d): every token of every sequence
-        logits = self.router(x)
-        probs = logits.float().softmax(dim=-1)
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device)  # (not on the meta device)
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            logits = F.linear(x.float(), self.router.weight.float())  # float32 under bf16-mixed too: near-ties
+            # between experts' scores decide the choice
+        probs = logits.softmax(dim=-1)
         chosen = (probs + self.expert_bias).topk(k, dim=-1).indices  # (N, k)
         weights = probs.gather(-1, chosen)
         if self.renormalize:
@@ -154,9 +174,8 @@ class MoE(nn.Module):
         counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         ends = counts.cumsum(0)
         # (under autocast, in its type: bf16-mixed multiplies experts in bf16 as it does nn.Linear)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        rows = x[order // k].to(dtype)
+        dtype = torch.get_autocast_dtype(device) if autocast and torch.is_autocast_enabled(device) else x.dtype
+        rows = x.to(dtype)[order // k]
         grouped = grouped_mm_supported(x.device, dtype, self.gate.shape) if self.grouped is None else self.grouped
         gate, up, down = (w.to(dtype) for w in (self.gate, self.up, self.down))
         hidden = F.silu(expert_matmul(rows, gate, ends, grouped)) * expert_matmul(rows, up, ends, grouped)
@@ -166,24 +185,8 @@ class MoE(nn.Module):
         y = (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1).to(x.dtype)
         if self.n_shared:
             y = y + self.shared_down(F.silu(self.shared_gate(x)) * self.shared_up(x))
-        if self.training and torch.is_grad_enabled():
-            self._router_losses(logits, probs, counts)
-        return y.view(shape)
-
-    def _router_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
-        """Set router_loss (weighted auxiliary and z-losses) and accumulate the statistics."""
-        counts = counts.float()
-        if self.balance_group is not None:  # the global batch's choices (no gradient flows through f_e)
-            import torch.distributed._functional_collectives as funcol
-
-            counts = funcol.all_reduce(counts, "sum", self.balance_group)
-        f = counts / counts.sum()
-        aux = self.n_experts * (f * probs.mean(dim=0)).sum()
-        z = torch.logsumexp(logits.float(), dim=-1).square().mean()
-        self.router_loss = self.aux_weight * aux + self.z_weight * z
-        with torch.no_grad():
-            self.step_tokens.add_(counts)
-            self.loss_sums.add_(torch.stack([aux.detach(), z.detach(), torch.ones_like(z)]))
+        stats = RouterStats(probs.mean(dim=0), counts.float(), torch.logsumexp(logits, dim=-1).square().mean())
+        return y.view(shape), stats
 
     @torch.no_grad()
     def end_step(self, bias_rate: float) -> None:
@@ -198,6 +201,12 @@ class MoE(nn.Module):
         counts.zero_()
 
     @torch.no_grad()
+    def record(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor) -> None:
+        """Add a training batch's choices (global) and unweighted router losses to the statistics."""
+        self.step_tokens.add_(counts)
+        self.loss_sums.add_(torch.stack([aux, z, torch.ones_like(z)]))
+
+    @torch.no_grad()
     def init_weights(self, normal_, std: float, residual_std: float) -> None:
         """Each expert as a dense MLP's matrices: N(0, std), the output ones N(0, residual_std)."""
         normal_(self.gate, 0.0, std)
@@ -206,3 +215,22 @@ class MoE(nn.Module):
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
 
+
+
+def router_losses(layers: list[MoE], stats: list[RouterStats], group=None) -> torch.Tensor:
+    """The weighted auxiliary and z-losses of a training batch, averaged over the blocks (`layers`, with
+    the `stats` their forward passes returned), to add to the training loss. f_e counts the choices of
+    every process of `group` (one all-reduce for all blocks; no gradient flows through it). Records the
+    counts and losses in each layer's statistics."""
+    mean_probs = torch.stack([s.mean_probs for s in stats])  # (blocks, experts)
+    counts = torch.stack([s.counts for s in stats])
+    z = torch.stack([s.z for s in stats])
+    if group is not None:
+        import torch.distributed._functional_collectives as funcol
+
+        counts = funcol.all_reduce(counts, "sum", group)
+    f = counts / counts.sum(dim=-1, keepdim=True)
+    aux = mean_probs.shape[-1] * (f * mean_probs).sum(dim=-1)  # (blocks,): 1 when both are uniform
+    for layer, c, a, zz in zip(layers, counts, aux.detach(), z.detach()):
+        layer.record(c, a, zz)
+    return (layers[0].aux_weight * aux + layers[0].z_weight * z).mean()

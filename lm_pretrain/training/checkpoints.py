@@ -26,8 +26,9 @@ from lm_pretrain.model.gpt import split_fused_weights
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 LAST = "last.ckpt"
 LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")  # Lightning's name, versioned when one was there
-# Every GPTConfig field but dropout describes the weights or what they compute.
-ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name != "dropout")
+# Every GPTConfig field but these describes the weights or what they compute; these only train them.
+TRAINING_ONLY = ("dropout", "router_aux_loss", "router_z_loss", "router_bias_rate")
+ARCHITECTURE_KEYS = tuple(name for name in GPTConfig.__dataclass_fields__ if name not in TRAINING_ONLY)
 
 log = logging.getLogger("lm_pretrain")
 

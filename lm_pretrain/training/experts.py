@@ -16,14 +16,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lm_pretrain.model.moe import MoE
+from lm_pretrain.model.gpt import GPT
+from lm_pretrain.model.moe import grouped_mm_supported
 from lm_pretrain.training.steps import ends_optimizer_step, is_log_step
+from lm_pretrain.utils import ranges
 from lm_pretrain.utils.ranges import PositiveInt
-
-
-def experts_of(model: torch.nn.Module) -> list[MoE]:
-    """The model's MoE layers, block by block."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def balance_group(strategy):
@@ -37,6 +34,20 @@ def balance_group(strategy):
     return mesh["data_parallel"].get_group() if mesh is not None else dist.group.WORLD
 
 
+def choose_expert_matmul(model: GPT, device: torch.device, precision) -> None:
+    """Decide once, for the run's device and precision, whether the experts run as one grouped matmul
+    or a loop (outside any compiled code), and say so when it is the loop on a GPU: slower, and it
+    reads the token counts back to the host in every block."""
+    dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float16 if str(precision).startswith("16") \
+        else torch.float32
+    grouped = grouped_mm_supported(device, dtype, model.experts[0].gate.shape)
+    for layer in model.experts:
+        layer.grouped = grouped
+    if not grouped and device.type != "cpu":
+        rank_zero_info(f"note: the experts run one after another on {device} in {dtype} (torch._grouped_mm needs "
+                       f"a Hopper GPU and bf16): slower, and each block waits for the GPU")
+
+
 class ExpertLoad(L.Callback):
     def __init__(self, idle_warning_steps: PositiveInt = 100):
         """
@@ -44,18 +55,21 @@ class ExpertLoad(L.Callback):
             idle_warning_steps: warn (one line, once per expert) when an expert has received no token
                 for this many optimizer steps in a row; it is dead weight, and may stay so.
         """
+        ranges.check(ExpertLoad.__init__, {"idle_warning_steps": idle_warning_steps}, "trainer.callbacks")
         self.idle_warning_steps = idle_warning_steps
         self.warned: set[tuple[int, int]] = set()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if not ends_optimizer_step(trainer, batch_idx) or not is_log_step(trainer):
             return
-        layers = experts_of(module.model)
+        layers = module.model.experts
         if not layers:
             return
-        # one read back for everything: (blocks, experts) counts, idle steps, (blocks, 3) loss sums
-        tokens, idle, sums = (torch.stack(t).cpu() for t in zip(*((m.window_tokens, m.idle_steps, m.loss_sums)
-                                                                     for m in layers)))
+        # one copy to the host: (blocks, experts) counts and idle steps, (blocks, 3) loss sums
+        values = torch.cat([torch.cat([m.window_tokens, m.idle_steps.float(), m.loss_sums]) for m in layers]).cpu()
+        E = layers[0].n_experts
+        values = values.view(len(layers), 2 * E + 3)
+        tokens, idle, sums = values[:, :E], values[:, E:2 * E], values[:, 2 * E:]
         for m in layers:
             m.window_tokens.zero_()
             m.loss_sums.zero_()

@@ -30,7 +30,7 @@ from torchmetrics import Metric
 from lm_pretrain.training import checkpoints, optim
 from lm_pretrain.utils import ranges
 from lm_pretrain.training.callbacks import NonFiniteGuard, RestoreRNG
-from lm_pretrain.training.experts import ExpertLoad, balance_group, experts_of
+from lm_pretrain.training.experts import ExpertLoad, balance_group, choose_expert_matmul
 from lm_pretrain.utils.errors import UserError
 from lm_pretrain.training.hardware import allow_tf32
 from lm_pretrain.model.loss import CHUNK_ROWS, IGNORE_INDEX, LossKind, next_token_loss, pick_loss
@@ -285,8 +285,9 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         allow_tf32(self.trainer.strategy.root_device.type)
-        for layer in experts_of(self.model):  # balancing counts the global batch's choices
-            layer.balance_group = balance_group(self.trainer.strategy)
+        if self.model.experts:  # balancing counts every process's choices; one expert matmul for the run
+            self.model.balance_group = balance_group(self.trainer.strategy)
+            choose_expert_matmul(self.model, self.trainer.strategy.root_device, self.trainer.precision)
         # Before the optimizer exists; a resumed run (--ckpt_path) then overwrites these weights
         # with its own, as it should.
         if stage == "fit" and self.hparams.init_from:
@@ -337,7 +338,7 @@ class LanguageModel(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        for layer in experts_of(self.model):  # part of the step: a checkpoint after it has its result
+        for layer in self.model.experts:  # part of the step: a checkpoint after it has its result
             layer.end_step(self.config.router_bias_rate)
 
     def _log_step_loss(self) -> None:
