@@ -18,6 +18,8 @@ and the next step runs; steps that would not finish within the overall budget ar
      largest preset, gpt2-1.5b: tok/s and peak memory.
   4. Kill + resume under FSDP2, then `generate` and `export` from the sharded checkpoint folder.
   5. llama-125m as shipped: as step 1, without the profile.
+  6. moe-1b-7b (OLMoE-1B-7B's shape: 64 experts, 8 per token, bf16 grouped matmul, compile) cut to
+     2 of its 16 blocks to fit one GPU, under FSDP2: tok/s, MFU over active parameters, peak memory.
 The section appended to BENCHMARKS.md (or --record FILE) names the card; --out DIR also keeps
 every step's log and JSON.
 """
@@ -258,6 +260,17 @@ class Acceptance:
                              f"export: {'ok' if export.returncode == 0 else self.failure(export)} |")
         return check
 
+    def moe_throughput(self, title: str) -> None:
+        steps, warmup = (3, 1) if self.smoke else (8, 3)
+        config = yaml.safe_load(Path(self.preset("moe-1b-7b")).read_text())  # cut in the file: the FLOPs follow
+        config["model"]["n_layer"] = 2
+        config["trainer"].update(accumulate_grad_batches=1, devices=1)
+        cut = self.work / "moe-1b-7b-cut.yaml"
+        cut.write_text(yaml.safe_dump(config))
+        r = self.measure(title, "moe-1b-7b", str(cut), steps, warmup, "--template-only")
+        if r is not None:
+            self.rows.append(f"| {title} | {self.speed(r, 'template')} (the preset's batch, no accumulation) |")
+
     def keep(self, path: Path) -> None:
         if self.out:
             shutil.copy(path, self.out / path.name)
@@ -274,6 +287,8 @@ class Acceptance:
         self.step("FSDP2, gpt2-1.5b on 1 device, activation checkpointing" if not self.smoke else
                   "FSDP2, gpt2-1.5b shrunk, 1 device", self.fsdp_throughput, needs_s=60)
         self.step("kill + resume, FSDP2 on 1 device", self.resume("resume-fsdp", fsdp), needs_s=60)
+        self.step("MoE, moe-1b-7b cut to 2 blocks, FSDP2 on 1 device" if not self.smoke else
+                  "MoE, moe-1b-7b shrunk, 1 device", self.moe_throughput, needs_s=90)
         if not self.smoke:
             self.step(f"llama-125m, {small}", self.throughput("llama-125m", profile=False), needs_s=120)
         else:

@@ -255,6 +255,18 @@ def test_sizes_count_every_parameter_and_flops_for_the_active_ones():
     assert GPTConfig(**{**LLAMA, "mlp_hidden": None}).mlp_hidden == 128  # SwiGLU's 256, split between top_k 2
 
 
+def test_the_memory_plan_keeps_all_experts_states_and_their_token_copies():
+    from lm_pretrain.training.hardware import training_memory_bytes
+
+    moe, dense = GPTConfig(**LLAMA), GPTConfig(**{**LLAMA, "mlp": "swiglu", "mlp_hidden": 32})  # same active width
+    plan, dense_plan = training_memory_bytes(moe, batch_size=2), training_memory_bytes(dense, batch_size=2)
+    assert plan["states"] == 16 * model_size(moe)["params"] > dense_plan["states"]
+    tokens = 2 * 16
+    assert plan["activations"] - dense_plan["activations"] == tokens * 2 * 6 * 2 * 32  # blocks x 6 k d bytes
+    assert training_memory_bytes(moe, 2, activation_checkpointing=True)["activations"] == \
+        training_memory_bytes(dense, 2, activation_checkpointing=True)["activations"]
+
+
 def test_bad_settings_are_one_line(capsys):
     from lm_pretrain.commands.train import main
 

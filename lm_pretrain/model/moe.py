@@ -10,7 +10,8 @@ MLP of top_k experts' width costs (Switch Transformer, Mixtral, OLMoE, DeepSeek-
 Dropless: every token reaches every expert it chose, however many chose the same one (no capacity
 factor). The (token, expert) pairs are sorted by expert, so each expert multiplies one contiguous
 block of rows: one grouped matmul over all experts (`torch._grouped_mm`, on CPUs and Hopper GPUs)
-or, where torch has none for the device and type, a loop over experts (which reads the counts back).
+or, where torch has none for the device and type, a loop over experts (which reads the counts back
+to the host in every block: the one path that waits for the GPU).
 
 Balancing. A router left alone sends most tokens to a few experts, which then learn fastest and
 attract more. Two remedies, usable together:
@@ -27,8 +28,8 @@ the blocks (as OLMoE's MegaBlocks does), so their weights mean the same at any d
 
 The layer itself has no side effects: it returns its output and its RouterStats, which the model
 gathers (GPT.forward) and router_losses turns into the loss, outside any compiled or recomputed
-(activation checkpointing) region. The statistics for logging accumulate on the device, in buffers
-(nothing is read back): the tokens each expert received this optimizer step, the router losses.
+(activation checkpointing) region. The statistics for logging accumulate on the device, in buffers:
+the tokens each expert received this optimizer step and since the last log step, the router losses.
 """
 
 import contextlib
