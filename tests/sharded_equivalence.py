@@ -3,7 +3,7 @@
     python tests/sharded_equivalence.py STRATEGY DEVICES BATCH_SIZE DATA_DIR RECORD_PATH
 
 STRATEGY is single, ddp, fsdp or tp (FSDP with tensor_parallel_size 2); with -moe appended (single-moe,
-fsdp-moe), the model is a mixture of experts with bias balancing. Training reads fixed random tokens through a DistributedSampler,
+ddp-moe, fsdp-moe), the model is a mixture of experts with bias balancing. Training reads fixed random tokens through a DistributedSampler,
 which deals replica r the samples r, r + N, ...: N replicas at batch b see, step by step, the same
 samples as one process at batch N * b, so (gradients being averaged) they must follow the same
 losses. (Each process is a replica, but a tensor-parallel group of processes is one.) Validation is the template's own, over DATA_DIR's val split, at the end of training.

@@ -85,6 +85,24 @@ def test_the_expert_matmuls_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: expert_matmul(x, w, ends, grouped=False), (x, weight))
 
 
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed"])
+def test_the_runs_choice_of_expert_matmul_follows_the_type_the_experts_run_in(precision):
+    """Decided once per run for its precision (and float32, for samples outside autocast); a forward
+    pass in another type (float64 here) checks for itself instead of taking a choice made for another."""
+    from lm_pretrain.training.experts import choose_expert_matmul
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**LLAMA))
+    choose_expert_matmul(model, torch.device("cpu"), precision)
+    grouped = TORCH_VERSION >= (2, 9)
+    want = {"32-true": {torch.float32: grouped}, "64-true": {torch.float64: False, torch.float32: grouped},
+            "bf16-mixed": {torch.bfloat16: grouped, torch.float32: grouped}}[precision]
+    assert all(layer.grouped_for == want for layer in model.experts)
+    tokens = torch.randint(0, 256, (2, 16))
+    reference = model(tokens)
+    assert torch.allclose(model.double()(tokens).float(), reference, atol=1e-4)
+
+
 @pytest.mark.skipif(TORCH_VERSION < (2, 9), reason="torch._grouped_mm runs on CPUs from torch 2.9")
 def test_bf16_experts_take_the_native_grouped_matmul_and_stay_close_to_float32():
     moe, x = layer(), torch.randn(2, 16, 32)
@@ -262,7 +280,7 @@ def test_the_memory_plan_keeps_all_experts_states_and_their_token_copies():
     plan, dense_plan = training_memory_bytes(moe, batch_size=2), training_memory_bytes(dense, batch_size=2)
     assert plan["states"] == 16 * model_size(moe)["params"] > dense_plan["states"]
     tokens = 2 * 16
-    assert plan["activations"] - dense_plan["activations"] == tokens * 2 * 6 * 2 * 32  # blocks x 6 k d bytes
+    assert plan["activations"] - dense_plan["activations"] == tokens * 2 * (4 * 2 + 4) * 32  # blocks x (4k + 4) d
     assert training_memory_bytes(moe, 2, activation_checkpointing=True)["activations"] == \
         training_memory_bytes(dense, 2, activation_checkpointing=True)["activations"]
 
@@ -373,9 +391,10 @@ def test_expert_load_is_logged_on_log_steps_and_an_idle_expert_warned_of_once(ca
 
 
 @pytest.mark.slow
-def test_a_preset_becomes_a_mixture_with_flags_and_logs_its_load(prepared, tmp_path):
+def test_a_preset_becomes_a_mixture_with_flags_trains_exports_and_generates(prepared, tmp_path):
     """configs/tiny.yaml with MoE flags trains through train.py: the size line counts active parameters;
-    expert loads, their CV and the router losses reach TensorBoard on log steps."""
+    expert loads, their CV and the router losses reach TensorBoard on log steps; lm-pretrain-generate
+    samples from its checkpoint, and the exported Mixtral generates the same greedy text."""
     done = run_cli([*train_args(prepared, max_steps=10, val_every=10), *MOE_FLAGS], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = scalars(tmp_path / "runs" / "tiny" / "version_0")
@@ -383,6 +402,23 @@ def test_a_preset_becomes_a_mixture_with_flags_and_logs_its_load(prepared, tmp_p
     assert {f"moe/block{b}/expert{e}" for b in range(2) for e in range(4)} <= logged.keys()
     assert math.isclose(sum(logged[f"moe/block0/expert{e}"][-1][1] for e in range(4)), 1.0, rel_tol=1e-5)
     assert "M active" in done.stdout and logged["val/loss"][-1][1] < math.log(50257)
+    # and what a user does next: generate from the checkpoint, export it, generate with transformers
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    sample = run_cli(["-m", "lm_pretrain.commands.generate", "--ckpt_path", str(ckpt), "--prompt", "The king",
+                      "--max_new_tokens", "8", "--temperature", "0", "--stop_at_eot", "false"], cwd=tmp_path)
+    assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr[-2000:]
+    export = run_cli(["-m", "lm_pretrain.commands.export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")],
+                     cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-2000:]
+    transformers = pytest.importorskip("transformers")
+    from lm_pretrain.training.module import LanguageModel
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    encoding = LanguageModel.from_checkpoint(ckpt).encoding
+    prompt = torch.tensor([encoding.encode("The king")])
+    with torch.no_grad():
+        ids = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    assert sample.stdout.startswith(encoding.decode(ids.tolist()))
 
 
 @pytest.mark.slow

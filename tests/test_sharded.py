@@ -76,13 +76,17 @@ def test_n_processes_match_one_with_the_global_batch(kind, processes, one_proces
         assert rank["samples"] == end["samples"] and len(rank["samples"][0]) > len("The king")  # every rank samples
 
 
+@pytest.fixture(scope="module")
+def one_process_moe(prepared, tmp_path_factory):
+    return equivalence_run("single-moe", 1, 8, prepared, tmp_path_factory.mktemp("single-moe"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fsdp-moe", "ddp-moe"])
-def test_a_mixture_of_experts_on_two_processes_matches_one_process(kind, prepared, tmp_path):
-    """Experts, router losses over the global batch's choices and the balancing bias: FSDP2 or DDP on 2
+def test_a_mixture_of_experts_on_two_processes_matches_one_process(kind, one_process_moe, prepared, tmp_path):
+    """Experts, router losses over all processes' choices and the balancing bias: FSDP2 or DDP on 2
     processes follows one process at the global batch, to the final bias."""
-    (steps, (end,)), (sharded_steps, sharded_end) = (equivalence_run(name, n, 8 // n, prepared, tmp_path)
-                                                     for name, n in (("single-moe", 1), (kind, 2)))
+    (steps, (end,)), (sharded_steps, sharded_end) = one_process_moe, equivalence_run(kind, 2, 4, prepared, tmp_path)
     assert len(sharded_steps) == 20 and len(sharded_end) == 2
     for one in steps:
         ranks = [r for r in sharded_steps if r["step"] == one["step"]]
@@ -240,8 +244,8 @@ def test_fsdp_compiled_blocks_stay_compiled_through_samples_validation_checkpoin
 
 @pytest.mark.slow
 def test_a_compiled_sharded_mixture_of_experts_keeps_its_graphs(prepared, tmp_path):
-    """Experts under FSDP2 with compiled, checkpointed blocks: the routing, the all-reduced counts and
-    the statistics kept in buffers compile into the blocks' graphs without a break or a recompile."""
+    """Experts under FSDP2 with compiled, checkpointed blocks: the routing and its statistics compile
+    into the blocks' graphs without a break or a recompile (the balancing runs eagerly after them)."""
     done = run_cli(compiled_fsdp_args(prepared, tmp_path / "runs", 9, 1, 7, "--model.mlp", "moe", "--model.n_experts",
                                       "4", "--model.mlp_hidden", "16", "--model.router_bias_rate", "0.001"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

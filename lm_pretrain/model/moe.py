@@ -151,8 +151,10 @@ class MoE(nn.Module):
         self.register_buffer("step_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("window_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("loss_sums", torch.zeros(3), persistent=False)
-        # torch._grouped_mm or the loop: decided once for the run's device and precision
-        # (LanguageModel.setup), else at each call (grouped_mm_supported); tests force one.
+        # torch._grouped_mm or the loop, by the type the experts run in: decided once per run for its
+        # precision's types (grouped_for, LanguageModel.setup), else at each call (grouped_mm_supported);
+        # grouped, when set, forces one (tests).
+        self.grouped_for: dict[torch.dtype, bool] = {}
         self.grouped: bool | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
@@ -177,7 +179,8 @@ class MoE(nn.Module):
         # (under autocast, in its type: bf16-mixed multiplies experts in bf16 as it does nn.Linear)
         dtype = torch.get_autocast_dtype(device) if autocast and torch.is_autocast_enabled(device) else x.dtype
         rows = x.to(dtype)[order // k]
-        grouped = grouped_mm_supported(x.device, dtype, self.gate.shape) if self.grouped is None else self.grouped
+        grouped = self.grouped if self.grouped is not None else self.grouped_for[dtype] if dtype in self.grouped_for \
+            else grouped_mm_supported(x.device, dtype, self.gate.shape)
         gate, up, down = (w.to(dtype) for w in (self.gate, self.up, self.down))
         hidden = F.silu(expert_matmul(rows, gate, ends, grouped)) * expert_matmul(rows, up, ends, grouped)
         out = expert_matmul(hidden, down, ends, grouped)
@@ -192,7 +195,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def end_step(self, bias_rate: float) -> None:
         """After an optimizer step: move the balancing bias by bias_rate towards the experts that got
-        fewer tokens than the mean this step (DeepSeek-V3; the counts are the global batch's, so every
+        fewer tokens than the mean this step (DeepSeek-V3; the counts are all processes' choices, so every
         process moves it alike), count idle steps, and start the next step's count. On the device."""
         counts = self.step_tokens
         if bias_rate:
@@ -215,7 +218,6 @@ class MoE(nn.Module):
         normal_(self.down, 0.0, residual_std)
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
-
 
 
 def router_losses(layers: list[MoE], stats: list[RouterStats], group=None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """What a mixture of experts (model.mlp moe) is doing while it trains: ExpertLoad logs each block's
 expert load and the router losses, and warns when an expert stops receiving tokens.
 
-The counts accumulate on the device as the model runs (lm_pretrain.model.moe); they are read back
-once per log step, which waits for the GPU anyway: other steps never do. Logged:
+The counts accumulate on the device as each training step forms its loss (GPT.router_loss); they are
+read back once per log step, which waits for the GPU anyway: other steps never do. Logged:
 
     moe/aux_loss, moe/z_loss            the router losses, unweighted, mean over blocks
     moe/cv                              mean over blocks of the coefficient of variation (std / mean)
@@ -24,8 +24,8 @@ from lm_pretrain.utils.ranges import PositiveInt
 
 
 def balance_group(strategy):
-    """The process group whose choices a global batch's balancing counts (None: one process). Under
-    FSDP the data-parallel dimension of the mesh, under DDP all processes."""
+    """The process group across which balancing counts a micro-batch's choices (None: one process).
+    Under FSDP the data-parallel dimension of the mesh, under DDP all processes."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -35,15 +35,17 @@ def balance_group(strategy):
 
 
 def choose_expert_matmul(model: GPT, device: torch.device, precision) -> None:
-    """Decide once, for the run's device and precision, whether the experts run as one grouped matmul
-    or a loop (outside any compiled code), and say so when it is the loop on a GPU: slower, and it
-    reads the token counts back to the host in every block."""
-    dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float16 if str(precision).startswith("16") \
-        else torch.float32
-    grouped = grouped_mm_supported(device, dtype, model.experts[0].gate.shape)
+    """Decide once, outside any compiled code, whether the experts run as one grouped matmul or a loop
+    in each type the run computes in (its precision's, and float32 for a mixed precision's samples
+    outside autocast), and say so when training's is the loop on a GPU: slower, and it reads the token
+    counts back to the host in every block."""
+    precision = str(precision)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(precision.split("-")[0], torch.float32)
+    shape = model.experts[0].gate.shape
+    choices = {t: grouped_mm_supported(device, t, shape) for t in {dtype, torch.float32}}
     for layer in model.experts:
-        layer.grouped = grouped
-    if not grouped and device.type != "cpu":
+        layer.grouped_for = choices
+    if not choices[dtype] and device.type != "cpu":
         rank_zero_info(f"note: the experts run one after another on {device} in {dtype} (torch._grouped_mm needs "
                        f"a Hopper GPU and bf16): slower, and each block waits for the GPU")
 

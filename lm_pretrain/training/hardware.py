@@ -77,7 +77,8 @@ def training_memory_bytes(config: GPTConfig, batch_size: int, shards: int = 1,
     a fused attention kernel: no T x T scores kept), of which 24 * n_embd are split by tensor
     parallelism (the group computes on the same batch_size sequences); with activation checkpointing
     only each block's input is kept (2 * n_embd bytes per layer and token). A mixture of experts keeps
-    three bf16 copies of each token's row per chosen expert besides (6 * top_k * n_embd bytes).
+    two bf16 copies of each token's row per chosen expert besides (gathered for the experts, and their
+    output back in token order) and the router's float32 input: (4 * top_k + 4) * n_embd bytes.
     A rough guide, not a promise: torch.compile fuses some activations away (GPT-2 124M at batch 32
     peaked at ~15.5 GiB on an H200 with compile; this estimate says 20.6 GiB), while the allocator's
     slack and temporary buffers add some back.
@@ -88,8 +89,8 @@ def training_memory_bytes(config: GPTConfig, batch_size: int, shards: int = 1,
     states = 16 * (split / shards + (size["params"] - split) / (shards / tensor_parallel))
     tokens = batch_size * config.block_size
     per_layer = (2 if activation_checkpointing else 10 + 24 / tensor_parallel) * config.n_embd
-    if config.mlp == "moe" and not activation_checkpointing:  # each token's rows copied per chosen expert:
-        per_layer += 6 * config.top_k * config.n_embd  # gathered, the experts' output, back in token order
+    if config.mlp == "moe" and not activation_checkpointing:  # rows copied per chosen expert, the router's input
+        per_layer += (4 * config.top_k + 4) * config.n_embd
     activations = tokens * (config.n_layer * per_layer + 6 * config.vocab_size)  # logits: bf16 + fp32 for the loss
     return {"states": states, "activations": activations, "total": states + activations}
 

@@ -334,7 +334,10 @@ class LanguageModel(L.LightningModule):
         if ends_optimizer_step(self.trainer, batch_idx):
             self._log_step_loss()
         # A mixture of experts' router losses are trained, not logged as train/loss (lm_pretrain.training.experts)
-        return None if skip else loss + self.model.router_loss()  # None: no backward, no optimizer step
+        if skip:
+            self.model.router_stats = None  # (their graph would hold the batch's activations)
+            return None  # no backward, no optimizer step
+        return loss + self.model.router_loss()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
