@@ -60,7 +60,7 @@ GROUPED = [pytest.param(True, id="grouped matmul", marks=pytest.mark.skipif(
                          ids=["mixtral", "olmoe", "shared expert", "top-1", "all experts"])
 def test_the_routed_computation_and_its_gradients_equal_a_per_token_loop(settings, grouped):
     moe, x = layer(**settings), torch.randn(3, 16, 32)
-    moe.grouped = grouped
+    moe.grouped_for = {torch.float32: grouped}  # forced either way
     with torch.no_grad():
         moe.expert_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))  # a trained bias changes the choice
     grad = torch.randn(3, 16, 32)
@@ -181,8 +181,8 @@ def test_router_losses_count_the_choices_of_every_process():
     x = torch.randn(4, 16, 32)
     (_, whole), (_, first), (_, second) = moe(x), moe(x[:2]), moe(x[2:])
     total = first.counts + second.counts
-    halves = [router_losses([moe], [s._replace(counts=total)]) for s in (first, second)]
-    assert torch.allclose((halves[0] + halves[1]) / 2, router_losses([moe], [whole]))
+    halves = [router_losses([moe], [s._replace(counts=total)], 0.01, 0.001) for s in (first, second)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, router_losses([moe], [whole], 0.01, 0.001))
 
 
 def test_the_balancing_bias_moves_towards_experts_that_got_fewer_tokens():
@@ -319,8 +319,13 @@ def test_muon_takes_the_router_and_attention_and_adamw_the_stacked_experts():
     assert not torch.equal(model.blocks[0].mlp.gate, before)
 
 
-def test_mixtral_export_refuses_what_mixtral_cannot_hold():
-    from lm_pretrain.commands.export import family, mixtral_state
+def test_mixtral_export_refuses_what_mixtral_cannot_hold(tmp_path, capsys):
+    from helpers import tiny_checkpoint
+    from lm_pretrain.commands.export import family, main, mixtral_state
+
+    _, ckpt = tiny_checkpoint(tmp_path / "shared.ckpt", steps=1, **{**LLAMA, "n_shared_experts": 1})
+    error = cli_error(main, ["--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")], capsys)
+    assert "no shared experts" in error and "cannot be exported" in error and not (tmp_path / "hf").exists()
 
     assert family(GPTConfig(**LLAMA)) == "mixtral"
     for settings in ({"n_shared_experts": 1}, {"router_renormalize": False}, {"position": "learned"}):

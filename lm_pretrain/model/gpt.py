@@ -246,7 +246,10 @@ class GPT(nn.Module):
         over the blocks, to add to the training loss (moe.router_losses; read once: the statistics go);
         0 for a dense model."""
         stats, self.router_stats = self.router_stats, None
-        return router_losses(self.experts, stats, self.balance_group) if stats else 0.0
+        if not stats:
+            return 0.0
+        return router_losses(self.experts, stats, self.config.router_aux_loss, self.config.router_z_loss,
+                             self.balance_group)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size). With a cache, idx continues the

@@ -128,7 +128,6 @@ class MoE(nn.Module):
         super().__init__()
         E, d, h = config.n_experts, config.n_embd, config.mlp_hidden
         self.n_experts, self.top_k, self.renormalize = E, config.top_k, config.router_renormalize
-        self.aux_weight, self.z_weight = config.router_aux_loss, config.router_z_loss
         self.router = nn.Linear(d, E, bias=False)
         # Each expert's SwiGLU matrices, stacked (out, in) as nn.Linear's: silu(x gate_e^T) * (x up_e^T) down_e^T
         self.gate = nn.Parameter(torch.empty(E, h, d))
@@ -151,11 +150,9 @@ class MoE(nn.Module):
         self.register_buffer("step_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("window_tokens", torch.zeros(E), persistent=False)
         self.register_buffer("loss_sums", torch.zeros(3), persistent=False)
-        # torch._grouped_mm or the loop, by the type the experts run in: decided once per run for its
-        # precision's types (grouped_for, LanguageModel.setup), else at each call (grouped_mm_supported);
-        # grouped, when set, forces one (tests).
+        # torch._grouped_mm (True) or the loop, by the type the experts run in: decided once per run for
+        # its precision's types (LanguageModel.setup), else at each call (grouped_mm_supported).
         self.grouped_for: dict[torch.dtype, bool] = {}
-        self.grouped: bool | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape, E, k = x.shape, self.n_experts, self.top_k
@@ -179,8 +176,8 @@ class MoE(nn.Module):
         # (under autocast, in its type: bf16-mixed multiplies experts in bf16 as it does nn.Linear)
         dtype = torch.get_autocast_dtype(device) if autocast and torch.is_autocast_enabled(device) else x.dtype
         rows = x.to(dtype)[order // k]
-        grouped = self.grouped if self.grouped is not None else self.grouped_for[dtype] if dtype in self.grouped_for \
-            else grouped_mm_supported(x.device, dtype, self.gate.shape)
+        grouped = self.grouped_for[dtype] if dtype in self.grouped_for else \
+            grouped_mm_supported(x.device, dtype, self.gate.shape)
         gate, up, down = (w.to(dtype) for w in (self.gate, self.up, self.down))
         hidden = F.silu(expert_matmul(rows, gate, ends, grouped)) * expert_matmul(rows, up, ends, grouped)
         out = expert_matmul(hidden, down, ends, grouped)
@@ -220,9 +217,10 @@ class MoE(nn.Module):
             buffer.zero_()
 
 
-def router_losses(layers: list[MoE], stats: list[RouterStats], group=None) -> torch.Tensor:
-    """The weighted auxiliary and z-losses of a training batch, averaged over the blocks (`layers`, with
-    the `stats` their forward passes returned), to add to the training loss. f_e counts the choices of
+def router_losses(layers: list[MoE], stats: list[RouterStats], aux_weight: float, z_weight: float,
+                  group=None) -> torch.Tensor:
+    """The auxiliary and z-losses of a training batch, weighted and averaged over the blocks (`layers`,
+    with the `stats` their forward passes returned), to add to the training loss. f_e counts the choices of
     every process of `group` (one all-reduce for all blocks; no gradient flows through it). Records the
     counts and losses in each layer's statistics."""
     mean_probs = torch.stack([s.mean_probs for s in stats])  # (blocks, experts)
@@ -236,4 +234,4 @@ def router_losses(layers: list[MoE], stats: list[RouterStats], group=None) -> to
     aux = mean_probs.shape[-1] * (f * mean_probs).sum(dim=-1)  # (blocks,): 1 when both are uniform
     for layer, c, a, zz in zip(layers, counts, aux.detach(), z.detach()):
         layer.record(c, a, zz)
-    return (layers[0].aux_weight * aux + layers[0].z_weight * z).mean()
+    return (aux_weight * aux + z_weight * z).mean()
