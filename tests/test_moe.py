@@ -298,6 +298,7 @@ def test_bad_settings_are_one_line(capsys):
         check_tensor_parallel(GPTConfig(**LLAMA), 2)
     for flags, message in ((["--model.top_k", "5"], "top_k (5) cannot exceed n_experts (4)"),
                            (["--model.n_experts", "0"], "n_experts 0 is out of range"),
+                           (["--model.top_k", "1"], "top_k 1 with router_renormalize true"),
                            (["--config", "configs/overlays/tensor_parallel.yaml", "--trainer.accelerator", "cpu",
                              "--trainer.devices", "2"], "tensor parallelism does not split experts")):
         error = cli_error(main, ["fit", "--config", "configs/tiny.yaml", *MOE_FLAGS, *flags], capsys)
